@@ -1,0 +1,48 @@
+"""The two tower protocols every backbone implements, and the pair that makes a backbone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..images import Preprocess
+
+
+@dataclass
+class ImageFeatures:
+    """What an image tower returns for a batch."""
+
+    tokens: torch.Tensor  # (batch, tokens, dim): spatial tokens, the decoder's memory
+    pooled: torch.Tensor  # (batch, dim): one vector per image
+
+
+@runtime_checkable
+class ImageTower(Protocol):
+    """Maps preprocessed pixels (B, 3, H, W) to spatial tokens and a pooled vector."""
+
+    name: str
+    dim: int
+    preprocess: Preprocess
+
+    def __call__(self, pixels: torch.Tensor) -> ImageFeatures: ...
+
+
+@runtime_checkable
+class TextTower(Protocol):
+    """Maps texts to L2-normalised embeddings (len(texts), dim)."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+
+@dataclass
+class Backbone:
+    """An image tower and a text tower, created together under one registry name."""
+
+    name: str
+    image: ImageTower
+    text: TextTower

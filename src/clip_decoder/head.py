@@ -1,0 +1,113 @@
+"""The CLIP-Decoder head: ML-Decoder's cross-attention decoder with text-embedding queries.
+
+Queries are label text embeddings through ONE shared projection, so the head holds no per-label
+parameter and answers any vocabulary. Decoder layers have cross-attention and an FFN but no
+self-attention between queries: each label's logit depends only on that label and the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass
+class HeadConfig:
+    """Sizes of the decoder head (defaults from ML-Decoder: 1 layer, 8 heads, d 768, FFN 2048)."""
+
+    text_dim: int
+    image_dim: int
+    dim: int = 768
+    layers: int = 1
+    heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.layers < 1:
+            raise ValueError(f"the head needs at least one layer, got {self.layers}")
+        if self.dim % self.heads:
+            raise ValueError(f"head dim {self.dim} is not divisible by heads {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Post-norm decoder layer without self-attention, as in ML-Decoder."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        # ML-Decoder replaces self-attention by a residual of the query with itself;
+        # what remains of it is this norm.
+        self.norm_query = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_attn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
+        self.norm_ffn = nn.LayerNorm(dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, n, head_dim)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """queries (1 or B, L, d) and memory (B, N, d) -> (B, L, d).
+
+        A batch dimension of 1 on queries is shared by every image: the query-side work is done
+        once per vocabulary, not once per image.
+        """
+        batch = memory.shape[0]
+        queries = self.norm_query(queries)
+        q = self._split(self.to_q(queries)).expand(batch, -1, -1, -1)
+        k, v = self._split(self.to_k(memory)), self._split(self.to_v(memory))
+        attended = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0
+        )
+        attended = self.to_out(attended.transpose(1, 2).flatten(2))
+        x = self.norm_attn(queries + F.dropout(attended, self.dropout, self.training))
+        return self.norm_ffn(x + F.dropout(self.ffn(x), self.dropout, self.training))
+
+
+class DecoderHead(nn.Module):
+    """Text-embedding queries x image-token memory -> one logit per (image, label)."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.query_proj = nn.Linear(config.text_dim, config.dim)
+        self.token_proj = nn.Linear(config.image_dim, config.dim)
+        self.layers = nn.ModuleList(
+            CrossAttentionLayer(config.dim, config.heads, config.ffn_dim, config.dropout)
+            for _ in range(config.layers)
+        )
+        self.scorer = nn.Linear(config.dim, 1)  # shared by every label ("group-FC" in ZSL mode)
+
+    def queries(self, label_embeddings: torch.Tensor) -> torch.Tensor:
+        """Label text embeddings (L, text_dim) -> decoder queries (L, d)."""
+        return F.relu(self.query_proj(label_embeddings))
+
+    def memory(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, N, image_dim) -> decoder memory (B, N, d)."""
+        return F.relu(self.token_proj(tokens))
+
+    def decode(self, memory: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Memory (B, N, d) and queries (L, d) -> logits (B, L)."""
+        x = queries.unsqueeze(0)
+        for layer in self.layers:
+            x = layer(x, memory)
+        return self.scorer(x).squeeze(-1)
+
+    def forward(self, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, N, image_dim) and label embeddings (L, text_dim) -> logits (B, L)."""
+        return self.decode(self.memory(tokens), self.queries(label_embeddings))

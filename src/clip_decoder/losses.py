@@ -1,0 +1,95 @@
+"""Training losses: asymmetric loss on seen labels, contrastive image-text alignment, their sum."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class AsymmetricLoss(nn.Module):
+    """ASL (Ridnik et al. 2021) with a mask: entries where mask is 0 count neither way.
+
+    Returns the masked sum divided by the number of images, so the value does not depend on
+    the batch size. As in ML-Decoder's training, the focusing weight carries no gradient.
+    """
+
+    def __init__(self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8):
+        super().__init__()
+        self.gamma_neg, self.gamma_pos, self.clip, self.eps = gamma_neg, gamma_pos, clip, eps
+
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        targets = targets.to(logits.dtype)
+        p_pos = torch.sigmoid(logits)
+        p_neg = 1.0 - p_pos
+        if self.clip > 0:
+            p_neg = (p_neg + self.clip).clamp(max=1.0)  # probability shifting for easy negatives
+        loss = targets * torch.log(p_pos.clamp(min=self.eps)) + (1 - targets) * torch.log(
+            p_neg.clamp(min=self.eps)
+        )
+        with torch.no_grad():
+            p_true = p_pos * targets + p_neg * (1 - targets)
+            gamma = self.gamma_pos * targets + self.gamma_neg * (1 - targets)
+            focus = torch.pow(1.0 - p_true, gamma)
+        loss = loss * focus
+        if mask is not None:
+            loss = loss * mask.to(logits.dtype)
+        return -loss.sum() / logits.shape[0]
+
+
+class ContrastiveAlignment(nn.Module):
+    """CLIP-style symmetric InfoNCE between pooled image memory and a text embedding per image.
+
+    The two projections and the temperature are registered parameters: they train (the authors'
+    code created them as plain tensors, so they never did).
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 256, init_temperature: float = 0.07):
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    def embed_images(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def embed_texts(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_embeddings), dim=-1)
+
+    def forward(
+        self, pooled: torch.Tensor, text_embeddings: torch.Tensor, text_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pooled (B, image_dim), text_embeddings (B, text_dim) -> loss.
+
+        ``text_ids`` (B,) marks images that share the same text; they count as positives of each
+        other instead of as negatives. By default every image's text is its own.
+        """
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        logits = scale * self.embed_images(pooled) @ self.embed_texts(text_embeddings).T
+        if text_ids is None:
+            text_ids = torch.arange(len(pooled), device=pooled.device)
+        same = (text_ids[:, None] == text_ids[None, :]).to(logits.dtype)
+        targets = same / same.sum(dim=1, keepdim=True)
+        image_to_text = F.cross_entropy(logits, targets)
+        text_to_image = F.cross_entropy(logits.T, targets)
+        return (image_to_text + text_to_image) / 2
+
+
+@dataclass
+class LossWeights:
+    """Total loss = cls * ASL + clip * alignment (the authors' code defaults: 1 and 0.1)."""
+
+    cls: float = 1.0
+    clip: float = 0.1
+
+
+def total_loss(
+    classification: torch.Tensor, alignment: torch.Tensor, weights: LossWeights
+) -> torch.Tensor:
+    """The weighted sum of the two losses."""
+    return weights.cls * classification + weights.clip * alignment

@@ -1,0 +1,138 @@
+"""Multi-label ranking metrics (AP, mAP, P/R/F1@k) and the NUS-WIDE ZSL/GZSL protocol."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from clip_decoder.errors import ClipDecoderError
+
+
+def _check(scores, targets, where: str, ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Return (float scores, int8 0/1 targets) or raise ClipDecoderError naming `where`."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    if scores.ndim != ndim or targets.ndim != ndim:
+        raise ClipDecoderError(
+            f"{where}: scores and targets must be {ndim}-D, got shapes {scores.shape} and {targets.shape}"
+        )
+    if scores.shape != targets.shape:
+        raise ClipDecoderError(f"{where}: scores shape {scores.shape} != targets shape {targets.shape}")
+    if scores.size == 0:
+        raise ClipDecoderError(f"{where}: scores and targets are empty (shape {scores.shape})")
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    bad = np.argwhere(np.isnan(scores))
+    if len(bad):
+        raise ClipDecoderError(f"{where}: scores contain {len(bad)} NaN value(s), first at index {tuple(bad[0])}")
+    bad = np.argwhere((targets != 0) & (targets != 1))
+    if len(bad):
+        first = tuple(bad[0])
+        raise ClipDecoderError(f"{where}: targets must be 0/1, found {targets[first]!r} at index {first}")
+    return scores, targets.astype(np.int8)
+
+
+def _ap(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP of one validated column: mean over positives of the precision at the threshold equal to its score."""
+    pos = np.sort(scores[positive])
+    if len(pos) == 0:
+        return float("nan")
+    ranked = np.sort(scores)
+    n_at_least = len(ranked) - np.searchsorted(ranked, pos)  # images scoring >= each positive (ties grouped)
+    tp_at_least = len(pos) - np.searchsorted(pos, pos)  # positives among them
+    return float(np.mean(tp_at_least / n_at_least))
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Average precision of one label (1-D arrays), equal to sklearn's average_precision_score; nan if no positives."""
+    scores, targets = _check(scores, targets, "average_precision", ndim=1)
+    return _ap(scores, targets == 1)
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over labels (columns) of per-label AP; labels without positives are skipped, nan if none has one."""
+    return _map(*_check(scores, targets, "mean_average_precision"))
+
+
+def _map(scores: np.ndarray, targets: np.ndarray) -> float:
+    """mean_average_precision on validated arrays."""
+    positive = targets == 1
+    aps = [_ap(scores[:, j], positive[:, j]) for j in np.flatnonzero(positive.any(axis=0))]
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of each row's k highest scores; ties go to the lower label index (as a stable sort)."""
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # k-th largest score of each row
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(axis=1, keepdims=True)  # how many tied labels still fit
+    return above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= room))
+
+
+def precision_recall_f1_at_k(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float, float]:
+    """Micro P@k, R@k, F1@k (fractions); k > n_labels ranks all labels but divides by k (the literature's fixed K)."""
+    return _prf(*_check(scores, targets, "precision_recall_f1_at_k"), k)
+
+
+def _prf(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float, float]:
+    """precision_recall_f1_at_k on validated arrays."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ClipDecoderError(f"precision_recall_f1_at_k: k must be a positive integer, got {k!r}")
+    n_images, n_labels = scores.shape
+    hits = int(targets[_top_k_mask(scores, min(int(k), n_labels))].sum())
+    n_pos = int(targets.sum())
+    p = hits / (k * n_images)
+    r = hits / n_pos if n_pos else float("nan")  # recall (and F1) undefined without positives
+    f1 = 2 * p * r / (p + r) if p + r > 0 else (0.0 if n_pos else float("nan"))
+    return p, r, f1
+
+
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int] = (3, 5)) -> dict:
+    """mAP and P@k/R@k/F1@k for each k in ks, in percent, plus n_images and n_labels."""
+    return _metrics(*_check(scores, targets, "multilabel_metrics"), ks)
+
+
+def _metrics(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict:
+    """multilabel_metrics on validated arrays."""
+    out: dict = {"mAP": 100 * _map(scores, targets)}
+    for k in ks:
+        p, r, f1 = _prf(scores, targets, k)
+        out.update({f"P@{k}": 100 * p, f"R@{k}": 100 * r, f"F1@{k}": 100 * f1})
+    out["n_images"], out["n_labels"] = int(scores.shape[0]), int(scores.shape[1])
+    return out
+
+
+def zsl_gzsl_metrics(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    label_names: list[str],
+    unseen: list[str],
+    ks: Sequence[int] = (3, 5),
+) -> dict:
+    """{"zsl": metrics on unseen labels over images with an unseen positive, "gzsl": metrics on all labels and images}."""
+    scores, targets = _check(scores, targets, "zsl_gzsl_metrics")
+    names = list(label_names)
+    if len(names) != scores.shape[1]:
+        raise ClipDecoderError(
+            f"zsl_gzsl_metrics: {len(names)} label names but scores/targets have {scores.shape[1]} label columns"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    if len(index) != len(names):
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
+        raise ClipDecoderError(f"zsl_gzsl_metrics: duplicate label names {dup}")
+    missing = [u for u in unseen if u not in index]
+    if missing:
+        raise ClipDecoderError(f"zsl_gzsl_metrics: unseen label(s) {missing} not in label_names")
+    cols = sorted({index[u] for u in unseen})  # keep original label order so top-k tie-breaking matches GZSL
+    if not cols:
+        raise ClipDecoderError("zsl_gzsl_metrics: the unseen label list is empty, so ZSL is undefined")
+    rows = targets[:, cols].any(axis=1)
+    if not rows.any():
+        raise ClipDecoderError(
+            f"zsl_gzsl_metrics: none of the {len(rows)} test images has an unseen label positive, so ZSL is undefined"
+        )
+    return {
+        "zsl": _metrics(scores[np.ix_(rows, cols)], targets[np.ix_(rows, cols)], ks),
+        "gzsl": _metrics(scores, targets, ks),
+    }

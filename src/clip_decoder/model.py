@@ -1,0 +1,247 @@
+"""CLIPDecoder: encoders + head + alignment projections, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .encoders import Backbone, ImageFeatures, create_backbone
+from .errors import ClipDecoderError
+from .head import DecoderHead, HeadConfig
+from .images import load_image
+from .losses import AsymmetricLoss, ContrastiveAlignment, LossWeights, total_loss
+from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; written as config.json."""
+
+    backbone: str
+    head: HeadConfig
+    align_dim: int = 256
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    labels: list[str] = field(default_factory=list)  # the labels seen in training
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["templates"] = list(self.templates)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = CONFIG_FILE) -> ModelConfig:
+        """Parse a config dict; any problem raises ClipDecoderError naming ``source``."""
+        version = data.get("format_version", 0)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ClipDecoderError(
+                f"{source}: format_version {version} was written by a newer clip-decoder"
+                f" (this one reads up to {FORMAT_VERSION}); upgrade clip-decoder"
+            )
+        try:
+            return cls(
+                backbone=str(data["backbone"]),
+                head=HeadConfig(**data["head"]),
+                align_dim=int(data.get("align_dim", 256)),
+                templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
+                labels=check_labels(data.get("labels", [])),
+                format_version=int(version),
+            )
+        except ClipDecoderError as error:
+            raise ClipDecoderError(f"{source}: {error}") from error
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ClipDecoderError(f"{source}: not a valid clip-decoder config ({error!r})") from error
+
+
+class CLIPDecoder(nn.Module):
+    """Zero-shot multi-label classifier: an independent probability for any label name."""
+
+    def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        backbone = backbone or create_backbone(config.backbone)
+        if (backbone.text.dim, backbone.image.dim) != (config.head.text_dim, config.head.image_dim):
+            raise ClipDecoderError(
+                f"backbone {config.backbone!r} gives text/image dims"
+                f" {backbone.text.dim}/{backbone.image.dim}, but the head expects"
+                f" {config.head.text_dim}/{config.head.image_dim}"
+            )
+        self.config = config
+        self.image_tower = backbone.image
+        self.text_tower = backbone.text
+        self.image_tower.requires_grad_(False)
+        self.text_tower.requires_grad_(False)
+        self.head = DecoderHead(config.head)
+        self.alignment = ContrastiveAlignment(config.head.dim, backbone.text.dim, config.align_dim)
+        self.asl = AsymmetricLoss()
+        self.embed_labels = LabelEmbedder(self.text_tower)
+        self.eval()
+
+    @classmethod
+    def create(
+        cls,
+        backbone: str = "offline",
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        align_dim: int = 256,
+        **head_options,
+    ) -> CLIPDecoder:
+        """An untrained model on the named backbone; ``head_options`` go to HeadConfig."""
+        towers = create_backbone(backbone)
+        try:
+            head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **head_options)
+        except (TypeError, ValueError) as error:
+            raise ClipDecoderError(f"bad head option: {error}") from error
+        config = ModelConfig(
+            backbone=backbone, head=head, align_dim=align_dim, templates=check_templates(templates)
+        )
+        return cls(config, towers)
+
+    # ---- model folder: config.json + model.safetensors --------------------------------------
+
+    def _saved_modules(self) -> dict[str, nn.Module]:
+        # The towers are frozen and rebuilt from their backbone name; only these train.
+        return {"head": self.head, "alignment": self.alignment}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write config.json and model.safetensors into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            f"{prefix}.{key}": value.detach().cpu().contiguous()
+            for prefix, module in self._saved_modules().items()
+            for key, value in module.state_dict().items()
+        }
+        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> CLIPDecoder:
+        """Load a model folder written by save_pretrained; never unpickles anything."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        if not directory.is_dir():
+            raise ClipDecoderError(f"model folder {directory} does not exist")
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise ClipDecoderError(f"model folder {directory} has no {path.name}")
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ClipDecoderError(f"{config_path}: not valid JSON ({error})") from error
+        if not isinstance(data, dict):
+            raise ClipDecoderError(f"{config_path}: expected a JSON object")
+        model = cls(ModelConfig.from_dict(data, source=str(config_path)))
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ClipDecoderError(f"{weights_path}: not a readable safetensors file ({error})") from error
+        for prefix, module in model._saved_modules().items():
+            part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            try:
+                module.load_state_dict(part)
+            except RuntimeError as error:
+                raise ClipDecoderError(
+                    f"{weights_path}: weights do not fit the model in {config_path.name}: {error}"
+                ) from error
+        return model
+
+    # ---- training-time pieces ----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> CLIPDecoder:
+        """Train mode for the head; the frozen towers stay in eval mode (BatchNorm, dropout)."""
+        super().train(mode)
+        self.image_tower.eval()
+        self.text_tower.eval()
+        return self
+
+    def forward(self, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, N, image_dim) and label embeddings (L, text_dim) -> logits (B, L)."""
+        return self.head(tokens, label_embeddings)
+
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        label_embeddings: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        sentence_embeddings: torch.Tensor,
+        weights: LossWeights = LossWeights(),
+        text_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """ASL on the masked (seen) labels + alignment of pooled memory with per-image sentences."""
+        memory = self.head.memory(tokens)
+        logits = self.head.decode(memory, self.head.queries(label_embeddings))
+        classification = self.asl(logits, targets, mask)
+        alignment = self.alignment(memory.mean(dim=1), sentence_embeddings, text_ids)
+        return {
+            "loss": total_loss(classification, alignment, weights),
+            "cls": classification,
+            "clip": alignment,
+            "logits": logits,
+        }
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def encode_images(self, images: Sequence) -> ImageFeatures:
+        """Paths or PIL images -> the image tower's features for the batch."""
+        pixels = self.image_tower.preprocess.batch([load_image(image) for image in images])
+        return self.image_tower(pixels.to(self.device))
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: Sequence,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Independent probabilities (n_images, n_labels) for any label names.
+
+        A label's score depends only on the image and that label, never on the other labels
+        asked with it. ``templates`` default to the ones the model was trained with.
+        """
+        if isinstance(images, (str, os.PathLike)) or isinstance(images, Image.Image):
+            images = [images]
+        images = list(images)
+        labels = check_labels(labels)
+        if not labels:
+            raise ClipDecoderError("no labels to score")
+        if batch_size < 1:
+            raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._predict(images, labels, templates or self.config.templates, batch_size, progress)
+        finally:
+            self.train(was_training)
+
+    def _predict(self, images: list, labels: list[str], templates, batch_size: int, progress: bool) -> np.ndarray:
+        embeddings = self.embed_labels(labels, templates)
+        queries = self.head.queries(embeddings.to(self.device))
+        rows = []
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+            tokens = self.encode_images(images[start : start + batch_size]).tokens
+            logits = self.head.decode(self.head.memory(tokens), queries)
+            rows.append(torch.sigmoid(logits.float()).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
