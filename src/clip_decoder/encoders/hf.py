@@ -79,8 +79,9 @@ class HFTextTower(nn.Module):
         self.text_model = model.text_model
         self.projection = getattr(model, "text_projection", None)
         self.tokenizer = tokenizer
+        text_config = model.config.text_config
         self.dim = model.config.projection_dim if self.projection is not None else (
-            model.config.text_config.hidden_size
+            getattr(text_config, "projection_size", None) or text_config.hidden_size
         )
         self.max_length = model.config.text_config.max_position_embeddings
         # SigLIP was trained on text padded to its full length; CLIP on text padded per batch.

