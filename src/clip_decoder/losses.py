@@ -61,23 +61,16 @@ class ContrastiveAlignment(nn.Module):
     def embed_texts(self, text_embeddings: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_embeddings), dim=-1)
 
-    def forward(
-        self, pooled: torch.Tensor, text_embeddings: torch.Tensor, text_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """pooled (B, image_dim), text_embeddings (B, text_dim) -> loss.
+    def forward(self, pooled: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """pooled (B, image_dim), text_embeddings (B, text_dim) -> loss; row i matches row i.
 
-        ``text_ids`` (B,) marks images that share the same text; they count as positives of each
-        other instead of as negatives. By default every image's text is its own.
+        Images whose sentences are identical get identical text rows; the loss then treats
+        them exactly as if each were the other's positive, so no de-duplication is needed.
         """
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
         logits = scale * self.embed_images(pooled) @ self.embed_texts(text_embeddings).T
-        if text_ids is None:
-            text_ids = torch.arange(len(pooled), device=pooled.device)
-        same = (text_ids[:, None] == text_ids[None, :]).to(logits.dtype)
-        targets = same / same.sum(dim=1, keepdim=True)
-        image_to_text = F.cross_entropy(logits, targets)
-        text_to_image = F.cross_entropy(logits.T, targets)
-        return (image_to_text + text_to_image) / 2
+        targets = torch.arange(len(pooled), device=pooled.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 @dataclass

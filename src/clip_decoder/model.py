@@ -181,13 +181,12 @@ class CLIPDecoder(nn.Module):
         mask: torch.Tensor,
         sentence_embeddings: torch.Tensor,
         weights: LossWeights = LossWeights(),
-        text_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """ASL on the masked (seen) labels + alignment of pooled memory with per-image sentences."""
         memory = self.head.memory(tokens)
         logits = self.head.decode(memory, self.head.queries(label_embeddings))
         classification = self.asl(logits, targets, mask)
-        alignment = self.alignment(memory.mean(dim=1), sentence_embeddings, text_ids)
+        alignment = self.alignment(memory.mean(dim=1), sentence_embeddings)
         return {
             "loss": total_loss(classification, alignment, weights),
             "cls": classification,
