@@ -1,0 +1,68 @@
+"""The command line: predict's JSON-lines contract, bad items reported, --help everywhere."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_clip_dir, tmp_path_factory):
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    return model.save_pretrained(tmp_path_factory.mktemp("cli-model"))
+
+
+def test_predict_prints_every_asked_label_for_each_image(model_dir, cat_photo, tmp_path, capsys):
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(cat_photo.read_bytes())
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("cat\n\ndog\nstreet sign\n")
+    code = main(["predict", "--model", str(model_dir), "--labels-file", str(labels_file),
+                 "--format", "jsonl", str(cat_photo), str(tmp_path / "photos")])
+    assert code == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in records] == [str(cat_photo), str(folder / "cat.jpg")]
+    for record in records:
+        assert list(record["scores"]) == ["cat", "dog", "street sign"]
+        assert all(0 <= p <= 1 for p in record["scores"].values())
+    assert records[0]["scores"] == records[1]["scores"]
+
+
+def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_dir, cat_photo, tmp_path, capsys):
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("this is text")
+    code = main(["predict", "--model", str(model_dir), "--labels", "cat, dog",
+                 str(broken), str(cat_photo), str(tmp_path / "missing.png")])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(cat_photo)]
+    assert "broken.jpg" in captured.err and "missing.png" in captured.err
+    assert "2 of 3 images failed" in captured.err and "Traceback" not in captured.err
+
+
+def test_user_errors_print_one_line_and_exit_2(tmp_path, cat_photo, capsys):
+    assert main(["predict", "--model", str(tmp_path / "nope"), "--labels", "cat", str(cat_photo)]) == 2
+    assert main(["predict", "--labels", ",", str(cat_photo)]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", "--labels", "cat", str(empty)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        f"error: model folder {tmp_path / 'nope'} does not exist",
+        "error: no labels given",
+        f"error: folder {empty} holds no image files (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)",
+    ]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
+def test_help(argv):
+    result = subprocess.run([sys.executable, "-m", "clip_decoder", *argv], capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: clip-decoder" in result.stdout
