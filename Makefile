@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Hubs are unreachable here and in CI; the default backbone needs none.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 # offline backbone scores a few labels for the sample photo.
 demo: install
 	$(BIN)/clip-decoder predict --labels "cat,dog,car,tree,person" tests/data/chelsea-cat.jpg
+
+# Rewrites the tables in docs/BENCHMARKS.md.
+bench: install
+	$(BIN)/python bench/predict_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

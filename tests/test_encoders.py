@@ -16,6 +16,8 @@ def test_registry_knows_the_builtin_backbones_and_rejects_unknown_names():
     assert {"offline", "hf"} <= set(list_backbones())
     with pytest.raises(ClipDecoderError, match="unknown backbone 'nope'.*offline"):
         create_backbone("nope")
+    with pytest.raises(ClipDecoderError, match="takes no argument"):
+        create_backbone("offline:big")
     with pytest.raises(ClipDecoderError, match="hf:<hub id or local folder>"):
         create_backbone("hf")
     with pytest.raises(ValueError, match="registered twice"):

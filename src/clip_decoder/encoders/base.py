@@ -1,8 +1,10 @@
-"""The two tower protocols every backbone implements, and the pair that makes a backbone."""
+"""The two tower protocols every backbone implements, the pair that makes a backbone, and a
+tokenising helper the transformers-based text towers share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -46,3 +48,18 @@ class Backbone:
     name: str
     image: ImageTower
     text: TextTower
+
+
+def tokenized_batches(
+    tokenizer, texts: Sequence[str], device: torch.device, max_length: int, padding: bool | str = True,
+    batch_size: int = 128,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Tokenise ``texts`` in batches (truncated to max_length), moved to ``device``."""
+    for start in range(0, len(texts), batch_size):
+        yield tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=padding,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        ).to(device)

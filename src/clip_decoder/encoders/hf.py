@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures
+from .base import Backbone, ImageFeatures, tokenized_batches
 from .registry import register_backbone
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
@@ -90,15 +90,8 @@ class HFTextTower(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         device = next(self.text_model.parameters()).device
-        chunks = []
-        for start in range(0, len(texts), 256):
-            batch = self.tokenizer(
-                list(texts[start : start + 256]),
-                padding=self.padding,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(device)
+        chunks = [torch.empty(0, self.dim)]
+        for batch in tokenized_batches(self.tokenizer, texts, device, self.max_length, self.padding):
             # SigLIP's text tower was trained without an attention mask.
             mask = batch.get("attention_mask") if self.padding is True else None
             pooled = self.text_model(input_ids=batch["input_ids"], attention_mask=mask).pooler_output

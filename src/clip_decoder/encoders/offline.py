@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures
+from .base import Backbone, ImageFeatures, tokenized_batches
 from .registry import register_backbone
 
 # EfficientNet-Lite was trained on TF-style inputs, (x - 127) / 128 on 0-255 RGB.
@@ -81,20 +81,13 @@ class MiniLMTextTower(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        chunks = []
-        for start in range(0, len(texts), 128):
-            batch = self.tokenizer(
-                list(texts[start : start + 128]),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(device)
+        chunks = [torch.empty(0, self.dim)]
+        for batch in tokenized_batches(self.tokenizer, texts, device, self.max_length):
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             chunks.append(F.normalize(pooled.float(), dim=-1))
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        return torch.cat(chunks)
 
 
 @register_backbone("offline")
