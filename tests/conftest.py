@@ -73,3 +73,36 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory) -> Path:
     return _write_tiny_hf_model(tmp_path_factory.mktemp("tiny-siglip"), "siglip")
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (240, 220, 20),
+           "white": (255, 255, 255), "black": (0, 0, 0)}
+TINY_SPLIT = {"seen": ["red", "green", "blue", "yellow"], "unseen": ["white", "black"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A dataset folder of 48 images (32 train, 16 test): quadrants painted in 1-3 named colours."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny-dataset")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    for part, count in (("train", 32), ("test", 16)):
+        with (root / f"{part}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "labels"])
+            for i in range(count):
+                chosen = list(rng.choice(names, size=rng.integers(1, 4), replace=False))
+                pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+                for quadrant in range(4):
+                    y, x = divmod(quadrant, 2)
+                    pixels[16 * y : 16 * y + 16, 16 * x : 16 * x + 16] = COLOURS[chosen[quadrant % len(chosen)]]
+                Image.fromarray(pixels).save(root / "images" / f"{part}-{i}.png")
+                writer.writerow([f"images/{part}-{i}.png", "|".join(chosen)])
+    (root / "split.json").write_text(json.dumps(TINY_SPLIT))
+    return root

@@ -84,6 +84,94 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def add_training_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    """The TrainConfig options, shared by train and bench."""
+    from .train import METHODS, TrainConfig
+
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training")
+    group.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
+    group.add_argument("--epochs", type=int, default=defaults.epochs)
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the OneCycle schedule")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    group.add_argument("--clip-weight", type=float, default=defaults.clip_weight, help="weight of the alignment loss")
+    group.add_argument("--templates", choices=["default", "ensemble"], default=defaults.templates)
+    group.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                       help="share of training images held out for model selection (when there is no val.csv)")
+    for name in ("dim", "layers", "heads", "ffn-dim"):
+        group.add_argument(f"--{name}", type=int, help="head size option (default: ML-Decoder's)")
+    group.add_argument("--dropout", type=float)
+    group.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+    if with_method:
+        group.add_argument("--method", choices=METHODS, default=defaults.method,
+                           help="clip-decoder, or ml-decoder (the same head with the alignment loss off)")
+
+
+def training_config(args: argparse.Namespace, seed: int):
+    from .train import TrainConfig
+
+    head = {key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout")
+            if getattr(args, key) is not None}
+    return TrainConfig(
+        method=getattr(args, "method", "clip-decoder"), epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay, clip_weight=args.clip_weight,
+        templates=args.templates, val_fraction=args.val_fraction, seed=seed, head=head,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train CLIP-Decoder on the seen labels and write a model folder."""
+    from .data.folder import read_split
+    from .train import train_model
+
+    split = read_split(args.split)
+    model = train_model(args.data, split, args.out, args.backbone, training_config(args, args.seed), args.cache)
+    print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Print the ZSL / GZSL table of the test set and write the metrics JSON."""
+    from .data.folder import read_split
+    from .evaluate import evaluate_model, format_table
+    from .model import CLIPDecoder
+
+    split = read_split(args.split)
+    model = CLIPDecoder.from_pretrained(args.model)
+    metrics = evaluate_model(model, args.data, split, args.cache)
+    print(format_table({Path(args.model).name or "model": metrics}))
+    print(f"ZSL: {metrics['zsl']['n_images']} images, {metrics['zsl']['n_labels']} labels;"
+          f" GZSL: {metrics['gzsl']['n_images']} images, {metrics['gzsl']['n_labels']} labels")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Build a benchmark dataset folder."""
+    from .data.openclipart import build_openclipart
+
+    stats = build_openclipart(Path(args.out), Path(args.source) if args.source else None,
+                              image_size=args.image_size, min_images=args.min_images)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Train and evaluate CLIP-Decoder and the baselines over seeds and label splits."""
+    from .benchmark import run_benchmark, summary_table
+
+    results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
+                            args.backbone, training_config(args, args.seeds[0]), args.cache)
+    sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}" for name, per_method in results.items()]
+    print("\n\n".join(sections))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clip-decoder",
@@ -112,6 +200,52 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.set_defaults(run=cmd_predict)
+
+    train = commands.add_parser("train", help="train on the seen labels of a dataset folder",
+                                description="Train the CLIP-Decoder head on frozen-tower features (seen labels only)"
+                                " and write a model folder with train_log.jsonl, training.json and curves.png.")
+    train.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
+    train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
+    train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    train.add_argument("--seed", type=int, default=0)
+    add_training_options(train)
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
+                                   description="Score the test part's images for all labels of the split and print"
+                                   " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
+    evaluate.add_argument("--model", required=True, metavar="DIR")
+    evaluate.add_argument("--data", required=True, metavar="DIR")
+    evaluate.add_argument("--split", required=True, metavar="JSON")
+    evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
+    evaluate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+    evaluate.set_defaults(run=cmd_evaluate)
+
+    data = commands.add_parser("data", help="build benchmark datasets")
+    builders = data.add_subparsers(dest="builder", required=True, metavar="DATASET")
+    openclipart = builders.add_parser(
+        "openclipart", help="multi-label clip art from Debian's openclipart-svg",
+        description="Render Debian's openclipart-svg to PNG, clean the SVGs' tags into labels, split 70/30 and"
+        " write a dataset folder with two seen/unseen label splits (see docs/DATASET.md).")
+    openclipart.add_argument("--out", required=True, metavar="DIR")
+    openclipart.add_argument("--source", metavar="DIR", help="an extracted openclipart svg folder"
+                             " (default /usr/share/openclipart/svg, installed with apt when missing)")
+    openclipart.add_argument("--image-size", type=int, default=256, help="longest side of the PNGs (default 256)")
+    openclipart.add_argument("--min-images", type=int, default=25, help="keep labels with at least this many images")
+    openclipart.set_defaults(run=cmd_data)
+
+    bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
+                                description="Train and evaluate each method for each seed and label split on one"
+                                " dataset folder; print mean ± std of the ZSL / GZSL metrics.")
+    bench.add_argument("--data", required=True, metavar="DIR")
+    bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    from .benchmark import METHODS as BENCH_METHODS
+
+    bench.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
+    bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
+    add_training_options(bench, with_method=False)
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""Baselines in the same harness: CONSE and a linear map into the text space (DeViSE-style).
+
+(The third baseline, ML-Decoder, is the CLIP-Decoder head trained with the alignment loss off:
+``TrainConfig(method="ml-decoder")``.)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from importlib import resources
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ClipDecoderError
+from .losses import AsymmetricLoss
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet classes in the classifier's order, by their first name, made unique
+    (two classes are called 'crane', two 'maillot'): the second becomes 'crane (2)'."""
+    text = resources.files("clip_decoder.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    names, counts = [], Counter()
+    for line in filter(str.strip, text.splitlines()):
+        name = line.split("\t", 1)[1].split(",")[0].strip()
+        counts[name] += 1
+        names.append(name if counts[name] == 1 else f"{name} ({counts[name]})")
+    return names
+
+
+class ConSE:
+    """Convex combination of semantic embeddings (Norouzi et al. 2014).
+
+    An image's top-T ImageNet classes, weighted by their probabilities, average the text
+    embeddings of those class names; a label scores by its cosine with that average.
+    """
+
+    def __init__(self, image_tower, class_embeddings: torch.Tensor, top: int = 10) -> None:
+        if not hasattr(image_tower, "imagenet_logits"):
+            raise ClipDecoderError(f"CONSE needs an image tower with an ImageNet classifier; {image_tower.name} has none")
+        self.image_tower, self.class_embeddings, self.top = image_tower, class_embeddings.float(), top
+
+    @torch.inference_mode()
+    def score(self, pooled: torch.Tensor, label_embeddings: torch.Tensor) -> np.ndarray:
+        probabilities = self.image_tower.imagenet_logits(pooled.float()).softmax(dim=-1)
+        top = probabilities.topk(self.top, dim=-1)
+        weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        semantic = F.normalize(weights @ self.class_embeddings, dim=-1)
+        return (semantic @ label_embeddings.float().T).numpy()
+
+
+class LinearMap(nn.Module):
+    """A linear map from the pooled image vector into the text space, scored by cosine.
+
+    Trained on seen labels with the same asymmetric loss as the head: logit = scale * cos + bias.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int) -> None:
+        super().__init__()
+        self.project = nn.Linear(image_dim, text_dim)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.bias = nn.Parameter(torch.tensor(-5.0))
+
+    def forward(self, pooled: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(self.project(pooled), dim=-1) @ label_embeddings.T + self.bias
+
+    def fit(self, pooled: torch.Tensor, targets: torch.Tensor, label_embeddings: torch.Tensor, seed: int,
+            epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-2) -> LinearMap:
+        """Train on (pooled, targets over the labels of label_embeddings)."""
+        generator = torch.Generator().manual_seed(seed)
+        loss = AsymmetricLoss()
+        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(epochs):
+            order = torch.randperm(len(pooled), generator=generator)
+            for start in range(0, len(pooled), batch_size):
+                batch = order[start : start + batch_size]
+                value = loss(self(pooled[batch].float(), label_embeddings), targets[batch])
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+        return self.eval()
+
+    @torch.inference_mode()
+    def score(self, pooled: torch.Tensor, label_embeddings: torch.Tensor) -> np.ndarray:
+        return torch.sigmoid(self(pooled.float(), label_embeddings.float())).numpy()

@@ -1,0 +1,93 @@
+"""The zero-shot benchmark harness: CLIP-Decoder and the baselines, seeds x label splits.
+
+Features are extracted once (feature cache) and shared by every method, seed and split; each
+method sees only the seen labels of a split until the test set is scored.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .baselines import ConSE, LinearMap, imagenet_class_names
+from .data.folder import LabelSplit, read_part, read_split, training_parts
+from .encoders import Backbone
+from .evaluate import score_tokens
+from .features import FeatureCache
+from .metrics import zsl_gzsl_metrics
+from .model import CLIPDecoder
+from .prompts import TEMPLATE_SETS
+from .train import FeatureSet, TrainConfig, fit
+
+METHODS = ("clip-decoder", "ml-decoder", "linear", "conse")
+SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
+
+
+def run_method(method: str, model: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit,
+               config: TrainConfig, progress: bool) -> dict:
+    """Train ``method`` on the seen labels (a fresh head per call), then the metrics JSON on test."""
+    templates = TEMPLATE_SETS[config.templates]
+    train, val, test = parts["train"], parts["val"], parts["test"]
+    if method in ("clip-decoder", "ml-decoder"):
+        fit(model, train, val, split.seen, replace(config, method=method), progress=progress)
+        scores = score_tokens(model.head, test.tokens, model.embed_labels(list(split.all), templates))
+    elif method == "linear":
+        torch.manual_seed(config.seed)
+        linear = LinearMap(train.pooled.shape[1], model.text_tower.dim)
+        linear.fit(train.pooled, train.targets(split.seen), model.embed_labels(list(split.seen), templates), config.seed)
+        scores = linear.score(test.pooled, model.embed_labels(list(split.all), templates))
+    elif method == "conse":
+        conse = ConSE(model.image_tower, model.embed_labels(imagenet_class_names(), templates))
+        scores = conse.score(test.pooled, model.embed_labels(list(split.all), templates))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return zsl_gzsl_metrics(scores, test.targets(split.all).numpy(), list(split.all), list(split.unseen))
+
+
+def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=METHODS,
+                  backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
+                  progress: bool = True) -> dict:
+    """results[split name][method] = list of metrics JSON, one per seed (CONSE: one, it has no seed)."""
+    config = config or TrainConfig()
+    towers = CLIPDecoder.create(backbone=backbone)
+    shared = Backbone(backbone, towers.image_tower, towers.text_tower)
+    cache = FeatureCache(shared.image, cache_dir)
+    train_samples, val_samples = training_parts(data_dir, config.val_fraction)
+    samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
+    parts = {name: FeatureSet.build(items, cache, progress) for name, items in samples.items()}
+    results: dict[str, dict[str, list[dict]]] = {}
+    for split_path in split_paths:
+        split = read_split(split_path)
+        results[Path(split_path).stem] = per_method = {}
+        for method in methods:
+            for seed in seeds if method != "conse" else seeds[:1]:
+                started = time.perf_counter()
+                torch.manual_seed(seed)
+                head = replace(towers.config.head, **config.head)
+                model = CLIPDecoder(replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates]), shared)
+                metrics = run_method(method, model, parts, split, replace(config, seed=seed), progress=False)
+                metrics["seconds"] = round(time.perf_counter() - started, 1)
+                per_method.setdefault(method, []).append(metrics)
+                if progress:
+                    print(f"{Path(split_path).stem} {method} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
+                          f" GZSL mAP {metrics['gzsl']['mAP']:.1f} ({metrics['seconds']} s)", flush=True)
+    return results
+
+
+def summary_table(per_method: dict[str, list[dict]]) -> str:
+    """Markdown: mean ± standard deviation over seeds of the headline metrics, per method."""
+    header = "| method | runs | " + " | ".join(f"{p.upper()} {c}" for p, c in SUMMARY_COLUMNS) + " |"
+    lines = [header, "|---|---|" + "---|" * len(SUMMARY_COLUMNS)]
+    for method, runs in per_method.items():
+        cells = []
+        for part, column in SUMMARY_COLUMNS:
+            values = [run[part][column] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+

@@ -1,0 +1,1 @@
+"""Dataset formats, label splits and benchmark builders."""

@@ -1,0 +1,124 @@
+"""The dataset-folder and label-split contracts, and the validation part carved from training.
+
+Dataset folder: ``train.csv`` / ``test.csv`` (optional ``val.csv``) with header ``image,labels``;
+``image`` is relative to the folder, ``labels`` joins names with ``|``.
+Label split: JSON ``{"seen": [...], "unseen": [...]}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ClipDecoderError
+
+PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label names."""
+
+    image: Path
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LabelSplit:
+    """Labels a model may train on (seen) and labels held out for zero-shot testing (unseen)."""
+
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...]
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return self.seen + self.unseen
+
+
+def read_part(root: str | Path, part: str) -> list[Sample]:
+    """Read ``root/<part>.csv``; duplicate rows and repeated labels are merged, order kept."""
+    root = Path(root)
+    path = root / f"{part}.csv"
+    if not path.is_file():
+        raise ClipDecoderError(f"dataset folder {root} has no {part}.csv")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # utf-8-sig drops a BOM
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ClipDecoderError(f"{path}: cannot read as UTF-8 CSV ({error})") from error
+    if not rows or [cell.strip() for cell in rows[0]] != ["image", "labels"]:
+        raise ClipDecoderError(f"{path}: the header must be 'image,labels'")
+    samples: dict[str, list[str]] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise ClipDecoderError(f"{path}, line {number}: expected 2 fields 'image,labels', got {row!r}")
+        labels = samples.setdefault(row[0].strip(), [])
+        for label in row[1].split("|"):
+            if label.strip() and label.strip() not in labels:
+                labels.append(label.strip())
+    return [Sample(root / image, tuple(labels)) for image, labels in samples.items()]
+
+
+def read_split(path: str | Path) -> LabelSplit:
+    """Read and check a label-split JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ClipDecoderError(f"label split {path} does not exist") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClipDecoderError(f"label split {path}: not readable JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ClipDecoderError(f"label split {path}: expected an object with 'seen' and 'unseen' lists")
+    parts = {}
+    for key in ("seen", "unseen"):
+        names = data.get(key)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ClipDecoderError(f"label split {path}: '{key}' must be a non-empty list of label names")
+        parts[key] = tuple(dict.fromkeys(n.strip() for n in names))
+    overlap = sorted(set(parts["seen"]) & set(parts["unseen"]))
+    if overlap:
+        raise ClipDecoderError(f"label split {path}: labels both seen and unseen: {', '.join(overlap)}")
+    return LabelSplit(**parts)
+
+
+def target_matrix(samples: list[Sample], labels: tuple[str, ...] | list[str]) -> np.ndarray:
+    """0/1 matrix (n_samples, n_labels); labels outside ``labels`` are ignored."""
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.zeros((len(samples), len(labels)), dtype=np.float32)
+    for row, sample in enumerate(samples):
+        for label in sample.labels:
+            if label in index:
+                targets[row, index[label]] = 1.0
+    return targets
+
+
+def carve_validation(samples: list[Sample], fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
+    """Split training samples into (train, val) deterministically, by a hash of the image path."""
+    if not 0.0 < fraction < 1.0:
+        raise ClipDecoderError(f"validation fraction must be between 0 and 1, got {fraction}")
+
+    def bucket(sample: Sample) -> float:
+        digest = hashlib.sha256(sample.image.name.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    train = [s for s in samples if bucket(s) >= fraction]
+    val = [s for s in samples if bucket(s) < fraction]
+    if not train or not val:
+        raise ClipDecoderError(f"{len(samples)} training images are too few to carve a validation part")
+    return train, val
+
+
+def training_parts(root: str | Path, fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
+    """(train, val): ``val.csv`` when the folder has one, else carved from ``train.csv``."""
+    train = read_part(root, "train")
+    if (Path(root) / "val.csv").is_file():
+        return train, read_part(root, "val")
+    return carve_validation(train, fraction)

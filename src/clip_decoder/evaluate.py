@@ -1,0 +1,50 @@
+"""Scoring cached features and the ZSL / GZSL evaluation of a test set."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data.folder import LabelSplit, read_part, target_matrix
+from .features import FeatureCache
+from .head import DecoderHead
+from .metrics import zsl_gzsl_metrics
+from .model import CLIPDecoder
+
+METRIC_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")
+
+
+@torch.inference_mode()
+def score_tokens(head: DecoderHead, tokens: torch.Tensor, label_embeddings: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Probabilities (n, L) for cached image tokens (n, N, D) and label embeddings (L, Dt)."""
+    device = next(head.parameters()).device
+    queries = head.queries(label_embeddings.to(device))
+    rows = []
+    for start in range(0, len(tokens), batch_size):
+        memory = head.memory(tokens[start : start + batch_size].to(device).float())
+        rows.append(torch.sigmoid(head.decode(memory, queries)).cpu().numpy())
+    return np.concatenate(rows)
+
+
+def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True) -> dict:
+    """The metrics JSON (contract) of ``model`` on the folder's test part: ZSL and GZSL."""
+    samples = read_part(data_dir, "test")
+    features = FeatureCache(model.image_tower, cache_dir).get([s.image for s in samples], progress=progress)
+    labels = list(split.all)
+    targets = target_matrix([samples[i] for i in features.kept], labels)
+    embeddings = model.embed_labels(labels, model.config.templates)
+    model.eval()
+    scores = score_tokens(model.head, features.tokens, embeddings)
+    return zsl_gzsl_metrics(scores, targets, labels, list(split.unseen))
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A markdown table: one row per name, ZSL and GZSL metric columns (percent)."""
+    header = "| | " + " | ".join(f"ZSL {c}" for c in METRIC_COLUMNS) + " | " + " | ".join(
+        f"GZSL {c}" for c in METRIC_COLUMNS
+    ) + " |"
+    lines = [header, "|---" * (1 + 2 * len(METRIC_COLUMNS)) + "|"]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[part][c]:.1f}" for part in ("zsl", "gzsl") for c in METRIC_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

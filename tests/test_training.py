@@ -1,0 +1,105 @@
+"""End to end on a tiny dataset the tests build: train, evaluate, predict; the feature cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.cli import main
+from clip_decoder.data.folder import read_part
+from clip_decoder.encoders.hf import HFTextTower
+from clip_decoder.features import FeatureCache
+
+from conftest import TINY_SPLIT
+
+HEAD = ["--dim", "32", "--heads", "4", "--ffn-dim", "64"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tiny_clip_dir, tmp_path_factory):
+    """Train through the CLI, recording every text the text tower embeds meanwhile."""
+    out, cache = tmp_path_factory.mktemp("trained"), tmp_path_factory.mktemp("cache")
+    embedded: list[str] = []
+    original = HFTextTower.encode
+    HFTextTower.encode = lambda self, texts: (embedded.extend(texts), original(self, texts))[1]
+    try:
+        code = main(["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"),
+                     "--out", str(out), "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "3", "--batch-size", "8",
+                     "--val-fraction", "0.25", "--cache", str(cache), *HEAD])
+    finally:
+        HFTextTower.encode = original
+    assert code == 0
+    return out, cache, embedded
+
+
+def test_train_writes_a_model_folder_with_log_and_curves(trained):
+    out, _, _ = trained
+    assert {"config.json", "model.safetensors", "train_log.jsonl", "training.json", "curves.png"} <= {
+        p.name for p in out.iterdir()}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["selected_epoch"] == max(log, key=lambda r: r["val_mAP_seen"])["epoch"]
+    assert json.loads((out / "config.json").read_text())["labels"] == TINY_SPLIT["seen"]
+    assert Image.open(out / "curves.png").size[0] > 100
+
+
+def test_unseen_labels_are_never_embedded_in_training(trained):
+    _, _, embedded = trained
+    assert embedded, "the text tower was not used"
+    assert not [text for text in embedded if any(name in text for name in TINY_SPLIT["unseen"])]
+
+
+def test_evaluate_agrees_with_an_independent_computation_from_predict(trained, tiny_dataset, tmp_path, capsys):
+    out, cache, _ = trained
+    metrics_path = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_dataset), "--split",
+                 str(tiny_dataset / "split.json"), "--json", str(metrics_path), "--cache", str(cache)]) == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert "ZSL mAP" in capsys.readouterr().out
+    for part in ("zsl", "gzsl"):
+        assert set(metrics[part]) == {"mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "n_images", "n_labels"}
+
+    samples = read_part(tiny_dataset, "test")
+    labels = TINY_SPLIT["seen"] + TINY_SPLIT["unseen"]
+    scores = CLIPDecoder.from_pretrained(out).predict([s.image for s in samples], labels)
+    targets = np.array([[label in s.labels for label in labels] for s in samples], dtype=int)
+    gzsl = np.mean([average_precision_score(targets[:, j], scores[:, j]) for j in range(len(labels)) if targets[:, j].any()])
+    rows = targets[:, 4:].any(axis=1)
+    zsl = np.mean([average_precision_score(targets[rows, j], scores[rows, j]) for j in (4, 5) if targets[rows, j].any()])
+    assert metrics["gzsl"]["n_images"] == len(samples) and metrics["zsl"]["n_images"] == rows.sum()
+    # evaluate scores float16-cached tokens, predict float32 ones: equal up to that rounding.
+    assert metrics["gzsl"]["mAP"] == pytest.approx(100 * gzsl, abs=0.5)
+    assert metrics["zsl"]["mAP"] == pytest.approx(100 * zsl, abs=0.5)
+
+
+def test_feature_cache_encodes_each_image_once_and_rebuilds_bad_entries(tiny_clip_dir, tiny_dataset, tmp_path):
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    paths = [s.image for s in read_part(tiny_dataset, "test")][:6]
+    first = FeatureCache(model.image_tower, tmp_path).get(paths, progress=False)
+    assert first.kept == list(range(6)) and first.tokens.shape == (6, 16, 24)
+    again = FeatureCache(model.image_tower, tmp_path)
+    second = again.get(paths, progress=False)
+    assert again.encoded == 0
+    np.testing.assert_array_equal(second.tokens.numpy(), first.tokens.numpy())
+    entry = next(again.folder.glob("*.safetensors"))
+    entry.write_bytes(b"corrupt")
+    third = FeatureCache(model.image_tower, tmp_path)
+    third.get(paths, progress=False)
+    assert third.encoded == 1
+
+
+def test_feature_cache_reports_and_skips_unreadable_images(tiny_clip_dir, tiny_dataset, tmp_path, capsys):
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    good = read_part(tiny_dataset, "test")[0].image
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    features = FeatureCache(model.image_tower, tmp_path / "cache").get([broken, good, tmp_path / "gone.png"], progress=False)
+    assert features.kept == [1] and set(features.failed) == {0, 2}
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "gone.png" in err
