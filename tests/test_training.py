@@ -103,3 +103,24 @@ def test_feature_cache_reports_and_skips_unreadable_images(tiny_clip_dir, tiny_d
     assert features.kept == [1] and set(features.failed) == {0, 2}
     err = capsys.readouterr().err
     assert "broken.png" in err and "gone.png" in err
+
+
+def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
+    results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    split = str(tiny_dataset / "split.json")
+    assert main(["bench", "--data", str(tiny_dataset), "--splits", split, "--seeds", "0", "1",
+                 "--methods", "clip-decoder", "ml-decoder", "linear", "--backbone", f"hf:{tiny_clip_dir}",
+                 "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--cache", str(tmp_path / "cache"),
+                 "--json", str(results_path), "--markdown", str(markdown), *HEAD]) == 0
+    results = json.loads(results_path.read_text())["split"]
+    assert {method: len(runs) for method, runs in results.items()} == {"clip-decoder": 2, "ml-decoder": 2, "linear": 2}
+    assert "| clip-decoder | 2 |" in markdown.read_text() and "Label split `split`" in capsys.readouterr().out
+
+
+def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):
+    from clip_decoder.baselines import ConSE, imagenet_class_names
+
+    conse = ConSE(offline_model.image_tower, offline_model.embed_labels(imagenet_class_names()))
+    pooled = offline_model.encode_images([cat_photo]).pooled
+    scores = conse.score(pooled, offline_model.embed_labels(["cat", "airplane", "guitar", "pizza"]))
+    assert scores.argmax() == 0

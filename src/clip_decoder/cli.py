@@ -161,14 +161,20 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Train and evaluate CLIP-Decoder and the baselines over seeds and label splits."""
-    from .benchmark import run_benchmark, summary_table
+    import time
 
+    from .benchmark import results_markdown, run_benchmark, summary_table
+
+    started = time.perf_counter()
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
                             args.backbone, training_config(args, args.seeds[0]), args.cache)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}" for name, per_method in results.items()]
     print("\n\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        command = "clip-decoder " + " ".join(sys.argv[1:]) if sys.argv[1:] else "clip-decoder bench"
+        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started))
     return 0
 
 
@@ -244,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
     bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
+    bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
     add_training_options(bench, with_method=False)
     bench.set_defaults(run=cmd_bench)
     return parser
