@@ -82,7 +82,7 @@ def main() -> None:
     shared = Backbone("offline", towers.image_tower, towers.text_tower)
     cache = FeatureCache(shared.image, args.cache)
     train_samples, val_samples = training_parts(args.data, base.val_fraction)
-    inner_train, inner_val = carve_validation(train_samples, 0.1)
+    inner_train, inner_val = carve_validation(train_samples, 0.1, salt="tune")
     parts = {name: FeatureSet.build(items, cache) for name, items in
              {"train": inner_train, "val": inner_val, "test": val_samples}.items()}
     rows = []

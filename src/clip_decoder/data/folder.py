@@ -100,13 +100,16 @@ def target_matrix(samples: list[Sample], labels: tuple[str, ...] | list[str]) ->
     return targets
 
 
-def carve_validation(samples: list[Sample], fraction: float = 0.1) -> tuple[list[Sample], list[Sample]]:
-    """Split training samples into (train, val) deterministically, by a hash of the image path."""
+def carve_validation(samples: list[Sample], fraction: float = 0.1, salt: str = "") -> tuple[list[Sample], list[Sample]]:
+    """Split training samples into (train, val) deterministically, by a hash of salt + file name.
+
+    A different ``salt`` gives an independent split (to carve again from an already carved part).
+    """
     if not 0.0 < fraction < 1.0:
         raise ClipDecoderError(f"validation fraction must be between 0 and 1, got {fraction}")
 
     def bucket(sample: Sample) -> float:
-        digest = hashlib.sha256(sample.image.name.encode("utf-8")).digest()
+        digest = hashlib.sha256((salt + sample.image.name).encode("utf-8")).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
     train = [s for s in samples if bucket(s) >= fraction]
