@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("cairosvg", reason="cairosvg (and the system library libcairo2) is not installed")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from clip_decoder.data.openclipart import build_openclipart, clean_tags  # noqa: E402
-from clip_decoder.errors import ClipDecoderError  # noqa: E402
+from clip_decoder.data.openclipart import build_openclipart, clean_tags
+from clip_decoder.errors import ClipDecoderError
 
 BOMB = """<?xml version="1.0"?>
 <!DOCTYPE svg [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>
@@ -157,3 +157,16 @@ def test_user_errors(source: Path, tmp_path: Path) -> None:
     with pytest.raises(ClipDecoderError, match="refusing"):
         build_openclipart(tmp_path / "mine", source=source, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_failed_build_leaves_nothing(source: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import clip_decoder.data.openclipart as oc
+
+    def boom(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oc, "_finish", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_openclipart(tmp_path / "oc", source=source, image_size=32, min_images=2, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -91,18 +91,19 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
-    group.add_argument("--epochs", type=int, default=defaults.epochs)
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the OneCycle schedule")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    group.add_argument("--clip-weight", type=float, default=defaults.clip_weight, help="weight of the alignment loss")
-    group.add_argument("--templates", choices=["default", "ensemble"], default=defaults.templates)
+    group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the OneCycle schedule (default %(default)s)")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW, matrices only (default %(default)s)")
+    group.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="default %(default)s")
+    group.add_argument("--clip-weight", type=float, default=defaults.clip_weight, help="weight of the alignment loss (default %(default)s)")
+    group.add_argument("--templates", choices=["default", "ensemble"], default=defaults.templates,
+                       help="prompt templates: one, or an ensemble of 7 (default %(default)s)")
     group.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                        help="share of training images held out for model selection (when there is no val.csv)")
     for name in ("dim", "layers", "heads", "ffn-dim"):
-        group.add_argument(f"--{name}", type=int, help="head size option (default: ML-Decoder's)")
-    group.add_argument("--dropout", type=float)
+        group.add_argument(f"--{name}", type=int, help=f"head option (default {defaults.head.get(name.replace('-', '_'), 'as HeadConfig')})")
+    group.add_argument("--dropout", type=float, help="head option (default 0.1)")
     group.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
     if with_method:
         group.add_argument("--method", choices=METHODS, default=defaults.method,
@@ -112,8 +113,8 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
 def training_config(args: argparse.Namespace, seed: int):
     from .train import TrainConfig
 
-    head = {key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout")
-            if getattr(args, key) is not None}
+    head = {**TrainConfig().head, **{key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout")
+                                     if getattr(args, key) is not None}}
     return TrainConfig(
         method=getattr(args, "method", "clip-decoder"), epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay, clip_weight=args.clip_weight,
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     openclipart.add_argument("--source", metavar="DIR", help="an extracted openclipart svg folder"
                              " (default /usr/share/openclipart/svg, installed with apt when missing)")
     openclipart.add_argument("--image-size", type=int, default=256, help="longest side of the PNGs (default 256)")
-    openclipart.add_argument("--min-images", type=int, default=25, help="keep labels with at least this many images")
+    openclipart.add_argument("--min-images", type=int, default=15, help="keep labels with at least this many images (default 15)")
     openclipart.set_defaults(run=cmd_data)
 
     bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
