@@ -103,7 +103,7 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
                        help="share of training images held out for model selection (when there is no val.csv)")
     for name in ("dim", "layers", "heads", "ffn-dim"):
         group.add_argument(f"--{name}", type=int, help=f"head option (default {defaults.head.get(name.replace('-', '_'), 'as HeadConfig')})")
-    group.add_argument("--dropout", type=float, help="head option (default 0.1)")
+    group.add_argument("--dropout", type=float, help="head option (default 0.05)")
     group.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
     if with_method:
         group.add_argument("--method", choices=METHODS, default=defaults.method,

@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     # HeadConfig options; smaller than ML-Decoder's 768 / 2048, which trains 4x slower here
     # without a better score in docs/EXPERIMENTS.md.
-    head: dict = field(default_factory=lambda: {"dim": 256, "ffn_dim": 512})
+    head: dict = field(default_factory=lambda: {"dim": 256, "ffn_dim": 512, "dropout": 0.05})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
