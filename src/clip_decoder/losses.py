@@ -73,7 +73,7 @@ class ContrastiveAlignment(nn.Module):
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossWeights:
     """Total loss = cls * ASL + clip * alignment (the authors' code defaults: 1 and 0.1)."""
 

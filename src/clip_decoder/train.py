@@ -108,9 +108,9 @@ def fit(
     templates = TEMPLATE_SETS[config.templates]
     label_embeddings = model.embed_labels(list(seen), templates)
     sentences = train.sentences(seen)
-    unique = sorted(set(sentences))
-    encoded = model.text_tower.encode(unique).float().cpu()
-    sentence_embeddings = encoded[[unique.index(s) for s in sentences]]
+    unique = {sentence: row for row, sentence in enumerate(dict.fromkeys(sentences))}
+    encoded = model.text_tower.encode(list(unique)).float().cpu()
+    sentence_embeddings = encoded[[unique[sentence] for sentence in sentences]]
 
     trained = nn.ModuleDict({"head": model.head, "alignment": model.alignment})
     optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
