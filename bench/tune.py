@@ -17,17 +17,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine  # noqa: E402
 
-from clip_decoder.benchmark import run_method  # noqa: E402
+from clip_decoder.benchmark import fresh_model, run_method  # noqa: E402
 from clip_decoder.data.folder import LabelSplit, carve_validation, read_split, training_parts  # noqa: E402
-from clip_decoder.encoders import Backbone  # noqa: E402
 from clip_decoder.features import FeatureCache  # noqa: E402
 from clip_decoder.model import CLIPDecoder  # noqa: E402
-from clip_decoder.prompts import TEMPLATE_SETS  # noqa: E402
 from clip_decoder.train import FeatureSet, TrainConfig  # noqa: E402
 
 # name -> (method, TrainConfig changes against the base)
@@ -79,8 +76,7 @@ def main() -> None:
     base = replace(TrainConfig(), **changes(args.base))
     split = nested_split(read_split(args.split))
     towers = CLIPDecoder.create(backbone="offline")
-    shared = Backbone("offline", towers.image_tower, towers.text_tower)
-    cache = FeatureCache(shared.image, args.cache)
+    cache = FeatureCache(towers.image_tower, args.cache)
     train_samples, val_samples = training_parts(args.data, base.val_fraction)
     inner_train, inner_val = carve_validation(train_samples, 0.1, salt="tune")
     parts = {name: FeatureSet.build(items, cache) for name, items in
@@ -96,9 +92,7 @@ def main() -> None:
         runs = []
         started = time.perf_counter()
         for seed in args.seeds if method != "conse" else args.seeds[:1]:
-            torch.manual_seed(seed)
-            head = replace(towers.config.head, **config.head)
-            model = CLIPDecoder(replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates]), shared)
+            model = fresh_model(towers, replace(config, seed=seed))
             runs.append(run_method(method, model, parts, split, replace(config, seed=seed), progress=False))
         seconds = (time.perf_counter() - started) / len(runs)
         cells = [statistics.mean(r[p]["mAP"] for r in runs) for p in ("zsl", "gzsl")]

@@ -48,14 +48,21 @@ def run_method(method: str, model: CLIPDecoder, parts: dict[str, FeatureSet], sp
     return zsl_gzsl_metrics(scores, test.targets(split.all).numpy(), list(split.all), list(split.unseen))
 
 
+def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
+    """A new, seeded head on the already loaded towers of ``towers``."""
+    torch.manual_seed(config.seed)
+    head = replace(towers.config.head, **config.head)
+    model_config = replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates])
+    return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
+
+
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=METHODS,
                   backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
                   progress: bool = True) -> dict:
     """results[split name][method] = list of metrics JSON, one per seed (CONSE: one, it has no seed)."""
     config = config or TrainConfig()
     towers = CLIPDecoder.create(backbone=backbone)
-    shared = Backbone(backbone, towers.image_tower, towers.text_tower)
-    cache = FeatureCache(shared.image, cache_dir)
+    cache = FeatureCache(towers.image_tower, cache_dir)
     train_samples, val_samples = training_parts(data_dir, config.val_fraction)
     samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
     parts = {name: FeatureSet.build(items, cache, progress) for name, items in samples.items()}
@@ -66,9 +73,7 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
         for method in methods:
             for seed in seeds if method != "conse" else seeds[:1]:
                 started = time.perf_counter()
-                torch.manual_seed(seed)
-                head = replace(towers.config.head, **config.head)
-                model = CLIPDecoder(replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates]), shared)
+                model = fresh_model(towers, replace(config, seed=seed))
                 metrics = run_method(method, model, parts, split, replace(config, seed=seed), progress=False)
                 metrics["seconds"] = round(time.perf_counter() - started, 1)
                 per_method.setdefault(method, []).append(metrics)
