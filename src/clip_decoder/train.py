@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,7 +154,8 @@ def fit(
             log.write(json.dumps(record) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{totals['loss']:.3f}", val_mAP=f"{val_map:.1f}")
-        if val_map > best_map:
+        # No val image with a seen label (nan mAP): nothing to select on, keep the latest.
+        if val_map > best_map or math.isnan(val_map):
             best_map, best_state = val_map, copy.deepcopy(ema.module.state_dict())
     bar.close()
     trained.load_state_dict(best_state)
