@@ -26,7 +26,8 @@ test: install
 APT_PACKAGES := libcairo2 openclipart-svg darknet
 DATA := data/openclipart
 MODEL := models/openclipart-default
-PHOTOS := $(wildcard /usr/share/darknet/data/*.jpg) tests/data/chelsea-cat.jpg
+# Expanded when the recipe runs, after system-packages has installed darknet.
+PHOTOS = $(wildcard /usr/share/darknet/data/*.jpg) tests/data/chelsea-cat.jpg
 VOCABULARY := dog,cat,horse,bird,person,car,tree,flower,animal,mammal,food,building,boat,sport,clothing,weather
 
 system-packages:
