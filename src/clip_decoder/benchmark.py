@@ -109,7 +109,7 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
         "# Results: zero-shot multi-label tagging",
         "",
         f"Written by `{command}` ({platform.machine()}, {torch.get_num_threads()} torch threads, torch"
-        f" {torch.__version__}; {seconds / 60:.1f} min for all runs, features cached).",
+        f" {torch.__version__}; {seconds / 60:.1f} min for all runs, feature extraction included).",
         "Each method trains on the seen labels of a split only; the test images and unseen labels are"
         " touched only for the scores below. Mean ± standard deviation over seeds; CONSE has no seed."
         " ZSL: test images with an unseen label, ranking the unseen labels; GZSL: all test images,"
