@@ -86,6 +86,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def add_training_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     """The TrainConfig options, shared by train and bench."""
+    from .prompts import TEMPLATE_SETS
     from .train import METHODS, TrainConfig
 
     defaults = TrainConfig()
@@ -97,7 +98,7 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW, matrices only (default %(default)s)")
     group.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="default %(default)s")
     group.add_argument("--clip-weight", type=float, default=defaults.clip_weight, help="weight of the alignment loss (default %(default)s)")
-    group.add_argument("--templates", choices=["default", "ensemble"], default=defaults.templates,
+    group.add_argument("--templates", choices=list(TEMPLATE_SETS), default=defaults.templates,
                        help="prompt templates: one, or an ensemble of 7 (default %(default)s)")
     group.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
                        help="share of training images held out for model selection (when there is no val.csv)")
