@@ -92,7 +92,7 @@ def main() -> None:
         runs = []
         started = time.perf_counter()
         for seed in args.seeds if method != "conse" else args.seeds[:1]:
-            model = fresh_model(towers, replace(config, seed=seed))
+            model = fresh_model(towers, replace(config, seed=seed), method)
             runs.append(run_method(method, model, parts, split, replace(config, seed=seed), progress=False))
         seconds = (time.perf_counter() - started) / len(runs)
         cells = [statistics.mean(r[p]["mAP"] for r in runs) for p in ("zsl", "gzsl")]

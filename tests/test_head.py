@@ -21,9 +21,9 @@ def test_any_number_of_labels_gives_one_logit_per_image_and_label(n_labels):
     assert logits.shape == (3, n_labels)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_a_labels_logit_does_not_depend_on_the_other_labels(layers):
-    head = small_head(layers=layers)
+@pytest.mark.parametrize("options", [dict(layers=1), dict(layers=2), dict(cosine_skip=True)])
+def test_a_labels_logit_does_not_depend_on_the_other_labels(options):
+    head = small_head(**options)
     tokens, labels = torch.randn(4, 9, 20), torch.randn(6, 12)
     full = head(tokens, labels)
     torch.testing.assert_close(head(tokens, labels[[2]]), full[:, [2]])
@@ -44,7 +44,7 @@ def test_cross_attention_matches_the_textbook_formula():
     head = small_head()
     layer = head.layers[0]
     tokens, labels = torch.randn(2, 9, 20), torch.randn(3, 12)
-    memory, queries = head.memory(tokens), head.queries(labels)
+    memory, queries = head.memory(tokens), head.queries(labels).queries
     q = layer.to_q(layer.norm_query(queries)).view(3, 4, 4).transpose(0, 1)  # (heads, L, head_dim)
     k = layer.to_k(memory).view(2, 9, 4, 4).transpose(1, 2)  # (B, heads, N, head_dim)
     v = layer.to_v(memory).view(2, 9, 4, 4).transpose(1, 2)
@@ -52,7 +52,18 @@ def test_cross_attention_matches_the_textbook_formula():
     attended = layer.to_out((weights @ v).transpose(1, 2).reshape(2, 3, 16))
     x = layer.norm_attn(layer.norm_query(queries) + attended)
     x = layer.norm_ffn(x + layer.ffn(x))
-    torch.testing.assert_close(head.decode(memory, queries), head.scorer(x).squeeze(-1))
+    torch.testing.assert_close(head.decode(memory, head.queries(labels)), head.scorer(x).squeeze(-1))
+
+
+def test_cosine_skip_adds_a_scaled_cosine_in_the_text_space():
+    head = small_head(cosine_skip=True)
+    tokens, labels = torch.randn(2, 9, 20), torch.randn(3, 12)
+    memory = head.memory(tokens)
+    decoder_only = head.decode(memory, head.queries(labels)._replace(directions=torch.zeros(3, 12)))
+    image = head.skip_proj(memory.mean(dim=1))
+    cosine = torch.nn.functional.cosine_similarity(image[:, None], labels[None], dim=-1)
+    torch.testing.assert_close(head(tokens, labels), decoder_only + head.skip_scale * cosine)
+    assert not hasattr(small_head(), "skip_proj")  # off by default: ML-Decoder's head
 
 
 def test_dropout_acts_in_training_only():

@@ -14,6 +14,7 @@ from clip_decoder.cli import main
 from clip_decoder.data.folder import read_part
 from clip_decoder.encoders.hf import HFTextTower
 from clip_decoder.features import FeatureCache
+from clip_decoder.train import TrainConfig
 
 from conftest import TINY_SPLIT
 
@@ -45,8 +46,16 @@ def test_train_writes_a_model_folder_with_log_and_curves(trained):
     assert [r["epoch"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
     summary = json.loads((out / "training.json").read_text())
     assert summary["selected_epoch"] == max(log, key=lambda r: r["val_mAP_seen"])["epoch"]
-    assert json.loads((out / "config.json").read_text())["labels"] == TINY_SPLIT["seen"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["labels"] == TINY_SPLIT["seen"] and config["head"]["cosine_skip"] is True
+    assert CLIPDecoder.from_pretrained(out).head.skip_proj.weight.shape == (24, 32)  # text dim x head dim
     assert Image.open(out / "curves.png").size[0] > 100
+
+
+def test_ml_decoder_baseline_uses_ml_decoders_head_and_no_alignment():
+    config = TrainConfig(method="ml-decoder")
+    assert config.head_options["cosine_skip"] is False and config.loss_weights.clip == 0.0
+    assert TrainConfig().head_options["cosine_skip"] is True and TrainConfig().loss_weights.clip > 0
 
 
 def test_unseen_labels_are_never_embedded_in_training(trained):

@@ -21,6 +21,7 @@ from .features import FeatureCache
 from .metrics import zsl_gzsl_metrics
 from .model import CLIPDecoder
 from .prompts import TEMPLATE_SETS
+from .train import METHODS as TRAINED_METHODS
 from .train import FeatureSet, TrainConfig, fit
 
 METHODS = ("clip-decoder", "ml-decoder", "linear", "conse")
@@ -32,7 +33,7 @@ def run_method(method: str, model: CLIPDecoder, parts: dict[str, FeatureSet], sp
     """Train ``method`` on the seen labels (a fresh head per call), then the metrics JSON on test."""
     templates = TEMPLATE_SETS[config.templates]
     train, val, test = parts["train"], parts["val"], parts["test"]
-    if method in ("clip-decoder", "ml-decoder"):
+    if method in TRAINED_METHODS:
         fit(model, train, val, split.seen, replace(config, method=method), progress=progress)
         scores = score_tokens(model.head, test.tokens, model.embed_labels(list(split.all), templates))
     elif method == "linear":
@@ -48,10 +49,11 @@ def run_method(method: str, model: CLIPDecoder, parts: dict[str, FeatureSet], sp
     return zsl_gzsl_metrics(scores, test.targets(split.all).numpy(), list(split.all), list(split.unseen))
 
 
-def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
-    """A new, seeded head on the already loaded towers of ``towers``."""
+def fresh_model(towers: CLIPDecoder, config: TrainConfig, method: str = "clip-decoder") -> CLIPDecoder:
+    """A new, seeded head for ``method`` on the already loaded towers of ``towers``."""
     torch.manual_seed(config.seed)
-    head = replace(towers.config.head, **config.head)
+    options = replace(config, method=method).head_options if method in TRAINED_METHODS else config.head
+    head = replace(towers.config.head, **options)
     model_config = replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates])
     return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
 
@@ -73,7 +75,7 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
         for method in methods:
             for seed in seeds if method != "conse" else seeds[:1]:
                 started = time.perf_counter()
-                model = fresh_model(towers, replace(config, seed=seed))
+                model = fresh_model(towers, replace(config, seed=seed), method)
                 metrics = run_method(method, model, parts, split, replace(config, seed=seed), progress=False)
                 metrics["seconds"] = round(time.perf_counter() - started, 1)
                 per_method.setdefault(method, []).append(metrics)

@@ -105,16 +105,19 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
     for name in ("dim", "layers", "heads", "ffn-dim"):
         group.add_argument(f"--{name}", type=int, help=f"head option (default {defaults.head.get(name.replace('-', '_'), 'as HeadConfig')})")
     group.add_argument("--dropout", type=float, help="head option (default 0.05)")
+    group.add_argument("--cosine-skip", action=argparse.BooleanOptionalAction,
+                       help="add the pooled image's cosine with each label's text embedding to its logit"
+                            " (default on; ml-decoder never has it)")
     group.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
     if with_method:
         group.add_argument("--method", choices=METHODS, default=defaults.method,
-                           help="clip-decoder, or ml-decoder (the same head with the alignment loss off)")
+                           help="clip-decoder, or ml-decoder (ML-Decoder's head: no cosine skip, alignment loss off)")
 
 
 def training_config(args: argparse.Namespace, seed: int):
     from .train import TrainConfig
 
-    head = {**TrainConfig().head, **{key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout")
+    head = {**TrainConfig().head, **{key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout", "cosine_skip")
                                      if getattr(args, key) is not None}}
     return TrainConfig(
         method=getattr(args, "method", "clip-decoder"), epochs=args.epochs, batch_size=args.batch_size,

@@ -8,6 +8,7 @@ self-attention between queries: each label's logit depends only on that label an
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,8 +26,12 @@ class HeadConfig:
     heads: int = 8
     ffn_dim: int = 2048
     dropout: float = 0.1
+    # Adds scale * cos(pooled memory mapped to the text space, label text embedding) to each
+    # logit: a linear-map path beside the decoder that keeps the text space's geometry.
+    cosine_skip: bool = False
 
     def __post_init__(self) -> None:
+        self.cosine_skip = bool(self.cosine_skip)
         if self.layers < 1:
             raise ValueError(f"the head needs at least one layer, got {self.layers}")
         if self.dim % self.heads:
@@ -79,6 +84,13 @@ class CrossAttentionLayer(nn.Module):
         return self.norm_ffn(x + F.dropout(self.ffn(x), self.dropout, self.training))
 
 
+class LabelQueries(NamedTuple):
+    """The vocabulary's share of the head's work, computed once per label set."""
+
+    queries: torch.Tensor  # (L, d) decoder queries
+    directions: torch.Tensor  # (L, text_dim) unit text embeddings, for the cosine skip
+
+
 class DecoderHead(nn.Module):
     """Text-embedding queries x image-token memory -> one logit per (image, label)."""
 
@@ -92,21 +104,28 @@ class DecoderHead(nn.Module):
             for _ in range(config.layers)
         )
         self.scorer = nn.Linear(config.dim, 1)  # shared by every label ("group-FC" in ZSL mode)
+        if config.cosine_skip:
+            self.skip_proj = nn.Linear(config.dim, config.text_dim)
+            self.skip_scale = nn.Parameter(torch.tensor(10.0))
 
-    def queries(self, label_embeddings: torch.Tensor) -> torch.Tensor:
-        """Label text embeddings (L, text_dim) -> decoder queries (L, d)."""
-        return F.relu(self.query_proj(label_embeddings))
+    def queries(self, label_embeddings: torch.Tensor) -> LabelQueries:
+        """Label text embeddings (L, text_dim) -> what decode needs of them."""
+        return LabelQueries(F.relu(self.query_proj(label_embeddings)), F.normalize(label_embeddings, dim=-1))
 
     def memory(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, N, image_dim) -> decoder memory (B, N, d)."""
         return F.relu(self.token_proj(tokens))
 
-    def decode(self, memory: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Memory (B, N, d) and queries (L, d) -> logits (B, L)."""
-        x = queries.unsqueeze(0)
+    def decode(self, memory: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
+        """Memory (B, N, d) and a vocabulary's queries -> logits (B, L)."""
+        x = queries.queries.unsqueeze(0)
         for layer in self.layers:
             x = layer(x, memory)
-        return self.scorer(x).squeeze(-1)
+        logits = self.scorer(x).squeeze(-1)
+        if self.config.cosine_skip:
+            image = F.normalize(self.skip_proj(memory.mean(dim=1)), dim=-1)
+            logits = logits + self.skip_scale * image @ queries.directions.T
+        return logits
 
     def forward(self, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, N, image_dim) and label embeddings (L, text_dim) -> logits (B, L)."""
