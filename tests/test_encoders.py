@@ -83,6 +83,14 @@ def test_hf_siglip_runs_end_to_end(tiny_siglip_dir):
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
 
 
+def test_loading_prints_no_weight_bar_and_keeps_the_callers_setting(tiny_clip_dir, capfd):
+    from transformers.utils import logging
+
+    create_backbone(f"hf:{tiny_clip_dir}")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert logging.is_progress_bar_enabled()
+
+
 def test_hf_rejects_a_missing_model_and_other_architectures(tmp_path, tiny_clip_dir):
     with pytest.raises(ClipDecoderError, match="cannot load hf model"):
         create_backbone(f"hf:{tmp_path / 'missing'}")

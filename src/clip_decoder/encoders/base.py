@@ -3,8 +3,9 @@ tokenising helper the transformers-based text towers share."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -63,3 +64,17 @@ def tokenized_batches(
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' per-load "Loading weights" bar, restoring the caller's setting."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures, tokenized_batches
+from .base import Backbone, ImageFeatures, quiet_loading, tokenized_batches
 from .registry import register_backbone
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
@@ -110,8 +110,9 @@ def hf_backbone(model_id: str | None) -> Backbone:
     from transformers.utils import cached_file
 
     try:
-        model = AutoModel.from_pretrained(model_id)
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        with quiet_loading():
+            model = AutoModel.from_pretrained(model_id)
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
         with open(cached_file(model_id, "preprocessor_config.json"), encoding="utf-8") as f:
             preprocess = preprocess_from_config(json.load(f))
     except (OSError, ValueError, KeyError) as error:

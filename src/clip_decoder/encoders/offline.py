@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures, tokenized_batches
+from .base import Backbone, ImageFeatures, quiet_loading, tokenized_batches
 from .registry import register_backbone
 
 # EfficientNet-Lite was trained on TF-style inputs, (x - 127) / 128 on 0-255 RGB.
@@ -74,8 +74,9 @@ class MiniLMTextTower(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         path = get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path)
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
         self.eval()
 
     @torch.no_grad()
