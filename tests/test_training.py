@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -56,6 +57,12 @@ def test_ml_decoder_baseline_uses_ml_decoders_head_and_no_alignment():
     config = TrainConfig(method="ml-decoder")
     assert config.head_options["cosine_skip"] is False and config.loss_weights.clip == 0.0
     assert TrainConfig().head_options["cosine_skip"] is True and TrainConfig().loss_weights.clip > 0
+
+
+def test_each_method_trains_for_its_tuned_length_unless_told():
+    assert (TrainConfig().num_epochs, TrainConfig(method="ml-decoder").num_epochs) == (10, 20)
+    assert replace(TrainConfig(), method="ml-decoder").num_epochs == 20  # as the benchmark derives it
+    assert replace(TrainConfig(epochs=3), method="ml-decoder").num_epochs == 3
 
 
 def test_unseen_labels_are_never_embedded_in_training(trained):

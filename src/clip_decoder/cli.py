@@ -87,12 +87,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def add_training_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
     """The TrainConfig options, shared by train and bench."""
     from .prompts import TEMPLATE_SETS
-    from .train import METHODS, TrainConfig
+    from .train import DEFAULT_EPOCHS, METHODS, TrainConfig
 
     defaults = TrainConfig()
     group = parser.add_argument_group("training")
     group.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, help="default %(default)s")
+    group.add_argument("--epochs", type=int, help="default: the method's tuned length"
+                       f" ({', '.join(f'{m} {n}' for m, n in DEFAULT_EPOCHS.items())})")
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the OneCycle schedule (default %(default)s)")
     group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW, matrices only (default %(default)s)")

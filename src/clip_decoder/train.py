@@ -30,6 +30,8 @@ from .prompts import TEMPLATE_SETS, describe
 
 # ml-decoder: the predecessor's head (no cosine skip) with the alignment loss off
 METHODS = ("clip-decoder", "ml-decoder")
+# Each method's best training length on the tuning split (docs/EXPERIMENTS.md).
+DEFAULT_EPOCHS = {"clip-decoder": 10, "ml-decoder": 20}
 
 
 @dataclass
@@ -37,7 +39,7 @@ class TrainConfig:
     """Training options; the defaults are the project's best (see docs/EXPERIMENTS.md)."""
 
     method: str = "clip-decoder"
-    epochs: int = 20
+    epochs: int | None = None  # None: the method's tuned length, DEFAULT_EPOCHS
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 5e-2
@@ -56,8 +58,12 @@ class TrainConfig:
             raise ClipDecoderError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.templates not in TEMPLATE_SETS:
             raise ClipDecoderError(f"unknown template set {self.templates!r}; choose from {', '.join(TEMPLATE_SETS)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0:
             raise ClipDecoderError("epochs, batch size and learning rate must be positive")
+
+    @property
+    def num_epochs(self) -> int:
+        return self.epochs or DEFAULT_EPOCHS[self.method]
 
     @property
     def head_options(self) -> dict:
@@ -123,13 +129,13 @@ def fit(
     optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
     steps_per_epoch = max(1, len(train.tokens) // config.batch_size)  # the last partial batch is dropped
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=config.pct_start
+        optimizer, max_lr=config.lr, total_steps=config.num_epochs * steps_per_epoch, pct_start=config.pct_start
     )
     ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     train_targets, val_targets = train.targets(seen), val.targets(seen).numpy()
     best_state, best_map, history = None, -1.0, []
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"train {config.method}", unit="step", disable=not progress)
-    for epoch in range(1, config.epochs + 1):
+    bar = tqdm(total=config.num_epochs * steps_per_epoch, desc=f"train {config.method}", unit="step", disable=not progress)
+    for epoch in range(1, config.num_epochs + 1):
         model.train()
         started, totals = time.perf_counter(), {"loss": 0.0, "cls": 0.0, "clip": 0.0}
         order = torch.randperm(len(train.tokens), generator=generator)
@@ -216,7 +222,7 @@ def train_model(
         history = fit(model, train, val, split.seen, config, progress, log)
     model.save_pretrained(out)
     best = max(history, key=lambda r: r["val_mAP_seen"])
-    summary = {"config": asdict(config), "backbone": backbone, "train_images": len(train.samples),
+    summary = {"config": {**asdict(config), "epochs": config.num_epochs}, "backbone": backbone, "train_images": len(train.samples),
                "val_images": len(val.samples), "selected_epoch": best["epoch"], "val_mAP_seen": best["val_mAP_seen"]}
     (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_curves(history, out / "curves.png")
