@@ -130,7 +130,10 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
                  "--json", str(results_path), "--markdown", str(markdown), *HEAD]) == 0
     results = json.loads(results_path.read_text())["split"]
     assert {method: len(runs) for method, runs in results.items()} == {"clip-decoder": 2, "ml-decoder": 2, "linear": 2}
-    assert "| clip-decoder | 2 |" in markdown.read_text() and "Label split `split`" in capsys.readouterr().out
+    page = markdown.read_text()
+    assert "| clip-decoder | 2 |" in page and "Label split `split`" in capsys.readouterr().out
+    assert "- **clip-decoder**: head d 32, FFN 64, dropout 0.05, with cosine skip; ASL + 0.1 x alignment; 2 epochs" in page
+    assert "- **ml-decoder**: head d 32, FFN 64, dropout 0.05, without cosine skip; ASL; 2 epochs" in page
 
 
 def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):

@@ -100,7 +100,25 @@ def summary_table(per_method: dict[str, list[dict]]) -> str:
 
 
 
-def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float) -> str:
+def method_recipe(method: str, config: TrainConfig) -> str:
+    """One line saying what ``method`` trains and how, for the results page."""
+    if method in TRAINED_METHODS:
+        method_config = replace(config, method=method)
+        head = method_config.head_options
+        skip = "with" if head.get("cosine_skip") else "without"
+        loss = "ASL" + (f" + {method_config.loss_weights.clip} x alignment" if method_config.loss_weights.clip else "")
+        return (f"head d {head.get('dim')}, FFN {head.get('ffn_dim')}, dropout {head.get('dropout')}, {skip} cosine skip;"
+                f" {loss}; {method_config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
+                f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts")
+    if method == "linear":
+        return f"linear map pooled image -> text space, cosine x learned scale, ASL, 30 epochs; {config.templates} prompts"
+    if method == "conse":
+        return f"the image tower's ImageNet classifier, top-10 class names' text embeddings; {config.templates} prompts"
+    raise ValueError(f"unknown method {method!r}")
+
+
+def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float,
+                     config: TrainConfig | None = None) -> str:
     """docs/RESULTS.md: what was run, on what, and the table per label split."""
     import json
     import platform
@@ -117,6 +135,9 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
         " ZSL: test images with an unseen label, ranking the unseen labels; GZSL: all test images,"
         " all labels. Percent.",
     ]
+    config = config or TrainConfig()
+    methods = dict.fromkeys(method for per_method in results.values() for method in per_method)
+    lines += ["", "Methods:", "", *(f"- **{method}**: {method_recipe(method, config)}." for method in methods)]
     if stats:
         lines += ["", "Dataset: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))) + "."]
     for name, per_method in results.items():

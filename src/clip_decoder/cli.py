@@ -172,15 +172,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import results_markdown, run_benchmark, summary_table
 
     started = time.perf_counter()
+    config = training_config(args, args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
-                            args.backbone, training_config(args, args.seeds[0]), args.cache)
+                            args.backbone, config, args.cache)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}" for name, per_method in results.items()]
     print("\n\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         command = "clip-decoder " + " ".join(sys.argv[1:]) if sys.argv[1:] else "clip-decoder bench"
-        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started))
+        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started, config))
     return 0
 
 
