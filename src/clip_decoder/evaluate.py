@@ -21,8 +21,7 @@ def score_tokens(head: DecoderHead, tokens: torch.Tensor, label_embeddings: torc
     queries = head.queries(label_embeddings.to(device))
     rows = []
     for start in range(0, len(tokens), batch_size):
-        memory = head.memory(tokens[start : start + batch_size].to(device).float())
-        rows.append(torch.sigmoid(head.decode(memory, queries)).cpu().numpy())
+        rows.append(head.probabilities(tokens[start : start + batch_size].to(device).float(), queries).cpu().numpy())
     return np.concatenate(rows)
 
 

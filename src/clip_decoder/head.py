@@ -127,6 +127,10 @@ class DecoderHead(nn.Module):
             logits = logits + self.skip_scale * image @ queries.directions.T
         return logits
 
+    def probabilities(self, tokens: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
+        """Image tokens (B, N, image_dim) and a vocabulary's queries -> float probabilities (B, L)."""
+        return torch.sigmoid(self.decode(self.memory(tokens), queries).float())
+
     def forward(self, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, N, image_dim) and label embeddings (L, text_dim) -> logits (B, L)."""
         return self.decode(self.memory(tokens), self.queries(label_embeddings))

@@ -241,6 +241,5 @@ class CLIPDecoder(nn.Module):
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
             tokens = self.encode_images(images[start : start + batch_size]).tokens
-            logits = self.head.decode(self.head.memory(tokens), queries)
-            rows.append(torch.sigmoid(logits.float()).cpu().numpy())
+            rows.append(self.head.probabilities(tokens, queries).cpu().numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
