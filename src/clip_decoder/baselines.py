@@ -17,6 +17,9 @@ from torch.nn import functional as F
 from .errors import ClipDecoderError
 from .losses import AsymmetricLoss
 
+CONSE_TOP = 10  # ImageNet classes averaged per image
+LINEAR_EPOCHS = 30
+
 
 def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet classes in the classifier's order, by their first name, made unique
@@ -37,7 +40,7 @@ class ConSE:
     embeddings of those class names; a label scores by its cosine with that average.
     """
 
-    def __init__(self, image_tower, class_embeddings: torch.Tensor, top: int = 10) -> None:
+    def __init__(self, image_tower, class_embeddings: torch.Tensor, top: int = CONSE_TOP) -> None:
         if not hasattr(image_tower, "imagenet_logits"):
             raise ClipDecoderError(f"CONSE needs an image tower with an ImageNet classifier; {image_tower.name} has none")
         self.image_tower, self.class_embeddings, self.top = image_tower, class_embeddings.float(), top
@@ -68,7 +71,7 @@ class LinearMap(nn.Module):
         return self.scale * F.normalize(self.project(pooled), dim=-1) @ label_embeddings.T + self.bias
 
     def fit(self, pooled: torch.Tensor, targets: torch.Tensor, label_embeddings: torch.Tensor, seed: int,
-            epochs: int = 30, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-2) -> LinearMap:
+            epochs: int = LINEAR_EPOCHS, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-2) -> LinearMap:
         """Train on (pooled, targets over the labels of label_embeddings)."""
         generator = torch.Generator().manual_seed(seed)
         loss = AsymmetricLoss()

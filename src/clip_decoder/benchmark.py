@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from .baselines import ConSE, LinearMap, imagenet_class_names
+from .baselines import CONSE_TOP, LINEAR_EPOCHS, ConSE, LinearMap, imagenet_class_names
 from .data.folder import LabelSplit, read_part, read_split, training_parts
 from .encoders import Backbone
 from .evaluate import score_tokens
 from .features import FeatureCache
+from .head import HeadConfig
 from .metrics import zsl_gzsl_metrics
 from .model import CLIPDecoder
 from .prompts import TEMPLATE_SETS
@@ -104,16 +105,18 @@ def method_recipe(method: str, config: TrainConfig) -> str:
     """One line saying what ``method`` trains and how, for the results page."""
     if method in TRAINED_METHODS:
         method_config = replace(config, method=method)
-        head = method_config.head_options
-        skip = "with" if head.get("cosine_skip") else "without"
+        head = {**{f.name: f.default for f in fields(HeadConfig)}, **method_config.head_options}
+        skip = "with" if head["cosine_skip"] else "without"
         loss = "ASL" + (f" + {method_config.loss_weights.clip} x alignment" if method_config.loss_weights.clip else "")
-        return (f"head d {head.get('dim')}, FFN {head.get('ffn_dim')}, dropout {head.get('dropout')}, {skip} cosine skip;"
+        return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
                 f" {loss}; {method_config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
                 f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts")
     if method == "linear":
-        return f"linear map pooled image -> text space, cosine x learned scale, ASL, 30 epochs; {config.templates} prompts"
+        return (f"linear map pooled image -> text space, cosine x learned scale, ASL, {LINEAR_EPOCHS} epochs;"
+                f" {config.templates} prompts")
     if method == "conse":
-        return f"the image tower's ImageNet classifier, top-10 class names' text embeddings; {config.templates} prompts"
+        return (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
+                f" {config.templates} prompts")
     raise ValueError(f"unknown method {method!r}")
 
 
