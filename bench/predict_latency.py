@@ -8,7 +8,6 @@ Run: python bench/predict_latency.py [--images 32] [--labels 10] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, write_section  # noqa: E402
+from report import machine, median_seconds, write_section  # noqa: E402
 
 from clip_decoder import CLIPDecoder  # noqa: E402
 from clip_decoder.images import load_image  # noqa: E402
@@ -25,14 +24,6 @@ PHOTO = Path(__file__).resolve().parent.parent / "tests" / "data" / "chelsea-cat
 VOCABULARY = ["cat", "dog", "car", "tree", "person", "bicycle", "sky", "house", "flower", "boat",
               "bird", "horse", "chair", "road", "mountain", "beach", "book", "clock", "train", "cup"]
 
-
-def median_seconds(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -1,9 +1,14 @@
-"""Write one benchmark's table into its own section of docs/BENCHMARKS.md."""
+"""Shared by the bench scripts: timing, peak memory, and writing a table into docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import re
+import resource
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +23,43 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads,"
         f" Python {platform.python_version()}, torch {torch.__version__}"
     )
+
+
+def median_seconds(function: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls (after one warm-up call)."""
+    return interleaved_medians({"only": function}, repeats)["only"]
+
+
+def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, calling them in turn so that machine noise hits all alike."""
+    for function in functions.values():
+        function()  # warm-up: first-call allocations, lazy initialisation
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _call_and_report_peak(function, args):
+    return function(*args), peak_rss_mb()
+
+
+def isolated(function: Callable, *args):
+    """Run ``function(*args)`` in a fresh process; return its result and that process's peak RSS (MiB).
+
+    A fresh process per case keeps one case's allocations out of the next one's peak. The
+    function must be defined at module level (it is pickled by reference).
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_call_and_report_peak, (function, args))
 
 
 def write_section(name: str, body: str) -> None:
