@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .decoding import DEFAULT_WORKERS, decoded_batches
 from .encoders import ImageTower
 from .errors import ClipDecoderError
-from .images import load_image
 
 
 def default_cache_dir() -> Path:
@@ -45,8 +45,11 @@ class CachedFeatures:
 class FeatureCache:
     """Image-tower features on disk, keyed by tower, preprocessing and file content."""
 
-    def __init__(self, tower: ImageTower, root: str | Path | None = None) -> None:
+    def __init__(
+        self, tower: ImageTower, root: str | Path | None = None, decode_workers: int = DEFAULT_WORKERS
+    ) -> None:
         self.tower = tower
+        self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn, no threads
         spec = json.dumps({"tower": tower.name, "preprocess": tower.preprocess.to_dict()}, sort_keys=True)
         self.folder = Path(root or default_cache_dir()) / "features" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -79,22 +82,21 @@ class FeatureCache:
         missing = [i for i in entries if i not in results]
         device = next(self.tower.parameters()).device
         bar = tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing)
-        for start in range(0, len(missing), batch_size):
-            batch, images = [], []
-            for index in missing[start : start + batch_size]:
-                try:
-                    images.append(load_image(paths[index]))
-                    batch.append(index)
-                except ClipDecoderError as error:
-                    failed[index] = str(error)
-            if images:
-                features = self.tower(self.tower.preprocess.batch(images).to(device))
-                for row, index in enumerate(batch):
-                    tokens, pooled = features.tokens[row].cpu(), features.pooled[row].cpu()
-                    self._write(entries[index], tokens, pooled)
-                    results[index] = {"tokens": tokens.half(), "pooled": pooled.float()}
-                self.encoded += len(images)
-            bar.update(len(missing[start : start + batch_size]))
+        # The next batch is decoded in background thread(s) while the tower runs on this one.
+        sources = [paths[index] for index in missing]
+        for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
+            failed.update({missing[k]: message for k, message in batch.failed.items()})
+            if batch.indices:
+                features = self.tower(batch.pixels.to(device))
+                # Converted once per batch, not per image: on 2 busy cores each small torch op
+                # costs milliseconds. Contiguous, so that each row is an entry as it stands.
+                tokens = features.tokens.to("cpu", torch.float16).contiguous()
+                pooled = features.pooled.to("cpu", torch.float32).contiguous()
+                for row, k in enumerate(batch.indices):
+                    self._write(entries[missing[k]], tokens[row], pooled[row])
+                    results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
+                self.encoded += len(batch.indices)
+            bar.update(len(batch.indices) + len(batch.failed))
         bar.close()
         for index in sorted(failed):
             print(f"error: {failed[index]}", file=sys.stderr)

