@@ -59,36 +59,56 @@ class CrossAttentionLayer(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_attn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
         )
         self.norm_ffn = nn.LayerNorm(dim)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, n, head_dim)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def project_queries(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query side of the layer, which needs no image: (normed queries, attention q)."""
+        normed = self.norm_query(queries)
+        return normed, self.to_q(normed)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """queries (1 or B, L, d) and memory (B, N, d) -> (B, L, d).
 
-        A batch dimension of 1 on queries is shared by every image: the query-side work is done
-        once per vocabulary, not once per image.
+        A batch dimension of 1 on queries is shared by every image. ``projected`` is
+        ``project_queries(queries)`` when the caller has it already (computed once per vocabulary).
         """
         batch = memory.shape[0]
-        queries = self.norm_query(queries)
-        q = self._split(self.to_q(queries)).expand(batch, -1, -1, -1)
+        normed, q = projected if projected is not None else self.project_queries(queries)
+        q = self._split(q).expand(batch, -1, -1, -1)
         k, v = self._split(self.to_k(memory)), self._split(self.to_v(memory))
         attended = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0
         )
         attended = self.to_out(attended.transpose(1, 2).flatten(2))
-        x = self.norm_attn(queries + F.dropout(attended, self.dropout, self.training))
+        x = self.norm_attn(normed + F.dropout(attended, self.dropout, self.training))
         return self.norm_ffn(x + F.dropout(self.ffn(x), self.dropout, self.training))
 
 
 class LabelQueries(NamedTuple):
-    """The vocabulary's share of the head's work, computed once per label set."""
+    """The vocabulary's share of the head's work, computed once per label set.
 
-    queries: torch.Tensor  # (L, d) decoder queries
-    directions: torch.Tensor  # (L, text_dim) unit text embeddings, for the cosine skip
+    Rows are labels: (L, ...) for a vocabulary shared by every image, or (B, K, ...) when each
+    image has its own K labels (see ``select``).
+    """
+
+    queries: torch.Tensor  # decoder queries, d
+    normed: torch.Tensor  # the first layer's normed queries, d
+    q: torch.Tensor  # the first layer's attention queries, d
+    directions: torch.Tensor  # unit text embeddings, text_dim, for the cosine skip
+
+    def select(self, index: torch.Tensor) -> LabelQueries:
+        """Each image's own labels: index (B, K) into a shared vocabulary -> (B, K, ...) rows."""
+        return LabelQueries(*(field[index] for field in self))
 
 
 class DecoderHead(nn.Module):
@@ -110,22 +130,35 @@ class DecoderHead(nn.Module):
 
     def queries(self, label_embeddings: torch.Tensor) -> LabelQueries:
         """Label text embeddings (L, text_dim) -> what decode needs of them."""
-        return LabelQueries(F.relu(self.query_proj(label_embeddings)), F.normalize(label_embeddings, dim=-1))
+        queries = F.relu(self.query_proj(label_embeddings))
+        normed, q = self.layers[0].project_queries(queries)
+        return LabelQueries(queries, normed, q, F.normalize(label_embeddings, dim=-1))
 
     def memory(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, N, image_dim) -> decoder memory (B, N, d)."""
         return F.relu(self.token_proj(tokens))
 
     def decode(self, memory: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
-        """Memory (B, N, d) and a vocabulary's queries -> logits (B, L)."""
-        x = queries.queries.unsqueeze(0)
-        for layer in self.layers:
-            x = layer(x, memory)
+        """Memory (B, N, d) and a vocabulary's queries (shared or per image) -> logits (B, L)."""
+        shared = queries.queries.ndim == 2
+        if shared:
+            queries = LabelQueries(*(field.unsqueeze(0) for field in queries))
+        x = queries.queries
+        for index, layer in enumerate(self.layers):
+            x = layer(x, memory, (queries.normed, queries.q) if index == 0 else None)
         logits = self.scorer(x).squeeze(-1)
         if self.config.cosine_skip:
-            image = F.normalize(self.skip_proj(memory.mean(dim=1)), dim=-1)
-            logits = logits + self.skip_scale * image @ queries.directions.T
+            logits = logits + self.skip_logits(memory, queries.directions)
         return logits
+
+    def skip_logits(self, memory: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        """The cosine skip: scale * cos(skip_proj(mean memory), label direction) -> (B, L).
+
+        ``directions`` is (1 or B, L, text_dim). It costs one small matmul per image and label,
+        so it is also the shortlist's cheap first stage.
+        """
+        image = F.normalize(self.skip_proj(memory.mean(dim=1)), dim=-1)
+        return self.skip_scale * (directions @ image.unsqueeze(-1)).squeeze(-1)
 
     def probabilities(self, tokens: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
         """Image tokens (B, N, image_dim) and a vocabulary's queries -> float probabilities (B, L)."""

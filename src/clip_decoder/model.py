@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +19,13 @@ from tqdm.auto import tqdm
 
 from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
-from .head import DecoderHead, HeadConfig
+from .head import DecoderHead, HeadConfig, LabelQueries
 from .images import load_image
 from .losses import AsymmetricLoss, ContrastiveAlignment, LossWeights, total_loss
 from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
 
 FORMAT_VERSION = 1
+VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label head work is kept for predict
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -68,6 +70,15 @@ class ModelConfig:
             raise ClipDecoderError(f"{source}: not a valid clip-decoder config ({error!r})") from error
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """A label set's share of inference, computed once and reused for every image."""
+
+    labels: tuple[str, ...]
+    queries: LabelQueries  # the head's per-label work
+    aligned: torch.Tensor  # (L, align_dim) unit label texts in the alignment space: the shortlist's first stage
+
+
 class CLIPDecoder(nn.Module):
     """Zero-shot multi-label classifier: an independent probability for any label name."""
 
@@ -89,6 +100,7 @@ class CLIPDecoder(nn.Module):
         self.alignment = ContrastiveAlignment(config.head.dim, backbone.text.dim, config.align_dim)
         self.asl = AsymmetricLoss()
         self.embed_labels = LabelEmbedder(self.text_tower)
+        self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
         self.eval()
 
     @classmethod
@@ -205,6 +217,46 @@ class CLIPDecoder(nn.Module):
         pixels = self.image_tower.preprocess.batch([load_image(image) for image in images])
         return self.image_tower(pixels.to(self.device))
 
+    def _weights_key(self) -> tuple:
+        """Changes whenever a weight is replaced or updated in place (load, optimizer step, .to())."""
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters() if p.requires_grad)
+
+    @torch.inference_mode()
+    def vocabulary(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> Vocabulary:
+        """The per-label work for ``labels`` (embedding, query projection, first-layer query
+        norm and projection), cached for the most recent vocabularies until the weights change."""
+        labels = tuple(check_labels(labels))
+        templates = tuple(templates or self.config.templates)
+        key = (labels, templates, self._weights_key())
+        if key not in self._vocabularies:
+            embeddings = self.embed_labels(labels, templates).to(self.device)
+            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings))
+            while len(self._vocabularies) > VOCABULARY_CACHE_SIZE:
+                self._vocabularies.popitem(last=False)
+        self._vocabularies.move_to_end(key)
+        return self._vocabularies[key]
+
+    @torch.inference_mode()
+    def probabilities(self, tokens: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None = None) -> torch.Tensor:
+        """Image tokens (B, N, image_dim) -> probabilities (B, L) for the vocabulary's labels.
+
+        With ``shortlist=K`` (approximate): a first stage scores every label by the cosine of the
+        pooled memory and the label text in the alignment loss's shared space; only each image's
+        top K labels go through the decoder. The others get ``floor * (1 + cosine) / 2``, where
+        floor is the image's lowest decoded probability, so they rank below every decoded label
+        and keep the first stage's order among themselves.
+        """
+        memory = self.head.memory(tokens)
+        if shortlist is None or shortlist >= len(vocabulary.labels):
+            return torch.sigmoid(self.head.decode(memory, vocabulary.queries).float())
+        if shortlist < 1:
+            raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
+        cosine = (self.alignment.embed_images(memory.mean(dim=1)) @ vocabulary.aligned.T).float()
+        top = cosine.topk(shortlist, dim=1).indices
+        decoded = torch.sigmoid(self.head.decode(memory, vocabulary.queries.select(top)).float())
+        floor = decoded.min(dim=1, keepdim=True).values
+        return (floor * (1 + cosine) / 2).scatter_(1, top, decoded)
+
     @torch.inference_mode()
     def predict(
         self,
@@ -213,11 +265,13 @@ class CLIPDecoder(nn.Module):
         templates: Sequence[str] | None = None,
         batch_size: int = 16,
         progress: bool = False,
+        shortlist: int | None = None,
     ) -> np.ndarray:
         """Independent probabilities (n_images, n_labels) for any label names.
 
         A label's score depends only on the image and that label, never on the other labels
-        asked with it. ``templates`` default to the ones the model was trained with.
+        asked with it (except with ``shortlist``, an approximation for large vocabularies; see
+        ``probabilities``). ``templates`` default to the ones the model was trained with.
         """
         if isinstance(images, (str, os.PathLike)) or isinstance(images, Image.Image):
             images = [images]
@@ -227,19 +281,17 @@ class CLIPDecoder(nn.Module):
             raise ClipDecoderError("no labels to score")
         if batch_size < 1:
             raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+        if shortlist is not None and shortlist < 1:
+            raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
         was_training = self.training
         self.eval()
         try:
-            return self._predict(images, labels, templates or self.config.templates, batch_size, progress)
+            vocabulary = self.vocabulary(labels, templates)
+            rows = []
+            starts = range(0, len(images), batch_size)
+            for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+                tokens = self.encode_images(images[start : start + batch_size]).tokens
+                rows.append(self.probabilities(tokens, vocabulary, shortlist).cpu().numpy())
+            return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
         finally:
             self.train(was_training)
-
-    def _predict(self, images: list, labels: list[str], templates, batch_size: int, progress: bool) -> np.ndarray:
-        embeddings = self.embed_labels(labels, templates)
-        queries = self.head.queries(embeddings.to(self.device))
-        rows = []
-        starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-            tokens = self.encode_images(images[start : start + batch_size]).tokens
-            rows.append(self.head.probabilities(tokens, queries).cpu().numpy())
-        return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
