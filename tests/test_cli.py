@@ -36,6 +36,17 @@ def test_predict_prints_every_asked_label_for_each_image(model_dir, cat_photo, t
     assert records[0]["scores"] == records[1]["scores"]
 
 
+def test_predict_with_a_shortlist_decodes_only_the_top_labels(model_dir, cat_photo, capsys):
+    labels = "cat,dog,car,tree,house"
+    assert main(["predict", "--model", str(model_dir), "--labels", labels, str(cat_photo)]) == 0
+    exact = json.loads(capsys.readouterr().out)["scores"]
+    assert main(["predict", "--model", str(model_dir), "--labels", labels, "--shortlist", "2", str(cat_photo)]) == 0
+    approximate = json.loads(capsys.readouterr().out)["scores"]
+    same = [label for label in exact if abs(exact[label] - approximate[label]) < 1e-6]
+    assert len(same) >= 2
+    assert max(approximate[label] for label in exact if label not in same) < min(approximate[label] for label in same)
+
+
 def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_dir, cat_photo, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is text")

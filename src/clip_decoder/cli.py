@@ -58,26 +58,16 @@ def load_model(args: argparse.Namespace):
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Score every asked label for each image; print one JSON object per image."""
-    from .images import load_image
-
     labels = read_labels(args)
     paths = expand_images(args.images)
     model = load_model(args)
     failures = 0
-    for start in range(0, len(paths), args.batch_size):
-        batch, images = [], []
-        for path in paths[start : start + args.batch_size]:
-            try:
-                images.append(load_image(path))
-                batch.append(path)
-            except ClipDecoderError as error:
-                failures += 1
-                print(f"error: {error}", file=sys.stderr)
-        if not images:
-            continue
-        scores = model.predict(images, labels, batch_size=args.batch_size)
-        for path, row in zip(batch, scores):
-            record = {"image": str(path), "scores": {l: round(float(s), 6) for l, s in zip(labels, row)}}
+    for batch in model.predict_batches(paths, labels, batch_size=args.batch_size, shortlist=args.shortlist):
+        for message in batch.failed.values():
+            failures += 1
+            print(f"error: {message}", file=sys.stderr)
+        for index, row in zip(batch.indices, batch.scores):
+            record = {"image": str(paths[index]), "scores": {l: round(float(s), 6) for l, s in zip(labels, row)}}
             print(json.dumps(record, ensure_ascii=False), flush=True)
     if failures:
         print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
@@ -211,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels-file", metavar="FILE", help="a text file with one label per line")
     predict.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (default jsonl)")
     predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    predict.add_argument("--shortlist", type=int, metavar="K",
+                         help="approximate, for large vocabularies: decode only each image's K most likely labels"
+                         " (ranked by the alignment space); the others score below them (default: off, exact)")
     predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.set_defaults(run=cmd_predict)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .encoders import Backbone, ImageFeatures, create_backbone
+from .decoding import decoded_batches
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig, LabelQueries
 from .images import load_image
@@ -68,6 +69,15 @@ class ModelConfig:
             raise ClipDecoderError(f"{source}: {error}") from error
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ClipDecoderError(f"{source}: not a valid clip-decoder config ({error!r})") from error
+
+
+@dataclass
+class PredictedBatch:
+    """One batch of predictions: rows of ``scores`` belong to the input positions in ``indices``."""
+
+    indices: list[int]
+    scores: np.ndarray  # (len(indices), n_labels) probabilities
+    failed: dict[int, str]  # input position -> why that image could not be used
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,6 @@ class CLIPDecoder(nn.Module):
         floor = decoded.min(dim=1, keepdim=True).values
         return (floor * (1 + cosine) / 2).scatter_(1, top, decoded)
 
-    @torch.inference_mode()
     def predict(
         self,
         images: Sequence,
@@ -272,10 +281,30 @@ class CLIPDecoder(nn.Module):
         A label's score depends only on the image and that label, never on the other labels
         asked with it (except with ``shortlist``, an approximation for large vocabularies; see
         ``probabilities``). ``templates`` default to the ones the model was trained with.
+        An image that cannot be read raises ClipDecoderError; ``predict_batches`` carries on instead.
         """
         if isinstance(images, (str, os.PathLike)) or isinstance(images, Image.Image):
             images = [images]
         images = list(images)
+        batches = self.predict_batches(images, labels, templates, batch_size, shortlist)
+        rows = []
+        for batch in tqdm(batches, desc="predict", unit="batch", total=-(-len(images) // batch_size), disable=not progress):
+            if batch.failed:
+                raise ClipDecoderError(next(iter(batch.failed.values())))
+            rows.append(batch.scores)
+        return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
+
+    def predict_batches(
+        self,
+        images: Sequence,
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        batch_size: int = 16,
+        shortlist: int | None = None,
+    ) -> Iterator[PredictedBatch]:
+        """``predict`` batch by batch, for long runs: images that cannot be read are reported in
+        each batch's ``failed`` and the others are scored. Images are decoded in a background
+        thread while the towers run."""
         labels = check_labels(labels)
         if not labels:
             raise ClipDecoderError("no labels to score")
@@ -283,15 +312,17 @@ class CLIPDecoder(nn.Module):
             raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
         if shortlist is not None and shortlist < 1:
             raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
+        return self._predict_batches(list(images), labels, templates, batch_size, shortlist)
+
+    def _predict_batches(self, images, labels, templates, batch_size, shortlist) -> Iterator[PredictedBatch]:
         was_training = self.training
         self.eval()
         try:
             vocabulary = self.vocabulary(labels, templates)
-            rows = []
-            starts = range(0, len(images), batch_size)
-            for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-                tokens = self.encode_images(images[start : start + batch_size]).tokens
-                rows.append(self.probabilities(tokens, vocabulary, shortlist).cpu().numpy())
-            return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
+            for batch in decoded_batches(images, self.image_tower.preprocess, batch_size):
+                with torch.inference_mode():
+                    tokens = self.image_tower(batch.pixels.to(self.device)).tokens
+                    scores = self.probabilities(tokens, vocabulary, shortlist).cpu().numpy()
+                yield PredictedBatch(batch.indices, scores, batch.failed)
         finally:
             self.train(was_training)
