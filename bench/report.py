@@ -7,6 +7,7 @@ import platform
 import re
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,33 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) while a ``with`` block runs, sampled every 2 ms (Linux /proc).
+
+    For cases that share a process: unlike ``isolated``, the memory held before the block counts.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        self.peak_mb, self._running = self._rss_mb(), True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._running = False
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            time.sleep(0.002)
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def _call_and_report_peak(function, args):

@@ -107,6 +107,39 @@ def parameter_groups(modules: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def encode_sentences(model: CLIPDecoder, sentences: list[str]) -> torch.Tensor:
+    """Text embeddings (n, text_dim) of per-image sentences, each distinct sentence encoded once."""
+    unique = {sentence: row for row, sentence in enumerate(dict.fromkeys(sentences))}
+    encoded = model.text_tower.encode(list(unique)).float().cpu()
+    return encoded[[unique[sentence] for sentence in sentences]]
+
+
+class HeadTrainer:
+    """One training run's optimiser (AdamW), OneCycle schedule and weight EMA, and its step."""
+
+    def __init__(self, model: CLIPDecoder, config: TrainConfig, total_steps: int) -> None:
+        self.model, self.config = model, config
+        self.trained = nn.ModuleDict({"head": model.head, "alignment": model.alignment})
+        # fused: one kernel for all parameters, ~15% of a CPU step faster than the default.
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.trained, config.weight_decay), lr=config.lr, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.pct_start
+        )
+        self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+
+    def step(self, tokens: torch.Tensor, label_embeddings: torch.Tensor, targets: torch.Tensor,
+             sentence_embeddings: torch.Tensor) -> dict[str, float]:
+        """One step on a batch of image tokens (B, N, D); returns its losses."""
+        out = self.model.loss(tokens.float(), label_embeddings, targets, torch.ones_like(targets),
+                              sentence_embeddings, self.config.loss_weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.trained)
+        return {key: out[key].item() for key in ("loss", "cls", "clip")}
+
+
 def fit(
     model: CLIPDecoder,
     train: FeatureSet,
@@ -118,20 +151,10 @@ def fit(
 ) -> list[dict]:
     """Train ``model``'s head and alignment in place; keep the EMA weights with the best val mAP."""
     generator = torch.Generator().manual_seed(config.seed)
-    templates = TEMPLATE_SETS[config.templates]
-    label_embeddings = model.embed_labels(list(seen), templates)
-    sentences = train.sentences(seen)
-    unique = {sentence: row for row, sentence in enumerate(dict.fromkeys(sentences))}
-    encoded = model.text_tower.encode(list(unique)).float().cpu()
-    sentence_embeddings = encoded[[unique[sentence] for sentence in sentences]]
-
-    trained = nn.ModuleDict({"head": model.head, "alignment": model.alignment})
-    optimizer = torch.optim.AdamW(parameter_groups(trained, config.weight_decay), lr=config.lr)
+    label_embeddings = model.embed_labels(list(seen), TEMPLATE_SETS[config.templates])
+    sentence_embeddings = encode_sentences(model, train.sentences(seen))
     steps_per_epoch = max(1, len(train.tokens) // config.batch_size)  # the last partial batch is dropped
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.num_epochs * steps_per_epoch, pct_start=config.pct_start
-    )
-    ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    trainer = HeadTrainer(model, config, config.num_epochs * steps_per_epoch)
     train_targets, val_targets = train.targets(seen), val.targets(seen).numpy()
     best_state, best_map, history = None, -1.0, []
     bar = tqdm(total=config.num_epochs * steps_per_epoch, desc=f"train {config.method}", unit="step", disable=not progress)
@@ -141,26 +164,14 @@ def fit(
         order = torch.randperm(len(train.tokens), generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            out = model.loss(
-                train.tokens[batch].float(),
-                label_embeddings,
-                train_targets[batch],
-                torch.ones_like(train_targets[batch]),
-                sentence_embeddings[batch],
-                config.loss_weights,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            ema.update_parameters(trained)
+            losses = trainer.step(train.tokens[batch], label_embeddings, train_targets[batch], sentence_embeddings[batch])
             for key in totals:
-                totals[key] += out[key].item() / steps_per_epoch
+                totals[key] += losses[key] / steps_per_epoch
             bar.update()
-        ema.eval()
+        ema = trainer.ema.eval()
         val_map = 100 * mean_average_precision(score_tokens(ema.module["head"], val.tokens, label_embeddings), val_targets)
         record = {"epoch": epoch, **{k: round(v, 5) for k, v in totals.items()}, "val_mAP_seen": round(val_map, 3),
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
+                  "lr": trainer.optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - started, 2)}
         history.append(record)
         if log is not None:
             log.write(json.dumps(record) + "\n")
@@ -170,7 +181,7 @@ def fit(
         if val_map > best_map or math.isnan(val_map):
             best_map, best_state = val_map, copy.deepcopy(ema.module.state_dict())
     bar.close()
-    trained.load_state_dict(best_state)
+    trainer.trained.load_state_dict(best_state)
     model.eval()
     return history
 

@@ -1,0 +1,168 @@
+"""Feature extraction: images/s of FeatureCache.get, decoding in threads, against the bare image tower.
+
+Same images, same batch size, default `offline` image tower (EfficientNet-Lite2 at 224 px), CPU:
+(a) ``FeatureCache.get`` into a new, empty cache folder: hash each file, decode + preprocess in
+    background threads (``clip_decoder.decoding``) while the tower runs, forward, write the
+    entries; the folder is removed after each run (inside the timing: milliseconds);
+(b) the same with ``decode_workers=0``: each batch decoded in turn in the calling thread, as
+    before ``decoding`` existed;
+(c) baseline: the bare tower forward on the same images, decoded and preprocessed beforehand.
+Times are medians of ``--repeats`` interleaved runs (after one warm-up each). Peak RSS is
+measured per case in a fresh process (tower creation + one run). Target: (a) reaches at least 80%
+of (c)'s images/s.
+Run: python bench/extraction.py [--data DIR] [--images 128] [--batch-size 32] [--repeats 3]
+     [--workers N] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import interleaved_medians, isolated, machine, write_section  # noqa: E402
+
+from clip_decoder.data.folder import read_part  # noqa: E402
+from clip_decoder.decoding import DEFAULT_WORKERS  # noqa: E402
+from clip_decoder.encoders.offline import EfficientNetLite2Tower  # noqa: E402
+from clip_decoder.errors import ClipDecoderError  # noqa: E402
+from clip_decoder.features import FeatureCache  # noqa: E402
+from clip_decoder.images import load_image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT / "data" / "openclipart"
+TARGET = 0.80  # (a) / (c), in images/s
+
+
+def new_tower() -> EfficientNetLite2Tower:
+    """``create_backbone("offline").image``, without building the text tower this bench never uses."""
+    return EfficientNetLite2Tower()
+
+
+def extract(tower, paths: list[Path], batch_size: int, workers: int) -> None:
+    """Cases (a) and (b): one ``FeatureCache.get`` of ``paths`` into a new, empty cache folder."""
+    folder = tempfile.mkdtemp(prefix="clip-decoder-bench-extraction-")
+    try:
+        FeatureCache(tower, folder, decode_workers=workers).get(paths, batch_size=batch_size, progress=False)
+    finally:
+        shutil.rmtree(folder)
+
+
+def preprocessed(tower, paths: list[Path], batch_size: int) -> list[torch.Tensor]:
+    """The baseline's input: every batch decoded and preprocessed, ready for the tower."""
+    return [tower.preprocess.batch([load_image(p) for p in paths[s : s + batch_size]])
+            for s in range(0, len(paths), batch_size)]
+
+
+@torch.inference_mode()
+def forward(tower, batches: list[torch.Tensor]) -> None:
+    """Case (c), the baseline: the bare tower forward on preprocessed batches."""
+    for pixels in batches:
+        tower(pixels)
+
+
+def one_case(case: str, paths: list[Path], batch_size: int, workers: int) -> None:
+    """A peak-memory probe, run in a fresh process: build the tower, then run ``case`` once."""
+    tower = new_tower()
+    if case == "forward":
+        forward(tower, preprocessed(tower, paths, batch_size))
+    else:
+        extract(tower, paths, batch_size, workers if case == "threads" else 0)
+
+
+def usable_images(data: Path, count: int) -> list[Path]:
+    """The first ``count`` training images of ``data`` that decode (all cases use exactly these)."""
+    paths = []
+    for sample in read_part(data, "train"):
+        try:
+            load_image(sample.image)
+        except ClipDecoderError as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            continue
+        paths.append(sample.image)
+        if len(paths) == count:
+            break
+    return paths
+
+
+def shown(path: Path) -> str:
+    """A path as the command line would name it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder with a train.csv")
+    parser.add_argument("--images", type=int, default=128, help="the first N training images")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per tower forward")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (after one warm-up)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads for (a)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md")
+    args = parser.parse_args()
+    if min(args.images, args.batch_size, args.repeats, args.workers) < 1:
+        sys.exit("error: --images, --batch-size, --repeats and --workers must be positive")
+    if not (args.data / "train.csv").is_file():
+        sys.exit(f"error: no {args.data / 'train.csv'}; `make demo` (or `clip-decoder data openclipart`) writes it")
+
+    paths = usable_images(args.data, args.images)
+    if len(paths) < args.images:
+        print(f"warning: only {len(paths)} usable images in {args.data}", file=sys.stderr)
+    print(f"peak memory: one process per case, {len(paths)} images ...", file=sys.stderr)
+    rss = {case: isolated(one_case, case, paths, args.batch_size, args.workers)[1]
+           for case in ("threads", "in turn", "forward")}
+
+    tower = new_tower()
+    batches = preprocessed(tower, paths, args.batch_size)
+    print(f"timing: {args.repeats} runs per case (after one warm-up each), interleaved ...", file=sys.stderr)
+    seconds = interleaved_medians({
+        "threads": lambda: extract(tower, paths, args.batch_size, args.workers),
+        "in turn": lambda: extract(tower, paths, args.batch_size, 0),
+        "forward": lambda: forward(tower, batches),
+    }, args.repeats)
+
+    rate = {case: len(paths) / s for case, s in seconds.items()}
+    ratio = {case: rate[case] / rate["forward"] for case in rate}
+    verdict = (f"met: {ratio['threads']:.0%} >= {TARGET:.0%}" if ratio["threads"] >= TARGET
+               else f"NOT met: {ratio['threads']:.0%} < {TARGET:.0%}")
+    verdict += f" ({100 * (ratio['threads'] - TARGET):+.0f} percentage points)"
+    command = (f"python bench/extraction.py --data {shown(args.data)} --images {args.images}"
+               f" --batch-size {args.batch_size} --repeats {args.repeats} --workers {args.workers}")
+    rows = [("(a) `FeatureCache.get`, decoding in threads", "threads"),
+            ("(b) `FeatureCache.get`, decoding in turn in the calling thread (`decode_workers=0`: the order"
+             " of work before)", "in turn"),
+            ("(c) baseline: bare tower forward on preprocessed tensors", "forward")]
+    table = "\n".join([
+        "## Feature extraction: decoding in threads vs the bare image tower, `offline` backbone (CPU)",
+        "",
+        f"Command: `{command}`; {machine()}; medians of {args.repeats} runs per case (interleaved, after one"
+        " warm-up each).",
+        "",
+        f"Same images for all: the first {len(paths)} training images of `{shown(args.data)}`, batch {args.batch_size},"
+        f" tower `{tower.name}`. (a) and (b) hash, decode, preprocess, run the tower and write one entry per image"
+        f" into a new, empty cache folder; (a) decodes the next batch in {args.workers} background thread(s) while"
+        " the tower runs. (c) runs the tower alone on batches decoded and preprocessed beforehand. Peak RSS: each"
+        " case in its own process (tower creation + one run; (c) holds all preprocessed batches).",
+        "",
+        "| case | images/s | / (c) | peak RSS, own process |",
+        "|---|---|---|---|",
+        *[f"| {label} | {rate[case]:.1f} | {ratio[case]:.0%} | {rss[case]:.0f} MiB |" for label, case in rows],
+        "",
+        "| | |",
+        "|---|---|",
+        f"| target: (a) at least {TARGET:.0%} of (c)'s images/s | {verdict} |",
+        f"| (a) / (b): speed-up from decoding in threads | {rate['threads'] / rate['in turn']:.2f}x |",
+    ])
+    print(table)
+    if not args.no_write:
+        write_section("extraction", table)
+
+
+if __name__ == "__main__":
+    main()
