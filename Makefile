@@ -47,9 +47,10 @@ demo: install system-packages $(DATA)/stats.json
 photos: install system-packages
 	$(BIN)/clip-decoder predict --model $(MODEL) --labels "$(VOCABULARY)" $(PHOTOS)
 
-# Rewrites the tables in docs/BENCHMARKS.md.
-bench: install
-	$(BIN)/python bench/predict_latency.py
+# Rewrites the tables in docs/BENCHMARKS.md (about 25 min on 2 cores; the data as for demo).
+BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality
+bench: install system-packages $(DATA)/stats.json
+	@for script in $(BENCH_SCRIPTS); do echo "== bench/$$script.py"; $(BIN)/python bench/$$script.py --data $(DATA) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DATA) models

@@ -1,0 +1,117 @@
+"""Shortlist mode's quality: ZSL and GZSL mAP with ``shortlist=K`` against exact scoring, on the benchmark.
+
+For each seed, CLIP-Decoder is trained on the split's seen labels (cached features, the default
+recipe); then the test images are scored exactly and with a shortlist of K labels per image:
+over the split's own vocabulary (ZSL: the unseen labels; GZSL: all labels), and over that
+vocabulary plus N distractor labels from bench/vocabulary.py. Exact scores do not change with
+distractors (each label's score is independent of the others); the shortlist has to find the true
+labels among them. mAP is over the benchmark's labels only. Mean over seeds.
+Run: python bench/shortlist_quality.py [--seeds 0 1 2] [--ks 5 10 20 100] [--distractors 1000 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, write_section  # noqa: E402
+from vocabulary import large_vocabulary  # noqa: E402
+
+from clip_decoder.benchmark import fresh_model  # noqa: E402
+from clip_decoder.data.folder import read_part, read_split, training_parts  # noqa: E402
+from clip_decoder.features import FeatureCache  # noqa: E402
+from clip_decoder.metrics import zsl_gzsl_metrics  # noqa: E402
+from clip_decoder.model import CLIPDecoder  # noqa: E402
+from clip_decoder.train import FeatureSet, TrainConfig, fit  # noqa: E402
+
+
+def scores(model: CLIPDecoder, tokens: torch.Tensor, labels: list[str], shortlist: int | None) -> np.ndarray:
+    """Probabilities (n, len(labels)) of cached test tokens, in batches."""
+    vocabulary = model.vocabulary(labels)
+    rows = [model.probabilities(tokens[start : start + 128].float(), vocabulary, shortlist)
+            for start in range(0, len(tokens), 128)]
+    return torch.cat(rows).numpy()
+
+
+def zsl_gzsl_maps(model, test: FeatureSet, split, shortlist: int | None, distractors: list[str]) -> tuple[float, float]:
+    """(ZSL mAP, GZSL mAP) with the given shortlist, distractors added to each vocabulary."""
+    labels, unseen = list(split.all), list(split.unseen)
+    targets = test.targets(split.all).numpy()
+    zsl = np.zeros_like(targets, dtype=np.float32)  # ZSL reads only the unseen columns
+    zsl[:, [labels.index(label) for label in unseen]] = scores(model, test.tokens, unseen + distractors, shortlist)[:, : len(unseen)]
+    gzsl = scores(model, test.tokens, labels + distractors, shortlist)[:, : len(labels)]
+    return (zsl_gzsl_metrics(zsl, targets, labels, unseen)["zsl"]["mAP"],
+            zsl_gzsl_metrics(gzsl, targets, labels, unseen)["gzsl"]["mAP"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/openclipart"))
+    parser.add_argument("--split", type=Path, help="label split JSON (default DATA/splits/default.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 100], help="shortlist sizes, own vocabulary")
+    parser.add_argument("--distractors", type=int, nargs="*", default=[1000, 10000])
+    parser.add_argument("--distractor-k", type=int, default=100, help="shortlist size with distractors")
+    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+    split_path = args.split or args.data / "splits" / "default.json"
+    if not (args.data / "test.csv").is_file() or not split_path.is_file():
+        sys.exit(f"error: no benchmark folder or split at {args.data}; build it with `make demo` or"
+                 f" `clip-decoder data openclipart --out {args.data}`")
+
+    config = TrainConfig()
+    split = read_split(split_path)
+    towers = CLIPDecoder.create(backbone="offline")
+    cache = FeatureCache(towers.image_tower)
+    train_samples, val_samples = training_parts(args.data, config.val_fraction)
+    train, val, test = (FeatureSet.build(samples, cache) for samples in (train_samples, val_samples, read_part(args.data, "test")))
+    cases = [(f"shortlist {k}", k, 0) for k in args.ks] + [(f"+{n:,} distractors, shortlist {args.distractor_k}", args.distractor_k, n)
+                                                          for n in args.distractors]
+    results: dict[str, list[tuple[float, float]]] = {"exact": []} | {name: [] for name, _, _ in cases}
+    for seed in args.seeds:
+        seed_config = TrainConfig(seed=seed)
+        model = fresh_model(towers, seed_config)
+        model.embed_labels = towers.embed_labels  # share the label-embedding cache across seeds
+        fit(model, train, val, split.seen, seed_config)
+        model.eval()
+        results["exact"].append(zsl_gzsl_maps(model, test, split, None, []))
+        for name, k, count in cases:
+            distractors = large_vocabulary(count, exclude=set(split.all)) if count else []
+            results[name].append(zsl_gzsl_maps(model, test, split, k, distractors))
+            print(seed, name, results[name][-1], flush=True)
+
+    exact_zsl = statistics.mean(z for z, _ in results["exact"])
+    exact_gzsl = statistics.mean(g for _, g in results["exact"])
+    rows = []
+    for name, runs in results.items():
+        zsl, gzsl = statistics.mean(z for z, _ in runs), statistics.mean(g for _, g in runs)
+        rows.append(f"| {name} | {zsl:.2f} | {zsl - exact_zsl:+.2f} | {gzsl:.2f} | {gzsl - exact_gzsl:+.2f} |")
+    command = (f"python bench/shortlist_quality.py --data {args.data} --split {split_path} --seeds {' '.join(map(str, args.seeds))}"
+               f" --ks {' '.join(map(str, args.ks))} --distractors {' '.join(map(str, args.distractors))}"
+               f" --distractor-k {args.distractor_k}")
+    table = "\n".join([
+        "## Shortlist mode: quality against exact scoring",
+        "",
+        f"Command: `{command}`; {machine()}.",
+        f"CLIP-Decoder trained with the default recipe on the seen labels of `{split_path.name}`, mean of"
+        f" {len(args.seeds)} seeds. ZSL: the {len(split.unseen)} unseen labels (+ distractors);"
+        f" GZSL: all {len(split.all)} labels (+ distractors). mAP over the benchmark's labels, percent.",
+        "A shortlist at least as long as the vocabulary is exact.",
+        "",
+        "| scoring | ZSL mAP | vs exact | GZSL mAP | vs exact |",
+        "|---|---|---|---|---|",
+        *rows,
+    ])
+    print(table)
+    if not args.no_write:
+        write_section("shortlist_quality", table)
+
+
+if __name__ == "__main__":
+    main()
