@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved_medians, isolated, machine, write_section  # noqa: E402
+from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
 
 from clip_decoder.data.folder import read_part  # noqa: E402
 from clip_decoder.decoding import DEFAULT_WORKERS  # noqa: E402
@@ -88,12 +88,6 @@ def usable_images(data: Path, count: int) -> list[Path]:
         if len(paths) == count:
             break
     return paths
-
-
-def shown(path: Path) -> str:
-    """A path as the command line would name it: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:

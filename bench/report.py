@@ -10,11 +10,13 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEach section is written by the script it names; `make bench` reruns them all.\n"
 
 
@@ -26,9 +28,10 @@ def machine() -> str:
     )
 
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls (after one warm-up call)."""
-    return interleaved_medians({"only": function}, repeats)["only"]
+def shown(path: Path) -> str:
+    """A path as the command line would name it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -86,8 +89,8 @@ def isolated(function: Callable, *args):
     A fresh process per case keeps one case's allocations out of the next one's peak. The
     function must be defined at module level (it is pickled by reference).
     """
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_call_and_report_peak, (function, args))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_call_and_report_peak, function, args).result()
 
 
 def write_section(name: str, body: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved_medians, isolated, machine, write_section  # noqa: E402
+from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
 
 from clip_decoder.data.folder import Sample, read_split, training_parts  # noqa: E402
 from clip_decoder.decoding import DEFAULT_WORKERS, decoded_batches  # noqa: E402
@@ -114,14 +114,6 @@ def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_s
         start = time.perf_counter()
         tower_epoch(trainer, samples)
     return time.perf_counter() - start
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the working directory when it is under it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def main() -> None:

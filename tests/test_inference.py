@@ -31,6 +31,16 @@ def test_vocabulary_is_computed_once_and_matches_the_uncached_head(model):
     torch.testing.assert_close(model.probabilities(x, vocabulary), expected)
 
 
+def test_exact_scoring_in_label_chunks_equals_one_pass(model, monkeypatch):
+    import clip_decoder.model
+
+    x = tokens(model)
+    vocabulary = model.vocabulary(LABELS)
+    one_pass = model.probabilities(x, vocabulary)
+    monkeypatch.setattr(clip_decoder.model, "PAIRS_PER_CHUNK", 2 * len(x))  # chunks of 2 labels
+    torch.testing.assert_close(model.probabilities(x, vocabulary), one_pass)
+
+
 def test_vocabulary_cache_is_dropped_when_the_weights_change(model):
     vocabulary = model.vocabulary(LABELS)
     with torch.no_grad():

@@ -106,8 +106,9 @@ class LabelQueries(NamedTuple):
     q: torch.Tensor  # the first layer's attention queries, d
     directions: torch.Tensor  # unit text embeddings, text_dim, for the cosine skip
 
-    def select(self, index: torch.Tensor) -> LabelQueries:
-        """Each image's own labels: index (B, K) into a shared vocabulary -> (B, K, ...) rows."""
+    def select(self, index: torch.Tensor | slice) -> LabelQueries:
+        """Rows of a shared vocabulary: a slice or index (K,) -> a smaller shared vocabulary;
+        an index (B, K) -> each image's own K labels, (B, K, ...) rows."""
         return LabelQueries(*(field[index] for field in self))
 
 

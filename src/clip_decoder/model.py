@@ -27,6 +27,9 @@ from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templ
 
 FORMAT_VERSION = 1
 VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label head work is kept for predict
+# Exact scoring decodes at most this many (image, label) pairs at once: past it the intermediate
+# tensors (pairs x FFN width) outgrow the CPU caches and the head runs memory-bound.
+PAIRS_PER_CHUNK = 16_384
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -258,7 +261,10 @@ class CLIPDecoder(nn.Module):
         """
         memory = self.head.memory(tokens)
         if shortlist is None or shortlist >= len(vocabulary.labels):
-            return torch.sigmoid(self.head.decode(memory, vocabulary.queries).float())
+            step = max(1, PAIRS_PER_CHUNK // len(tokens))
+            chunks = [self.head.decode(memory, vocabulary.queries.select(slice(start, start + step)))
+                      for start in range(0, len(vocabulary.labels), step)]
+            return torch.sigmoid(torch.cat(chunks, dim=1).float())
         if shortlist < 1:
             raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
         cosine = (self.alignment.embed_images(memory.mean(dim=1)) @ vocabulary.aligned.T).float()
