@@ -44,6 +44,18 @@ def zero_shot_scores(model: CLIPDecoder, projection: torch.nn.Linear, images: li
             torch.sigmoid(F.normalize(projection(pooled), dim=-1) @ embeddings.T)
 
 
+def timed_cases(model, projection, images, labels, embeddings, args) -> dict:
+    """The cases at one vocabulary size: the zero-shot baseline, exact, and the shortlist if shorter."""
+    cases = {
+        "zero-shot": lambda: zero_shot_scores(model, projection, images, embeddings, args.batch_size),
+        "exact": lambda: model.predict(images, labels, batch_size=args.batch_size),
+    }
+    if len(labels) > args.shortlist:
+        cases[f"shortlist {args.shortlist}"] = lambda: model.predict(
+            images, labels, batch_size=args.batch_size, shortlist=args.shortlist)
+    return cases
+
+
 def head_efficiency(model: CLIPDecoder, sizes, batch_size: int, repeats: int) -> list[str]:
     """Rows of table (b): the head's GFLOP/s at each vocabulary size against a plain matmul."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
@@ -91,14 +103,7 @@ def main() -> None:
         start = time.perf_counter()
         vocabulary = model.vocabulary(labels)
         vocabulary_s = time.perf_counter() - start
-        embeddings = vocabulary.queries.directions
-        cases = {
-            "zero-shot": lambda: zero_shot_scores(model, projection, images, embeddings, args.batch_size),
-            "exact": lambda: model.predict(images, labels, batch_size=args.batch_size),
-        }
-        if size > args.shortlist:
-            cases[f"shortlist {args.shortlist}"] = lambda: model.predict(
-                images, labels, batch_size=args.batch_size, shortlist=args.shortlist)
+        cases = timed_cases(model, projection, images, labels, vocabulary.queries.directions, args)
         medians = interleaved_medians(cases, args.repeats)
         for name, function in cases.items():
             with PeakMemory() as memory:

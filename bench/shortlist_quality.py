@@ -30,6 +30,8 @@ from clip_decoder.metrics import zsl_gzsl_metrics  # noqa: E402
 from clip_decoder.model import CLIPDecoder  # noqa: E402
 from clip_decoder.train import FeatureSet, TrainConfig, fit  # noqa: E402
 
+TOLERANCE = 0.5  # mAP points
+
 
 def scores(model: CLIPDecoder, tokens: torch.Tensor, labels: list[str], shortlist: int | None) -> np.ndarray:
     """Probabilities (n, len(labels)) of cached test tokens, in batches."""
@@ -88,10 +90,13 @@ def main() -> None:
 
     exact_zsl = statistics.mean(z for z, _ in results["exact"])
     exact_gzsl = statistics.mean(g for _, g in results["exact"])
-    rows = []
+    rows, verdicts = [], []
     for name, runs in results.items():
         zsl, gzsl = statistics.mean(z for z, _ in runs), statistics.mean(g for _, g in runs)
         rows.append(f"| {name} | {zsl:.2f} | {zsl - exact_zsl:+.2f} | {gzsl:.2f} | {gzsl - exact_gzsl:+.2f} |")
+        if name.endswith(f"shortlist {args.distractor_k}"):
+            worst = min(zsl - exact_zsl, gzsl - exact_gzsl)
+            verdicts.append(f"- {name}: " + ("**met**" if worst >= -TOLERANCE else f"**missed** by {-worst - TOLERANCE:.2f} points"))
     command = (f"python bench/shortlist_quality.py --data {args.data} --split {split_path} --seeds {' '.join(map(str, args.seeds))}"
                f" --ks {' '.join(map(str, args.ks))} --distractors {' '.join(map(str, args.distractors))}"
                f" --distractor-k {args.distractor_k}")
@@ -107,6 +112,10 @@ def main() -> None:
         "| scoring | ZSL mAP | vs exact | GZSL mAP | vs exact |",
         "|---|---|---|---|---|",
         *rows,
+        "",
+        f"Target: shortlist {args.distractor_k} within {TOLERANCE} points of exact on ZSL and GZSL mAP"
+        f" (the benchmark's own vocabulary is shorter than {args.distractor_k}, so there it is exact by construction):",
+        *verdicts,
     ])
     print(table)
     if not args.no_write:

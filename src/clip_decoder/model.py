@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .encoders import Backbone, ImageFeatures, create_backbone
 from .decoding import decoded_batches
+from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig, LabelQueries
 from .images import load_image
