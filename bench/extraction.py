@@ -10,7 +10,7 @@ Same images, same batch size, default `offline` image tower (EfficientNet-Lite2 
 Times are medians of ``--repeats`` interleaved runs (after one warm-up each). Peak RSS is
 measured per case in a fresh process (tower creation + one run). Target: (a) reaches at least 80%
 of (c)'s images/s.
-Run: python bench/extraction.py [--data DIR] [--images 128] [--batch-size 32] [--repeats 3]
+Run: python bench/extraction.py [--data DIR] [--images 128] [--batch-size 8] [--repeats 3]
      [--workers N] [--no-write]
 """
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
 
 from clip_decoder.data.folder import read_part  # noqa: E402
-from clip_decoder.decoding import DEFAULT_WORKERS  # noqa: E402
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS  # noqa: E402
 from clip_decoder.encoders.offline import EfficientNetLite2Tower  # noqa: E402
 from clip_decoder.errors import ClipDecoderError  # noqa: E402
 from clip_decoder.features import FeatureCache  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder with a train.csv")
     parser.add_argument("--images", type=int, default=128, help="the first N training images")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per tower forward")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per tower forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (after one warm-up)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads for (a)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md")

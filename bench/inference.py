@@ -30,7 +30,7 @@ from vocabulary import large_vocabulary  # noqa: E402
 
 from clip_decoder import CLIPDecoder  # noqa: E402
 from clip_decoder.data.folder import read_part  # noqa: E402
-from clip_decoder.decoding import decoded_batches  # noqa: E402
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, decoded_batches  # noqa: E402
 from clip_decoder.train import TrainConfig  # noqa: E402
 
 SIZES = (10, 100, 1000, 10000)
@@ -83,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/openclipart"), help="benchmark folder (its test images)")
     parser.add_argument("--images", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--shortlist", type=int, default=100, metavar="K")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the tables only; leave docs/BENCHMARKS.md alone")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
 
 from clip_decoder.data.folder import Sample, read_split, training_parts  # noqa: E402
-from clip_decoder.decoding import DEFAULT_WORKERS, decoded_batches  # noqa: E402
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches  # noqa: E402
 from clip_decoder.features import FeatureCache  # noqa: E402
 from clip_decoder.model import CLIPDecoder  # noqa: E402
 from clip_decoder.prompts import TEMPLATE_SETS  # noqa: E402
@@ -88,7 +88,8 @@ def tower_epoch(trainer: Trainer, samples: list[Sample]) -> None:
         if decoded.failed:  # cannot happen: only images that decoded for the cache are used
             raise RuntimeError(f"images failed to decode: {decoded.failed}")
         with torch.no_grad():  # not inference_mode: its tensors could not be saved for the head's backward
-            tokens = tower(decoded.pixels).tokens
+            # The tower at its fastest batch size (decoding.DEFAULT_BATCH_SIZE), as extraction runs it.
+            tokens = torch.cat([tower(pixels).tokens for pixels in decoded.pixels.split(DEFAULT_BATCH_SIZE)])
         trainer.step(tokens, order[decoded.indices])
 
 

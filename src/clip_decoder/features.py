@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .decoding import DEFAULT_WORKERS, decoded_batches
+from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
 from .encoders import ImageTower
 from .errors import ClipDecoderError
 
@@ -69,7 +69,7 @@ class FeatureCache:
         os.replace(temporary, entry)
 
     @torch.inference_mode()
-    def get(self, paths: list[Path], batch_size: int = 32, progress: bool = True) -> CachedFeatures:
+    def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> CachedFeatures:
         """Features for ``paths``; unreadable images are reported on stderr and left out."""
         entries: dict[int, Path] = {}
         failed: dict[int, str] = {}

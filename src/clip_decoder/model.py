@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decoding import decoded_batches
+from .decoding import DEFAULT_BATCH_SIZE, decoded_batches
 from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig, LabelQueries
@@ -278,7 +278,7 @@ class CLIPDecoder(nn.Module):
         images: Sequence,
         labels: Sequence[str],
         templates: Sequence[str] | None = None,
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         progress: bool = False,
         shortlist: int | None = None,
     ) -> np.ndarray:
@@ -305,7 +305,7 @@ class CLIPDecoder(nn.Module):
         images: Sequence,
         labels: Sequence[str],
         templates: Sequence[str] | None = None,
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         shortlist: int | None = None,
     ) -> Iterator[PredictedBatch]:
         """``predict`` batch by batch, for long runs: images that cannot be read are reported in
