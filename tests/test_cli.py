@@ -47,6 +47,26 @@ def test_predict_with_a_shortlist_decodes_only_the_top_labels(model_dir, cat_pho
     assert max(approximate[label] for label in exact if label not in same) < min(approximate[label] for label in same)
 
 
+def test_predict_csv_with_decisions_globs_and_a_list_file(model_dir, cat_photo, tmp_path, capsys, monkeypatch):
+    import csv
+    import io
+
+    (tmp_path / "shots").mkdir()
+    (tmp_path / "shots" / "cat.jpg").write_bytes(cat_photo.read_bytes())
+    (tmp_path / "list.txt").write_text(f"{cat_photo}\n")
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text('{"cat": 0.0}')
+    monkeypatch.chdir(tmp_path)
+    code = main(["predict", "--model", str(model_dir), "--labels", "cat,dog,car", "--format", "csv", "--top-k", "2",
+                 "--thresholds", str(thresholds), "--threshold", "1.0", "--templates", "ensemble",
+                 "--images-from", "list.txt", "shots/*.jpg"])
+    assert code == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["image", "cat", "dog", "car", "labels"]
+    assert [row[0] for row in rows[1:]] == ["shots/cat.jpg", str(cat_photo)]
+    assert all(row[-1] == "cat" for row in rows[1:])  # cat passes its own 0.0; the others need 1.0
+
+
 def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_dir, cat_photo, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is text")

@@ -9,24 +9,6 @@ from pathlib import Path
 
 from .errors import ClipDecoderError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def expand_images(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expanded (recursively, sorted) to the image files inside."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise ClipDecoderError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            paths.extend(found)
-        else:
-            paths.append(path)
-    return paths
-
-
 def read_labels(args: argparse.Namespace) -> list[str]:
     """Labels from --labels (comma-separated) or --labels-file (one per line)."""
     if args.labels_file:
@@ -57,18 +39,28 @@ def load_model(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Score every asked label for each image; print one JSON object per image."""
+    """Score every asked label for each image; print one record per image as it is scored."""
+    from tqdm.auto import tqdm
+
+    from .predict import Decider, Writer, expand_images, read_thresholds
+    from .prompts import TEMPLATE_SETS
+
     labels = read_labels(args)
-    paths = expand_images(args.images)
+    paths = expand_images(args.images, args.images_from)
+    per_label = read_thresholds(args.thresholds) if args.thresholds else None
+    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, args.threshold, per_label))
     model = load_model(args)
+    templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
     failures = 0
-    for batch in model.predict_batches(paths, labels, batch_size=args.batch_size, shortlist=args.shortlist):
-        for message in batch.failed.values():
-            failures += 1
-            print(f"error: {message}", file=sys.stderr)
-        for index, row in zip(batch.indices, batch.scores):
-            record = {"image": str(paths[index]), "scores": {l: round(float(s), 6) for l, s in zip(labels, row)}}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+    batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist)
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
+        for batch in batches:
+            for message in batch.failed.values():
+                failures += 1
+                bar.write(f"error: {message}", file=sys.stderr)
+            for index, row in zip(batch.indices, batch.scores):
+                writer.write(str(paths[index]), row)
+            bar.update(len(batch.indices) + len(batch.failed))
     if failures:
         print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
     return 1 if failures else 0
@@ -181,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Zero-shot multi-label image classification: a probability for any label name.",
     )
     from . import __version__
+    from .predict import DEFAULT_THRESHOLD, FORMATS
+    from .prompts import TEMPLATE_SETS
 
     parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -188,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser(
         "predict",
         help="score labels for images",
-        description="Print one JSON line per image: {'image': path, 'scores': {label: probability}}."
-        " Bad images are reported on stderr and skipped; the exit status is 1 if any failed.",
+        description="Score every label for each image. Images: files, folders (searched recursively),"
+        " glob patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one JSON"
+        " line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when a decision rule"
+        " (--top-k, --threshold, --thresholds) is given; or CSV, or a readable table. Bad images are reported"
+        " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.",
     )
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="a model folder written by train or save_pretrained")
@@ -199,12 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
     labels.add_argument("--labels-file", metavar="FILE", help="a text file with one label per line")
-    predict.add_argument("--format", choices=["jsonl"], default="jsonl", help="output format (default jsonl)")
+    predict.add_argument("--templates", choices=["model", *TEMPLATE_SETS], default="model",
+                         help="prompt templates: the model's own (default), or a named set")
+    predict.add_argument("--format", choices=FORMATS, default="jsonl",
+                         help="jsonl (default: one JSON object per image), csv (a column per label) or table (readable)")
+    predict.add_argument("--top-k", type=int, metavar="K", help="decide: keep each image's K best labels")
+    predict.add_argument("--threshold", type=float, metavar="T",
+                         help=f"decide: keep labels scoring at least T (default {DEFAULT_THRESHOLD} when --thresholds is given)")
+    predict.add_argument("--thresholds", metavar="FILE", help="decide: per-label thresholds, a JSON object {label: T}")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU)")
     predict.add_argument("--shortlist", type=int, metavar="K",
                          help="approximate, for large vocabularies: decode only each image's K most likely labels"
                          " (ranked by the alignment space); the others score below them (default: off, exact)")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    predict.add_argument("--images-from", metavar="FILE", help="also read image paths from FILE, one per line")
+    predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
     predict.set_defaults(run=cmd_predict)
 
     train = commands.add_parser("train", help="train on the seen labels of a dataset folder",

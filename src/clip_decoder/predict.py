@@ -1,0 +1,129 @@
+"""Batch tagging helpers: which images to read, which labels to keep, and how to print them."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from .errors import ClipDecoderError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+FORMATS = ("jsonl", "csv", "table")
+DEFAULT_THRESHOLD = 0.5  # for labels without their own threshold, when thresholds are in use
+TABLE_TOP = 5  # labels shown per image in the table when no decision rule is given
+
+
+def _images_in(folder: Path) -> list[Path]:
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise ClipDecoderError(f"folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def expand_images(inputs: Sequence[str], list_file: str | None = None) -> list[Path]:
+    """Files as given; folders expanded recursively; glob patterns ('photos/**/*.jpg') expanded;
+    plus one path per line of ``list_file``. Order is kept; a path that does not exist is kept
+    too, so that it is reported with the other bad images."""
+    items = list(inputs)
+    if list_file:
+        try:
+            text = Path(list_file).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ClipDecoderError(f"cannot read image list {list_file}: {error}") from error
+        items += [line.strip() for line in text.splitlines() if line.strip()]
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(_images_in(path))
+        elif not path.exists() and glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise ClipDecoderError(f"pattern {item!r} matches no file")
+            paths.extend(matches)
+        else:
+            paths.append(path)
+    if not paths:
+        raise ClipDecoderError("no images given")
+    return paths
+
+
+def read_thresholds(path: str | Path) -> dict[str, float]:
+    """A JSON object {label: threshold in [0, 1]} (as ``calibrate`` will write it)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClipDecoderError(f"cannot read thresholds file {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ClipDecoderError(f"thresholds file {path}: expected a JSON object {{label: threshold}}")
+    for label, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ClipDecoderError(f"thresholds file {path}: threshold of {label!r} must be a number in [0, 1], got {value!r}")
+    return {label: float(value) for label, value in data.items()}
+
+
+class Decider:
+    """Turns one image's scores into the labels it gets, highest score first.
+
+    With ``top_k`` only: the K best labels. With thresholds: the labels at or above their own
+    threshold (``per_label``; labels not in it use ``threshold``, else DEFAULT_THRESHOLD), and at
+    most ``top_k`` of them when both are given. With neither, no decision is made.
+    """
+
+    def __init__(self, top_k: int | None = None, threshold: float | None = None,
+                 per_label: Mapping[str, float] | None = None) -> None:
+        if top_k is not None and top_k < 1:
+            raise ClipDecoderError(f"--top-k must be at least 1, got {top_k}")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ClipDecoderError(f"--threshold must be in [0, 1], got {threshold}")
+        self.top_k, self.threshold, self.per_label = top_k, threshold, dict(per_label or {})
+
+    @property
+    def active(self) -> bool:
+        return self.top_k is not None or self.thresholded
+
+    @property
+    def thresholded(self) -> bool:
+        return self.threshold is not None or bool(self.per_label)
+
+    def __call__(self, labels: Sequence[str], scores: np.ndarray) -> list[str]:
+        order = sorted(range(len(labels)), key=lambda i: -float(scores[i]))
+        if self.thresholded:
+            default = DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+            order = [i for i in order if scores[i] >= self.per_label.get(labels[i], default)]
+        return [labels[i] for i in order[: self.top_k]]
+
+
+class Writer:
+    """Prints predictions as JSON Lines (the contract), CSV or a readable table."""
+
+    def __init__(self, out: TextIO, fmt: str, labels: Sequence[str], decider: Decider) -> None:
+        if fmt not in FORMATS:
+            raise ClipDecoderError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        self.out, self.format, self.labels, self.decider = out, fmt, list(labels), decider
+        self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(["image", *self.labels, *(["labels"] if decider.active else [])])
+
+    def write(self, image: str, scores: np.ndarray) -> None:
+        chosen = self.decider(self.labels, scores) if self.decider.active else None
+        if self.format == "jsonl":
+            record = {"image": image, "scores": {label: round(float(s), 6) for label, s in zip(self.labels, scores)}}
+            if chosen is not None:
+                record["labels"] = chosen
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif self.csv:
+            self.csv.writerow([image, *(f"{float(s):.6f}" for s in scores), *(["|".join(chosen)] if chosen is not None else [])])
+        else:
+            shown = chosen if chosen is not None else [self.labels[i] for i in np.argsort(-scores, kind="stable")[:TABLE_TOP]]
+            score = dict(zip(self.labels, scores))
+            cells = ", ".join(f"{label} {float(score[label]):.2f}" for label in shown) or "(no label)"
+            self.out.write(f"{image}\t{cells}\n")
+        self.out.flush()
+

@@ -1,0 +1,106 @@
+"""Batch tagging helpers: image inputs, thresholds files, decisions and output formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clip_decoder import ClipDecoderError
+from clip_decoder.predict import Decider, Writer, expand_images, read_thresholds
+
+LABELS = ["cat", "dog", "car", "tree"]
+SCORES = np.array([0.9, 0.2, 0.6, 0.05], dtype=np.float32)
+
+
+def test_images_from_files_folders_globs_and_a_list_file(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/one.jpg", "a/b/two.PNG", "a/notes.txt", "three.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\ufeffthree.jpg\n\n missing.jpg \n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    paths = expand_images(["a", "*.jpg", "a/**/*.PNG"], str(listing))
+    assert [str(p) for p in paths] == ["a/b/two.PNG", "a/one.jpg", "three.jpg", "a/b/two.PNG", "three.jpg", "missing.jpg"]
+
+
+def test_bad_image_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipDecoderError, match="holds no image files"):
+        expand_images([str(tmp_path / "empty")])
+    with pytest.raises(ClipDecoderError, match="matches no file"):
+        expand_images([str(tmp_path / "*.jpg")])
+    with pytest.raises(ClipDecoderError, match="cannot read image list"):
+        expand_images([], str(tmp_path / "nope.txt"))
+    with pytest.raises(ClipDecoderError, match="no images given"):
+        expand_images([])
+
+
+def test_thresholds_file(tmp_path):
+    good = tmp_path / "t.json"
+    good.write_text(json.dumps({"cat": 0.7, "dog": 1}))
+    assert read_thresholds(good) == {"cat": 0.7, "dog": 1.0}
+    for text, message in [("[0.5]", "expected a JSON object"), ('{"cat": 1.5}', "must be a number in"),
+                          ('{"cat": true}', "must be a number in"), ('{"cat": "0.5"}', "must be a number in"),
+                          ("{oops", "cannot read thresholds")]:
+        good.write_text(text)
+        with pytest.raises(ClipDecoderError, match=message):
+            read_thresholds(good)
+
+
+def test_decisions():
+    assert not Decider().active
+    assert Decider(top_k=2)(LABELS, SCORES) == ["cat", "car"]
+    assert Decider(threshold=0.5)(LABELS, SCORES) == ["cat", "car"]
+    assert Decider(threshold=0.1, top_k=1)(LABELS, SCORES) == ["cat"]
+    # own thresholds first; the others use --threshold, else 0.5
+    assert Decider(per_label={"cat": 0.95, "tree": 0.01})(LABELS, SCORES) == ["car", "tree"]
+    assert Decider(threshold=0.1, per_label={"cat": 0.95})(LABELS, SCORES) == ["car", "dog"]
+    with pytest.raises(ClipDecoderError, match="--top-k"):
+        Decider(top_k=0)
+    with pytest.raises(ClipDecoderError, match="--threshold"):
+        Decider(threshold=2.0)
+
+
+@given(st.lists(st.floats(0, 1), min_size=4, max_size=4), st.integers(1, 5), st.floats(0, 1))
+def test_decisions_are_the_best_labels_above_the_threshold(scores, top_k, threshold):
+    scores = np.array(scores)
+    chosen = Decider(top_k=top_k, threshold=threshold)(LABELS, scores)
+    assert len(chosen) <= top_k and all(scores[LABELS.index(label)] >= threshold for label in chosen)
+    picked = [scores[LABELS.index(label)] for label in chosen]
+    assert picked == sorted(picked, reverse=True)
+    left_out = [s for label, s in zip(LABELS, scores) if label not in chosen and s >= threshold]
+    assert len(chosen) == top_k or not left_out
+    assert all(s <= min(picked) for s in left_out)
+
+
+def written(fmt: str, decider: Decider) -> str:
+    out = io.StringIO()
+    writer = Writer(out, fmt, LABELS, decider)
+    writer.write("a.jpg", SCORES)
+    writer.write("b, with comma.jpg", SCORES[::-1].copy())
+    return out.getvalue()
+
+
+def test_jsonl_keeps_every_score_and_adds_the_decision():
+    plain = [json.loads(line) for line in written("jsonl", Decider()).splitlines()]
+    assert plain[0] == {"image": "a.jpg", "scores": {"cat": 0.9, "dog": 0.2, "car": 0.6, "tree": 0.05}}
+    decided = [json.loads(line) for line in written("jsonl", Decider(top_k=1)).splitlines()]
+    assert [r["labels"] for r in decided] == [["cat"], ["tree"]] and len(decided[1]["scores"]) == 4
+
+
+def test_csv_has_a_column_per_label():
+    rows = list(csv.reader(io.StringIO(written("csv", Decider(threshold=0.5)))))
+    assert rows[0] == ["image", *LABELS, "labels"]
+    assert rows[1] == ["a.jpg", "0.900000", "0.200000", "0.600000", "0.050000", "cat|car"]
+    assert rows[2][0] == "b, with comma.jpg" and rows[2][-1] == "tree|dog"
+
+
+def test_table_shows_the_best_labels_or_the_decision():
+    assert written("table", Decider()).splitlines()[0] == "a.jpg\tcat 0.90, car 0.60, dog 0.20, tree 0.05"
+    assert written("table", Decider(threshold=0.95)).splitlines()[0] == "a.jpg\t(no label)"
