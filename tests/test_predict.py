@@ -44,10 +44,12 @@ def test_bad_image_inputs_are_clear_errors(tmp_path):
 def test_thresholds_file(tmp_path):
     good = tmp_path / "t.json"
     good.write_text(json.dumps({"cat": 0.7, "dog": 1}))
-    assert read_thresholds(good) == {"cat": 0.7, "dog": 1.0}
+    assert read_thresholds(good) == ({"cat": 0.7, "dog": 1.0}, None)
+    good.write_text(json.dumps({"default": 0.3, "labels": {"cat": 0.6}, "min_positives": 5}))  # from calibrate
+    assert read_thresholds(good) == ({"cat": 0.6}, 0.3)
     for text, message in [("[0.5]", "expected a JSON object"), ('{"cat": 1.5}', "must be a number in"),
                           ('{"cat": true}', "must be a number in"), ('{"cat": "0.5"}', "must be a number in"),
-                          ("{oops", "cannot read thresholds")]:
+                          ("{oops", "cannot read thresholds"), ('{"default": 2, "labels": {}}', "'default' must be")]:
         good.write_text(text)
         with pytest.raises(ClipDecoderError, match=message):
             read_thresholds(good)

@@ -7,36 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import HEAD, TINY_SPLIT
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from clip_decoder import CLIPDecoder
 from clip_decoder.cli import main
 from clip_decoder.data.folder import read_part
-from clip_decoder.encoders.hf import HFTextTower
 from clip_decoder.features import FeatureCache
 from clip_decoder.train import TrainConfig
-
-from conftest import TINY_SPLIT
-
-HEAD = ["--dim", "32", "--heads", "4", "--ffn-dim", "64"]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_dataset, tiny_clip_dir, tmp_path_factory):
-    """Train through the CLI, recording every text the text tower embeds meanwhile."""
-    out, cache = tmp_path_factory.mktemp("trained"), tmp_path_factory.mktemp("cache")
-    embedded: list[str] = []
-    original = HFTextTower.encode
-    HFTextTower.encode = lambda self, texts: (embedded.extend(texts), original(self, texts))[1]
-    try:
-        code = main(["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"),
-                     "--out", str(out), "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "3", "--batch-size", "8",
-                     "--val-fraction", "0.25", "--cache", str(cache), *HEAD])
-    finally:
-        HFTextTower.encode = original
-    assert code == 0
-    return out, cache, embedded
 
 
 def test_train_writes_a_model_folder_with_log_and_curves(trained):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import ClipDecoderError
 
+
 def read_labels(args: argparse.Namespace) -> list[str]:
     """Labels from --labels (comma-separated) or --labels-file (one per line)."""
     if args.labels_file:
@@ -38,6 +39,20 @@ def load_model(args: argparse.Namespace):
     return CLIPDecoder.create(backbone=args.backbone)
 
 
+def calibrated_file(args: argparse.Namespace) -> Path | None:
+    """The model folder's thresholds.json, for --calibrated."""
+    from .calibrate import THRESHOLDS_FILE
+
+    if not args.calibrated:
+        return None
+    if not args.model:
+        raise ClipDecoderError("--calibrated needs --model (the thresholds are stored with the model)")
+    path = Path(args.model) / THRESHOLDS_FILE
+    if not path.is_file():
+        raise ClipDecoderError(f"{path} does not exist; run `clip-decoder calibrate --model {args.model} ...` first")
+    return path
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Score every asked label for each image; print one record per image as it is scored."""
     from tqdm.auto import tqdm
@@ -47,8 +62,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     labels = read_labels(args)
     paths = expand_images(args.images, args.images_from)
-    per_label = read_thresholds(args.thresholds) if args.thresholds else None
-    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, args.threshold, per_label))
+    per_label, default = read_thresholds(args.thresholds) if args.thresholds else ({}, None)
+    if args.calibrated:
+        from .calibrate import read_calibration, thresholds_for
+
+        per_label = dict(zip(labels, thresholds_for(read_calibration(calibrated_file(args)), labels).tolist()))
+    threshold = args.threshold if args.threshold is not None else default
+    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, threshold, per_label))
     model = load_model(args)
     templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
     failures = 0
@@ -137,6 +157,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Choose per-label thresholds on validation images, measure them on the test part, store them."""
+    from .calibrate import calibrate_model, write_thresholds
+    from .data.folder import read_split
+    from .model import CLIPDecoder
+
+    model = CLIPDecoder.from_pretrained(args.model)
+    table = calibrate_model(model, args.data, read_split(args.split), args.cache, args.val_fraction)
+    path = write_thresholds(args.model, table)
+    print(f"default threshold {table['default']:.3f}; own thresholds for {len(table['labels'])} labels; written to {path}")
+    print(f"held-out test images ({table['held_out']['test_images']}), micro precision / recall / F1 (percent):")
+    for part, rows in table["held_out"].items():
+        if isinstance(rows, dict):
+            for rule, m in rows.items():
+                print(f"  {part:6} {rule:15} {m['precision']:6.1f} {m['recall']:6.1f} {m['F1']:6.1f}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Build a benchmark dataset folder."""
     from .data.openclipart import build_openclipart
@@ -203,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, metavar="K", help="decide: keep each image's K best labels")
     predict.add_argument("--threshold", type=float, metavar="T",
                          help=f"decide: keep labels scoring at least T (default {DEFAULT_THRESHOLD} when --thresholds is given)")
-    predict.add_argument("--thresholds", metavar="FILE", help="decide: per-label thresholds, a JSON object {label: T}")
+    decide = predict.add_mutually_exclusive_group()
+    decide.add_argument("--thresholds", metavar="FILE", help="decide: per-label thresholds, a JSON object {label: T}")
+    decide.add_argument("--calibrated", action="store_true",
+                        help="decide: the thresholds `clip-decoder calibrate` stored with the model")
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU)")
     predict.add_argument("--shortlist", type=int, metavar="K",
                          help="approximate, for large vocabularies: decode only each image's K most likely labels"
@@ -221,6 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     add_training_options(train)
     train.set_defaults(run=cmd_train)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="choose per-label decision thresholds and store them with the model",
+        description="Choose each seen label's threshold (best F1 on the validation images, labels with at least"
+        " 5 positives) and a default for every other label (best micro-F1 over all validation labels);"
+        " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.",
+    )
+    calibrate.add_argument("--model", required=True, metavar="DIR")
+    calibrate.add_argument("--data", required=True, metavar="DIR", help="dataset folder: val.csv or a part carved from train.csv, and test.csv")
+    calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
+    calibrate.add_argument("--val-fraction", type=float, default=0.1,
+                           help="with no val.csv: the part of train.csv carved out for validation, as in train (default 0.1)")
+    calibrate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+    calibrate.set_defaults(run=cmd_calibrate)
 
     evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
                                    description="Score the test part's images for all labels of the split and print"

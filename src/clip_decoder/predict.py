@@ -54,18 +54,21 @@ def expand_images(inputs: Sequence[str], list_file: str | None = None) -> list[P
     return paths
 
 
-def read_thresholds(path: str | Path) -> dict[str, float]:
-    """A JSON object {label: threshold in [0, 1]} (as ``calibrate`` will write it)."""
+def read_thresholds(path: str | Path) -> tuple[dict[str, float], float | None]:
+    """(per-label thresholds, default) from a JSON file: either ``{label: T}`` or the
+    ``{"default": T, "labels": {label: T}}`` that ``clip-decoder calibrate`` writes."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ClipDecoderError(f"cannot read thresholds file {path}: {error}") from error
     if not isinstance(data, dict):
         raise ClipDecoderError(f"thresholds file {path}: expected a JSON object {{label: threshold}}")
-    for label, value in data.items():
+    calibrated = isinstance(data.get("labels"), dict)
+    per_label, default = (data["labels"], data.get("default")) if calibrated else (data, None)
+    for label, value in [*per_label.items(), *([("default", default)] if calibrated else [])]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ClipDecoderError(f"thresholds file {path}: threshold of {label!r} must be a number in [0, 1], got {value!r}")
-    return {label: float(value) for label, value in data.items()}
+    return {label: float(value) for label, value in per_label.items()}, (float(default) if calibrated else None)
 
 
 class Decider:

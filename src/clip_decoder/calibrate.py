@@ -1,0 +1,118 @@
+"""Per-label decision thresholds chosen on labelled validation images, stored with the model.
+
+For each label with at least ``min_positives`` positive validation images, the threshold is the
+one that maximises that label's F1 there. The other training labels get the default: the single
+threshold that maximises micro-F1 over all validation labels. Labels the model never saw get
+NEW_LABEL_THRESHOLD, the model's own decision boundary: no labelled data exists to choose it, and
+the seen labels' default does not transfer (unseen labels score lower; docs/CALIBRATION.md).
+Written as ``thresholds.json`` beside the model (JSON, read by ``predict --calibrated``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ClipDecoderError
+
+THRESHOLDS_FILE = "thresholds.json"
+MIN_POSITIVES = 5
+NEW_LABEL_THRESHOLD = 0.5  # sigmoid(0): where the trained head's logit changes sign
+
+
+def best_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1): the score cut ``score >= threshold`` with the best F1 (ties: the higher cut)."""
+    scores, targets = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(targets).ravel() > 0
+    positives = int(targets.sum())
+    if positives == 0:
+        raise ClipDecoderError("cannot choose a threshold without a positive example")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, hits = scores[order], np.cumsum(targets[order])
+    kept = np.arange(1, len(scores) + 1)
+    last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # cut only between distinct scores
+    f1 = np.where(last, 2 * hits / (kept + positives), -1.0)
+    best = int(np.argmax(f1))
+    return float(sorted_scores[best]), float(f1[best])
+
+
+def micro_prf(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+    """Micro precision, recall and F1 (percent) of ``scores >= thresholds`` (one per column)."""
+    chosen, truth = scores >= thresholds[None, :], targets > 0
+    tp = float((chosen & truth).sum())
+    precision = 100 * tp / max(chosen.sum(), 1)
+    recall = 100 * tp / max(truth.sum(), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 2), "recall": round(recall, 2), "F1": round(f1, 2)}
+
+
+def calibrate(scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], min_positives: int = MIN_POSITIVES) -> dict:
+    """The thresholds JSON for validation scores/targets (n_images, n_labels)."""
+    if scores.shape != targets.shape or scores.shape[1] != len(labels):
+        raise ClipDecoderError(f"calibrate: scores {scores.shape}, targets {targets.shape} and {len(labels)} labels disagree")
+    default, _ = best_threshold(scores, targets)
+    per_label = {}
+    for column, label in enumerate(labels):
+        if (targets[:, column] > 0).sum() >= min_positives:
+            per_label[label] = round(best_threshold(scores[:, column], targets[:, column])[0], 6)
+    return {"default": round(default, 6), "new_labels": NEW_LABEL_THRESHOLD, "labels": per_label,
+            "trained_labels": list(labels), "min_positives": min_positives, "validation_images": int(scores.shape[0])}
+
+
+def thresholds_for(table: dict, labels: Sequence[str]) -> np.ndarray:
+    """One threshold per label: its own, else the default for training labels, else new_labels'."""
+    trained = set(table.get("trained_labels", ()))
+    return np.array([table["labels"].get(label, table["default"] if label in trained else table["new_labels"])
+                     for label in labels])
+
+
+def read_calibration(path: str | Path) -> dict:
+    """A thresholds.json written by ``calibrate``, checked."""
+    try:
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClipDecoderError(f"cannot read {path}: {error}") from error
+    values = [table.get("default"), table.get("new_labels"), *(table.get("labels") or {}).values()] if isinstance(table, dict) else []
+    if not values or not isinstance(table.get("labels"), dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values):
+        raise ClipDecoderError(f"{path}: not a thresholds file written by `clip-decoder calibrate`")
+    return table
+
+
+def write_thresholds(model_dir: str | Path, table: dict) -> Path:
+    path = Path(model_dir) / THRESHOLDS_FILE
+    path.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def calibrate_model(model, data_dir: str | Path, split, cache_dir=None, val_fraction: float = 0.1,
+                    progress: bool = True) -> dict:
+    """Choose thresholds on the folder's validation part (seen labels only) and measure them on
+    its test part: the thresholds JSON with a ``held_out`` section (micro P/R/F1 in percent)."""
+    from .data.folder import read_part, target_matrix, training_parts
+    from .evaluate import score_tokens
+    from .features import FeatureCache
+
+    cache = FeatureCache(model.image_tower, cache_dir)
+    model.eval()
+
+    def scored(samples, labels):
+        features = cache.get([s.image for s in samples], progress=progress)
+        scores = score_tokens(model.head, features.tokens, model.embed_labels(labels, model.config.templates))
+        return scores, target_matrix([samples[i] for i in features.kept], labels)
+
+    _, val_samples = training_parts(data_dir, val_fraction)
+    seen, everything = list(split.seen), list(split.all)
+    table = calibrate(*scored(val_samples, seen), seen)
+    test_scores, test_targets = scored(read_part(data_dir, "test"), everything)
+    columns = {"seen": [everything.index(label) for label in seen],
+               "unseen": [everything.index(label) for label in split.unseen], "all": list(range(len(everything)))}
+    table["held_out"] = {
+        name: {"own thresholds": micro_prf(test_scores[:, cols], test_targets[:, cols], thresholds_for(table, [everything[c] for c in cols])),
+               "0.5 everywhere": micro_prf(test_scores[:, cols], test_targets[:, cols], np.full(len(cols), 0.5))}
+        for name, cols in columns.items() if cols
+    }
+    table["held_out"]["test_images"] = int(test_scores.shape[0])
+    return table
