@@ -70,8 +70,8 @@ def test_predict_csv_with_decisions_globs_and_a_list_file(model_dir, cat_photo, 
 def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_dir, cat_photo, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is text")
-    code = main(["predict", "--model", str(model_dir), "--labels", "cat, dog",
-                 str(broken), str(cat_photo), str(tmp_path / "missing.png")])
+    code = main(["predict", "--model", str(model_dir), "--labels", "cat, dog", "--batch-size", "1",
+                 str(broken), str(cat_photo), str(tmp_path / "missing.png")])  # batches where every image fails
     captured = capsys.readouterr()
     assert code == 1
     assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(cat_photo)]

@@ -326,6 +326,9 @@ class CLIPDecoder(nn.Module):
         try:
             vocabulary = self.vocabulary(labels, templates)
             for batch in decoded_batches(images, self.image_tower.preprocess, batch_size):
+                if not batch.indices:  # every image of this batch failed
+                    yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
+                    continue
                 with torch.inference_mode():
                     tokens = self.image_tower(batch.pixels.to(self.device)).tokens
                     scores = self.probabilities(tokens, vocabulary, shortlist).cpu().numpy()
