@@ -67,6 +67,26 @@ def test_predict_csv_with_decisions_globs_and_a_list_file(model_dir, cat_photo, 
     assert all(row[-1] == "cat" for row in rows[1:])  # cat passes its own 0.0; the others need 1.0
 
 
+def test_predict_writes_attention_heatmaps(model_dir, cat_photo, tmp_path, capsys):
+    from PIL import Image
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / cat_photo.name).write_bytes(cat_photo.read_bytes())  # same file name, another folder
+    out = tmp_path / "maps"
+    assert main(["predict", "--model", str(model_dir), "--labels", "cat,dog,car,tree", "--top-k", "2",
+                 "--heatmaps", str(out), str(cat_photo), str(other / cat_photo.name)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [p.name for p in out.iterdir()]
+    assert len(names) == 4  # 2 images x their 2 decided labels, none overwritten
+    for record in records:
+        for label in record["labels"]:
+            assert sum(name.endswith(f"__{label}.png") for name in names) >= 1
+    for path in out.iterdir():
+        image = Image.open(path)
+        assert image.size == (32, 32) and image.mode == "RGB"  # the tiny tower's 32 px view
+
+
 def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_dir, cat_photo, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_text("this is text")

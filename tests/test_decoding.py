@@ -78,7 +78,7 @@ def test_pixels_equal_the_sequential_preprocess_batch(cat_photo, tiny_dataset):
 def test_preprocess_is_bit_identical_to_the_plain_formula(cat_photo):
     image = load_image(cat_photo)
     pre = Preprocess(224, 256, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
-    pixels = np.asarray(pre._resize_crop(image), dtype=np.float32) / 255.0
+    pixels = np.asarray(pre.resize_crop(image), dtype=np.float32) / 255.0
     plain = ((pixels - np.float32(pre.mean)) / np.float32(pre.std)).transpose(2, 0, 1)
     out = pre(image)
     assert out.flags.c_contiguous and out.dtype == np.float32 and np.array_equal(out, plain)

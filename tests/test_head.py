@@ -53,6 +53,9 @@ def test_cross_attention_matches_the_textbook_formula():
     x = layer.norm_attn(layer.norm_query(queries) + attended)
     x = layer.norm_ffn(x + layer.ffn(x))
     torch.testing.assert_close(head.decode(memory, head.queries(labels)), head.scorer(x).squeeze(-1))
+    maps = head.attention_maps(memory, head.queries(labels))  # where each label looked: heads averaged
+    torch.testing.assert_close(maps, weights.mean(dim=1))
+    torch.testing.assert_close(maps.sum(dim=-1), torch.ones(2, 3))
 
 
 def test_cosine_skip_adds_a_scaled_cosine_in_the_text_space():

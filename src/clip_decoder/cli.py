@@ -57,7 +57,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Score every asked label for each image; print one record per image as it is scored."""
     from tqdm.auto import tqdm
 
-    from .predict import Decider, Writer, expand_images, read_thresholds
+    from .predict import HEATMAP_TOP, Decider, Writer, expand_images, read_thresholds, write_heatmaps
     from .prompts import TEMPLATE_SETS
 
     labels = read_labels(args)
@@ -72,14 +72,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args)
     templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
     failures = 0
-    batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist)
+    batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist,
+                                    attention=bool(args.heatmaps))
     with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
         for batch in batches:
             for message in batch.failed.values():
                 failures += 1
                 bar.write(f"error: {message}", file=sys.stderr)
-            for index, row in zip(batch.indices, batch.scores):
-                writer.write(str(paths[index]), row)
+            for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
+                writer.write(str(paths[index]), scores)
+                if args.heatmaps:
+                    chosen = writer.decider(labels, scores) if writer.decider.active else \
+                        [labels[i] for i in scores.argsort(kind="stable")[::-1][:HEATMAP_TOP]]
+                    write_heatmaps(args.heatmaps, str(paths[index]), labels, chosen, batch.attention[row],
+                                   model.image_tower.preprocess)
             bar.update(len(batch.indices) + len(batch.failed))
     if failures:
         print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="approximate, for large vocabularies: decode only each image's K most likely labels"
                          " (ranked by the alignment space); the others score below them (default: off, exact)")
     predict.add_argument("--images-from", metavar="FILE", help="also read image paths from FILE, one per line")
+    predict.add_argument("--heatmaps", metavar="DIR",
+                         help="write a PNG per image and decided label (no decision rule: its 3 best) showing where"
+                         " the label's cross-attention looked, over the image as the tower saw it")
     predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
     predict.set_defaults(run=cmd_predict)
 

@@ -152,6 +152,15 @@ class DecoderHead(nn.Module):
             logits = logits + self.skip_logits(memory, queries.directions)
         return logits
 
+    def attention_maps(self, memory: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
+        """Where each label looked: the first layer's cross-attention weights over the image
+        tokens, averaged over heads, (B, L, N); each row sums to 1."""
+        layer = self.layers[0]
+        q = layer._split(queries.q if queries.q.ndim == 3 else queries.q.unsqueeze(0))
+        k = layer._split(layer.to_k(memory))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, heads, L, N)
+        return weights.mean(dim=1)
+
     def skip_logits(self, memory: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         """The cosine skip: scale * cos(skip_proj(mean memory), label direction) -> (B, L).
 

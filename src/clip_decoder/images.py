@@ -163,7 +163,7 @@ class Preprocess:
                 f"preprocess: resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}"
             )
 
-    def _resize_crop(self, image: Image.Image) -> Image.Image:
+    def resize_crop(self, image: Image.Image) -> Image.Image:
         """Resize (shortest side or squash) and centre-crop to image_size x image_size."""
         size, resample = self.image_size, _RESAMPLE[self.resample]
         width, height = image.size
@@ -187,7 +187,7 @@ class Preprocess:
         # Channels first before the arithmetic, in place: bit-identical to normalising the
         # (H, W, 3) array and transposing after, and ~4x faster (numpy's inner loops then run
         # along rows, not over 3 channels).
-        pixels = np.ascontiguousarray(np.asarray(self._resize_crop(image)).transpose(2, 0, 1), dtype=np.float32)
+        pixels = np.ascontiguousarray(np.asarray(self.resize_crop(image)).transpose(2, 0, 1), dtype=np.float32)
         pixels /= 255.0
         pixels -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
         pixels /= np.asarray(self.std, dtype=np.float32)[:, None, None]

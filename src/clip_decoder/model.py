@@ -81,6 +81,7 @@ class PredictedBatch:
     indices: list[int]
     scores: np.ndarray  # (len(indices), n_labels) probabilities
     failed: dict[int, str]  # input position -> why that image could not be used
+    attention: np.ndarray | None = None  # (len(indices), n_labels, N) with attention=True
 
 
 @dataclass(frozen=True)
@@ -307,10 +308,12 @@ class CLIPDecoder(nn.Module):
         templates: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         shortlist: int | None = None,
+        attention: bool = False,
     ) -> Iterator[PredictedBatch]:
         """``predict`` batch by batch, for long runs: images that cannot be read are reported in
         each batch's ``failed`` and the others are scored. Images are decoded in a background
-        thread while the towers run."""
+        thread while the towers run. ``attention=True`` adds each label's attention map over the
+        image tokens (``DecoderHead.attention_maps``)."""
         labels = check_labels(labels)
         if not labels:
             raise ClipDecoderError("no labels to score")
@@ -318,9 +321,9 @@ class CLIPDecoder(nn.Module):
             raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
         if shortlist is not None and shortlist < 1:
             raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
-        return self._predict_batches(list(images), labels, templates, batch_size, shortlist)
+        return self._predict_batches(list(images), labels, templates, batch_size, shortlist, attention)
 
-    def _predict_batches(self, images, labels, templates, batch_size, shortlist) -> Iterator[PredictedBatch]:
+    def _predict_batches(self, images, labels, templates, batch_size, shortlist, attention) -> Iterator[PredictedBatch]:
         was_training = self.training
         self.eval()
         try:
@@ -332,6 +335,7 @@ class CLIPDecoder(nn.Module):
                 with torch.inference_mode():
                     tokens = self.image_tower(batch.pixels.to(self.device)).tokens
                     scores = self.probabilities(tokens, vocabulary, shortlist).cpu().numpy()
-                yield PredictedBatch(batch.indices, scores, batch.failed)
+                    maps = self.head.attention_maps(self.head.memory(tokens), vocabulary.queries).cpu().numpy() if attention else None
+                yield PredictedBatch(batch.indices, scores, batch.failed, maps)
         finally:
             self.train(was_training)
