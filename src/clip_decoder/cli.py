@@ -181,6 +181,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP API and the web page around one model."""
+    import uvicorn
+
+    from .model import CLIPDecoder
+    from .serve import create_app
+
+    app = create_app(CLIPDecoder.from_pretrained(args.model))
+    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Build a benchmark dataset folder."""
     from .data.openclipart import build_openclipart
@@ -286,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with no val.csv: the part of train.csv carved out for validation, as in train (default 0.1)")
     calibrate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
     calibrate.set_defaults(run=cmd_calibrate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP API (POST /v1/predict, GET /health) and a web page at /",
+        description="Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
+        " OpenAPI docs at /docs, and a web page at /. Uploads, images, labels and pixels per request are bounded.",
+    )
+    serve.add_argument("--model", required=True, metavar="DIR")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.set_defaults(run=cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
                                    description="Score the test part's images for all labels of the split and print"
