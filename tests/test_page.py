@@ -1,0 +1,74 @@
+"""The web page end to end in real headless Chromium (Debian's package, driven by Playwright)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.serve import create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_clip_dir):
+    """The app around a tiny model, served by uvicorn on a free loopback port."""
+    import uvicorn
+
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def api_scores(base: str, image_path, labels: str) -> dict:
+    boundary = "clip-decoder-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n{labels}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{image_path.name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + image_path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{base}/v1/predict", data=body,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)["results"][0]["scores"]
+
+
+def test_the_page_shows_the_apis_scores(server, cat_photo, tmp_path):
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found: install Debian's package (apt-get install chromium) to run the page test")
+    labels = "cat, dog, red car"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.set_input_files("#file", str(cat_photo))
+        page.fill("#labels", labels)
+        page.click("#run")
+        page.wait_for_selector("tr.label")
+        rows = page.eval_on_selector_all("tr.label", "rows => rows.map(r => [r.dataset.label, r.querySelector('.score').textContent])")
+        page.hover("tr.label")  # shows that label's heatmap
+        page.wait_for_function("document.getElementById('view').src.startsWith('data:image/png')")
+        page.screenshot(path=str(tmp_path / "page.png"))
+        browser.close()
+    expected = api_scores(server, cat_photo, labels)
+    assert sorted(label for label, _ in rows) == sorted(expected)
+    assert [label for label, _ in rows] == sorted(expected, key=lambda label: -expected[label])  # by score
+    for label, shown in rows:
+        assert float(shown) == pytest.approx(expected[label], abs=5e-4)  # the page shows 3 decimals
