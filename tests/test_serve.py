@@ -58,6 +58,13 @@ def test_uploads_are_bounded(client):
     assert response.status_code == 413 and "big.jpg" in response.text
 
 
+def test_heatmaps_without_a_decision_cover_the_best_labels(model, cat_photo):
+    client = TestClient(create_app(model))
+    files = [("images", ("cat.jpg", cat_photo.read_bytes(), "image/jpeg"))]
+    result = client.post("/v1/predict", files=files, data={"labels": "cat,dog,car", "heatmaps": "true"}).json()["results"][0]
+    assert "labels" not in result and set(result["heatmaps"]) == {"cat", "dog", "car"}
+
+
 def test_health_page_and_docs(client):
     assert client.get("/health").json()["status"] == "ok"
     page = client.get("/")

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse
 
 from ..errors import ClipDecoderError
 from ..images import load_image
-from ..predict import HEATMAP_TOP, Decider, heatmap
+from ..predict import Decider, heatmap
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Limits:
     max_images: int = 32
     max_labels: int = 1000
     max_label_chars: int = 200
+    max_heatmaps: int = 20  # per image, when no decision rule picks the labels
 
 
 def parse_labels(fields: list[str], limits: Limits) -> list[str]:
@@ -70,7 +71,8 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         labels: list[str] = Form(..., description="label names, comma-separated, or the field repeated"),
         top_k: int | None = Form(None, ge=1),
         threshold: float | None = Form(None, ge=0.0, le=1.0),
-        heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label, or the 3 best"),
+        heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no decision rule,"
+                                                  " for the best labels up to the server's limit (20 by default)"),
     ) -> dict:
         names = parse_labels(labels, limits)
         if len(images) > limits.max_images:
@@ -95,7 +97,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
                     if chosen is not None:
                         result["labels"] = chosen
                     if heatmaps:
-                        drawn = chosen if chosen is not None else [names[i] for i in scores.argsort()[::-1][:HEATMAP_TOP]]
+                        drawn = chosen if chosen is not None else [names[i] for i in scores.argsort()[::-1][: limits.max_heatmaps]]
                         image = load_image(uploads[index][1])
                         result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
                                                                           model.image_tower.preprocess))
