@@ -39,12 +39,10 @@ def load_model(args: argparse.Namespace):
     return CLIPDecoder.create(backbone=args.backbone)
 
 
-def calibrated_file(args: argparse.Namespace) -> Path | None:
+def calibrated_file(args: argparse.Namespace) -> Path:
     """The model folder's thresholds.json, for --calibrated."""
     from .calibrate import THRESHOLDS_FILE
 
-    if not args.calibrated:
-        return None
     if not args.model:
         raise ClipDecoderError("--calibrated needs --model (the thresholds are stored with the model)")
     path = Path(args.model) / THRESHOLDS_FILE
