@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..errors import ClipDecoderError
 from ..images import load_image
@@ -105,9 +105,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         return {"results": results}
 
     @app.exception_handler(ClipDecoderError)
-    def user_error(_request, error: ClipDecoderError):
-        from fastapi.responses import JSONResponse
-
+    def user_error(_request, error: ClipDecoderError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(error)})
 
     return app
