@@ -182,7 +182,8 @@ def main() -> None:
          f" batch is dropped, as `fit` does), `TrainConfig()` head and `{config.templates}` templates. Same step"
          " (`model.loss`, backward, AdamW, OneCycle, EMA); an epoch here is the training steps only, no validation."
          f" (b) decodes with `clip_decoder.decoding.decoded_batches` ({DEFAULT_WORKERS} threads, the next batch decoded"
-         " while the tower and the step run on this one)."),
+         f" while the tower and the step run on this one) and runs the tower {DEFAULT_BATCH_SIZE} images at a time,"
+         " its fastest batch size on CPU."),
         "",
         "| measure | (a) cached features | (b) baseline: through the tower | (b) / (a) |",
         "|---|---|---|---|",
