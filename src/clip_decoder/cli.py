@@ -80,8 +80,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
                 writer.write(str(paths[index]), scores)
                 if args.heatmaps:
-                    chosen = writer.decider(labels, scores) if writer.decider.active else \
-                        [labels[i] for i in scores.argsort(kind="stable")[::-1][:HEATMAP_TOP]]
+                    chosen = (writer.decider if writer.decider.active else Decider(top_k=HEATMAP_TOP))(labels, scores)
                     write_heatmaps(args.heatmaps, str(paths[index]), labels, chosen, batch.attention[row],
                                    model.image_tower.preprocess)
             bar.update(len(batch.indices) + len(batch.failed))

@@ -260,9 +260,11 @@ class CLIPDecoder(nn.Module):
         floor is the image's lowest decoded probability, so they rank below every decoded label
         and keep the first stage's order among themselves.
         """
-        memory = self.head.memory(tokens)
+        return self._probabilities(self.head.memory(tokens), vocabulary, shortlist)
+
+    def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None) -> torch.Tensor:
         if shortlist is None or shortlist >= len(vocabulary.labels):
-            step = max(1, PAIRS_PER_CHUNK // len(tokens))
+            step = max(1, PAIRS_PER_CHUNK // len(memory))
             chunks = [self.head.decode(memory, vocabulary.queries.select(slice(start, start + step)))
                       for start in range(0, len(vocabulary.labels), step)]
             return torch.sigmoid(torch.cat(chunks, dim=1).float())
@@ -333,9 +335,9 @@ class CLIPDecoder(nn.Module):
                     yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
                     continue
                 with torch.inference_mode():
-                    tokens = self.image_tower(batch.pixels.to(self.device)).tokens
-                    scores = self.probabilities(tokens, vocabulary, shortlist).cpu().numpy()
-                    maps = self.head.attention_maps(self.head.memory(tokens), vocabulary.queries).cpu().numpy() if attention else None
+                    memory = self.head.memory(self.image_tower(batch.pixels.to(self.device)).tokens)
+                    scores = self._probabilities(memory, vocabulary, shortlist).cpu().numpy()
+                    maps = self.head.attention_maps(memory, vocabulary.queries).cpu().numpy() if attention else None
                 yield PredictedBatch(batch.indices, scores, batch.failed, maps)
         finally:
             self.train(was_training)

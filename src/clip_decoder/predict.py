@@ -130,7 +130,7 @@ class Writer:
         elif self.csv:
             self.csv.writerow([image, *(f"{float(s):.6f}" for s in scores), *(["|".join(chosen)] if chosen is not None else [])])
         else:
-            shown = chosen if chosen is not None else [self.labels[i] for i in np.argsort(-scores, kind="stable")[:TABLE_TOP]]
+            shown = chosen if chosen is not None else Decider(top_k=TABLE_TOP)(self.labels, scores)
             score = dict(zip(self.labels, scores))
             cells = ", ".join(f"{label} {float(score[label]):.2f}" for label in shown) or "(no label)"
             self.out.write(f"{image}\t{cells}\n")

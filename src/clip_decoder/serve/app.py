@@ -97,7 +97,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
                     if chosen is not None:
                         result["labels"] = chosen
                     if heatmaps:
-                        drawn = chosen if chosen is not None else [names[i] for i in scores.argsort()[::-1][: limits.max_heatmaps]]
+                        drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
                         image = load_image(uploads[index][1])
                         result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
                                                                           model.image_tower.preprocess))
