@@ -4,7 +4,7 @@ Measure (a): an epoch of the head's training steps over tokens precomputed once 
 FeatureCache. Baseline (b), same run: the same epoch with each batch's images decoded,
 preprocessed and run through the frozen image tower (no grad, eval mode) before the same step.
 Both use the same images, labels, batch size, model config and one step function that mirrors
-``train.fit`` (train.HeadTrainer: loss, backward, AdamW step, OneCycle step, EMA update); only where the tokens come
+``train.fit`` (train.Trainer: loss, backward, AdamW step, OneCycle step, EMA update); only where the tokens come
 from differs. Times are medians of ``--repeats`` interleaved epochs; peak RSS is measured per case
 in a fresh process (setup + one epoch). Target: (a) is at least 20x faster than (b).
 Run: python bench/training_epoch.py [--data DIR] [--split JSON] [--images 256] [--batch-size 64]
@@ -30,7 +30,7 @@ from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_b
 from clip_decoder.features import FeatureCache  # noqa: E402
 from clip_decoder.model import CLIPDecoder  # noqa: E402
 from clip_decoder.prompts import TEMPLATE_SETS  # noqa: E402
-from clip_decoder.train import FeatureSet, HeadTrainer, TrainConfig, encode_sentences  # noqa: E402
+from clip_decoder.train import FeatureSet, TrainConfig, Trainer, encode_sentences  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "data" / "openclipart"
@@ -38,8 +38,8 @@ BACKBONE = "offline"  # train_model's default
 TARGET = 20.0
 
 
-class Trainer:
-    """One variant's training state: train.py's HeadTrainer (optimizer, OneCycle, EMA) and fit's batch order."""
+class Variant:
+    """One variant's training state: train.py's Trainer (optimizer, OneCycle, EMA) and fit's batch order."""
 
     def __init__(self, model: CLIPDecoder, config: TrainConfig, samples: list[Sample], seen: tuple[str, ...], epochs: int):
         self.model, self.config = model, config
@@ -48,7 +48,7 @@ class Trainer:
         self.targets = probe.targets(seen)
         self.sentence_embeddings = encode_sentences(model, probe.sentences(seen))
         self.steps_per_epoch = max(1, len(samples) // config.batch_size)  # as fit: the last partial batch is dropped
-        self.head_trainer = HeadTrainer(model, config, epochs * self.steps_per_epoch)
+        self.head_trainer = Trainer(model, config, epochs * self.steps_per_epoch)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.count = len(samples)
 
@@ -67,14 +67,14 @@ class Trainer:
         return losses["loss"]
 
 
-def cached_epoch(trainer: Trainer, tokens: torch.Tensor) -> None:
+def cached_epoch(trainer: Variant, tokens: torch.Tensor) -> None:
     """(a): batches of tokens already in memory (float16 from the cache, as fit gets them)."""
     trainer.model.train()
     for batch in trainer.batches():
         trainer.step(tokens[batch], batch)
 
 
-def tower_epoch(trainer: Trainer, samples: list[Sample]) -> None:
+def tower_epoch(trainer: Variant, samples: list[Sample]) -> None:
     """(b): decode, preprocess and encode each batch's images with the frozen tower, then the same step.
 
     Decoding is ``decoded_batches``' (as feature extraction does it): the next batch is decoded
@@ -106,7 +106,7 @@ def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_s
     """
     config = TrainConfig(batch_size=batch_size)
     model = new_model(config)
-    trainer = Trainer(model, config, samples, seen, epochs=1)
+    trainer = Variant(model, config, samples, seen, epochs=1)
     if variant == "cached":
         tokens = FeatureSet.build(samples, FeatureCache(model.image_tower, cache_dir), progress=False).tokens
         start = time.perf_counter()
@@ -157,8 +157,8 @@ def main() -> None:
 
     # Two trainers with identical starting heads and batch orders; each schedule spans warm-up + repeats.
     epochs = args.repeats + 1
-    cached = Trainer(model, config, samples, seen, epochs)
-    tower = Trainer(copy.deepcopy(model), config, samples, seen, epochs)
+    cached = Variant(model, config, samples, seen, epochs)
+    tower = Variant(copy.deepcopy(model), config, samples, seen, epochs)
     print(f"timing: {args.repeats} epochs per variant (after one warm-up each), interleaved ...", file=sys.stderr)
     seconds = interleaved_medians(
         {"cached": lambda: cached_epoch(cached, tokens), "tower": lambda: tower_epoch(tower, samples)}, args.repeats

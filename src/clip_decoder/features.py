@@ -1,9 +1,11 @@
 """A disk cache of frozen image-tower features: each image is encoded once.
 
 Entries live under ``<root>/<tower key>/<sha256 of the file>.safetensors`` where the tower key
-hashes the tower's name and preprocessing, so a changed backbone or preprocessing never reuses
-stale features. Tokens are stored in float16 (half the disk, scores move by ~1e-3), the pooled
-vector in float32. Entries are written atomically; an unreadable entry is recomputed.
+hashes the tower's name, preprocessing and weights, so a changed backbone, preprocessing or
+fine-tuned tower never reuses stale features. Tokens are stored in float16 (half the disk, scores
+move by ~1e-3), the pooled vector in float32. Entries are written atomically (temporary file,
+rename). An entry that is unreadable, has the wrong keys, shapes or dtypes, non-finite values,
+or was written for other file content is reported and recomputed, never used.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
@@ -30,6 +32,15 @@ def default_cache_dir() -> Path:
     if os.environ.get("CLIP_DECODER_CACHE"):
         return Path(os.environ["CLIP_DECODER_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-decoder"
+
+
+def weights_fingerprint(tower: ImageTower) -> str:
+    """sha256 of the tower's weights and buffers, so that a changed tower gets its own cache."""
+    digest = hashlib.sha256()
+    for name, tensor in tower.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -50,27 +61,51 @@ class FeatureCache:
     ) -> None:
         self.tower = tower
         self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn, no threads
-        spec = json.dumps({"tower": tower.name, "preprocess": tower.preprocess.to_dict()}, sort_keys=True)
+        spec = json.dumps({"tower": tower.name, "preprocess": tower.preprocess.to_dict(),
+                           "weights": weights_fingerprint(tower)}, sort_keys=True)
         self.folder = Path(root or default_cache_dir()) / "features" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "tower.json").write_text(spec + "\n")
         self.encoded = 0  # images run through the tower by this cache object
+        self.rebuilt = 0  # entries found corrupt or stale and recomputed
 
     def _read(self, entry: Path) -> dict[str, torch.Tensor] | None:
-        try:
-            tensors = load_file(entry)
-            return tensors if {"tokens", "pooled"} <= set(tensors) else None
-        except (SafetensorError, OSError, ValueError):
+        """The entry's tensors if it exists and is sound; None if it is missing or must be rebuilt."""
+        if not entry.is_file():
             return None
+        try:
+            with safe_open(str(entry), framework="pt") as f:
+                source = (f.metadata() or {}).get("source_sha256")
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except (SafetensorError, OSError, ValueError):
+            tensors, source = {}, None
+        if source == entry.stem and self._sound(tensors):
+            return tensors
+        self.rebuilt += 1
+        print(f"warning: feature cache entry {entry} is corrupt or stale; recomputing it", file=sys.stderr)
+        return None
+
+    def _sound(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether an entry holds finite (N, dim) float16 tokens and a (dim,) float32 pooled vector."""
+        tokens, pooled = tensors.get("tokens"), tensors.get("pooled")
+        return (
+            tokens is not None and pooled is not None and set(tensors) == {"tokens", "pooled"}
+            and tokens.dtype == torch.float16 and tokens.ndim == 2 and tokens.shape[0] > 0
+            and tokens.shape[1] == self.tower.dim and pooled.dtype == torch.float32
+            and tuple(pooled.shape) == (self.tower.dim,)
+            and bool(torch.isfinite(tokens).all()) and bool(torch.isfinite(pooled).all())
+        )
 
     def _write(self, entry: Path, tokens: torch.Tensor, pooled: torch.Tensor) -> None:
         temporary = entry.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary)
+        save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary,
+                  metadata={"source_sha256": entry.stem})
         os.replace(temporary, entry)
 
     @torch.inference_mode()
-    def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> CachedFeatures:
-        """Features for ``paths``; unreadable images are reported on stderr and left out."""
+    def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
+            report: bool = True) -> CachedFeatures:
+        """Features for ``paths``; unreadable images are left out (and reported on stderr if ``report``)."""
         entries: dict[int, Path] = {}
         failed: dict[int, str] = {}
         for index, path in enumerate(paths):
@@ -78,8 +113,13 @@ class FeatureCache:
                 entries[index] = self.folder / f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}.safetensors"
             except OSError as error:
                 failed[index] = f"cannot read image {str(path)!r}: {error.strerror or error}"
-        results = {i: t for i, e in entries.items() if (t := self._read(e)) is not None}
-        missing = [i for i in entries if i not in results]
+        stored = {e: t for e in set(entries.values()) if (t := self._read(e)) is not None}
+        results = {i: stored[e] for i, e in entries.items() if e in stored}
+        first = {}  # entry -> the first image needing it: files with the same content are encoded once
+        for i, e in entries.items():
+            if e not in stored:
+                first.setdefault(e, i)
+        missing = list(first.values())
         device = next(self.tower.parameters()).device
         bar = tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing)
         # The next batch is decoded in background thread(s) while the tower runs on this one.
@@ -98,7 +138,13 @@ class FeatureCache:
                 self.encoded += len(batch.indices)
             bar.update(len(batch.indices) + len(batch.failed))
         bar.close()
-        for index in sorted(failed):
+        for i, e in entries.items():  # the other copies of content encoded (or failed) above
+            if i not in results and i not in failed:
+                if first[e] in results:
+                    results[i] = results[first[e]]
+                else:
+                    failed[i] = failed[first[e]]
+        for index in sorted(failed) if report else ():
             print(f"error: {failed[index]}", file=sys.stderr)
         kept = sorted(results)
         if not kept:

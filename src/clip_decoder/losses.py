@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .distributed import gather_rows
+
 
 class AsymmetricLoss(nn.Module):
     """ASL (Ridnik et al. 2021) with a mask: entries where mask is 0 count neither way.
@@ -66,10 +68,12 @@ class ContrastiveAlignment(nn.Module):
 
         Images whose sentences are identical get identical text rows; the loss then treats
         them exactly as if each were the other's positive, so no de-duplication is needed.
+        Under torchrun the negatives are the whole global batch, gathered from every rank.
         """
         scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
-        logits = scale * self.embed_images(pooled) @ self.embed_texts(text_embeddings).T
-        targets = torch.arange(len(pooled), device=pooled.device)
+        images, texts = gather_rows(self.embed_images(pooled)), gather_rows(self.embed_texts(text_embeddings))
+        logits = scale * images @ texts.T
+        targets = torch.arange(len(images), device=pooled.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 

@@ -31,6 +31,10 @@ class ImageTower(Protocol):
 
     def __call__(self, pixels: torch.Tensor) -> ImageFeatures: ...
 
+    def trainable_blocks(self) -> list[torch.nn.Module]:
+        """The tower's parts in order from input to output, for fine-tuning only the last ones."""
+        ...
+
 
 @runtime_checkable
 class TextTower(Protocol):

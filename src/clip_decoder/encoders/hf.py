@@ -59,6 +59,14 @@ class HFImageTower(nn.Module):
             model.config.vision_config.hidden_size
         )
 
+    def trainable_blocks(self) -> list[nn.Module]:
+        """The tower in training order, input to output: embeddings, each layer, final norms."""
+        vision = self.vision_model
+        # CLIP's pre-norm (spelled pre_layrnorm by transformers); SigLIP's attention-pooling head.
+        starts = [m for m in (vision.embeddings, getattr(vision, "pre_layrnorm", None)) if m is not None]
+        ends = [m for m in (vision.post_layernorm, getattr(vision, "head", None), self.projection) if m is not None]
+        return [nn.ModuleList(starts), *vision.encoder.layers, nn.ModuleList(ends)]
+
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
         out = self.vision_model(pixel_values=pixels)
         tokens, pooled = out.last_hidden_state, out.pooler_output

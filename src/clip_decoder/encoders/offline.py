@@ -50,6 +50,11 @@ class EfficientNetLite2Tower(nn.Module):
         tokens = feature_map.flatten(2).transpose(1, 2)
         return ImageFeatures(tokens=tokens, pooled=tokens.mean(dim=1))
 
+    def trainable_blocks(self) -> list[nn.Module]:
+        """The tower in training order, input to output: stem, the MBConv blocks, head conv."""
+        net = self.net
+        return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+
     def imagenet_logits(self, pooled: torch.Tensor) -> torch.Tensor:
         """The ImageNet classifier applied to pooled features (for the CONSE baseline)."""
         return self.net._fc(pooled)
