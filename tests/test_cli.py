@@ -102,15 +102,9 @@ def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_d
 def test_user_errors_print_one_line_and_exit_2(tmp_path, cat_photo, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), "--labels", "cat", str(cat_photo)]) == 2
     assert main(["predict", "--labels", ",", str(cat_photo)]) == 2
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert main(["predict", "--labels", "cat", str(empty)]) == 2
+    assert main(["predict", "--labels", "cat"]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert errors == [
-        f"error: model folder {tmp_path / 'nope'} does not exist",
-        "error: no labels given",
-        f"error: folder {empty} holds no image files (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)",
-    ]
+    assert errors == [f"error: model folder {tmp_path / 'nope'} does not exist", "error: no labels given", "error: no images given"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])

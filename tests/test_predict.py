@@ -25,16 +25,18 @@ def test_images_from_files_folders_globs_and_a_list_file(tmp_path, monkeypatch):
     listing = tmp_path / "list.txt"
     listing.write_text("\ufeffthree.jpg\n\n missing.jpg \n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    paths = expand_images(["a", "*.jpg", "a/**/*.PNG"], str(listing))
+    paths, problems = expand_images(["a", "*.jpg", "a/**/*.PNG"], str(listing))
     assert [str(p) for p in paths] == ["a/b/two.PNG", "a/one.jpg", "three.jpg", "a/b/two.PNG", "three.jpg", "missing.jpg"]
+    assert problems == []
 
 
 def test_bad_image_inputs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ClipDecoderError, match="holds no image files"):
-        expand_images([str(tmp_path / "empty")])
-    with pytest.raises(ClipDecoderError, match="matches no file"):
-        expand_images([str(tmp_path / "*.jpg")])
+    (tmp_path / "a.png").write_bytes(b"x")
+    paths, problems = expand_images([str(tmp_path / "empty"), str(tmp_path / "*.jpg"), str(tmp_path / "a.png")])
+    assert paths == [tmp_path / "a.png"]  # the empty folder and the unmatched pattern do not stop the run
+    assert [p.split(" (")[0] for p in problems] == [f"folder {tmp_path / 'empty'} holds no image files",
+                                                  f"pattern {str(tmp_path / '*.jpg')!r} matches no file"]
     with pytest.raises(ClipDecoderError, match="cannot read image list"):
         expand_images([], str(tmp_path / "nope.txt"))
     with pytest.raises(ClipDecoderError, match="no images given"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ def read_labels(args: argparse.Namespace) -> list[str]:
     """Labels from --labels (comma-separated) or --labels-file (one per line)."""
     if args.labels_file:
         try:
-            text = Path(args.labels_file).read_text(encoding="utf-8")
+            text = Path(args.labels_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
             raise ClipDecoderError(f"cannot read labels file {args.labels_file}: {error}") from error
         labels = [line.strip() for line in text.splitlines()]
@@ -59,7 +60,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .prompts import TEMPLATE_SETS
 
     labels = read_labels(args)
-    paths = expand_images(args.images, args.images_from)
+    paths, problems = expand_images(args.images, args.images_from)  # problems: empty folders, unmatched patterns
     per_label, default = read_thresholds(args.thresholds) if args.thresholds else ({}, None)
     if args.calibrated:
         from .calibrate import read_calibration, thresholds_for
@@ -69,7 +70,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, threshold, per_label))
     model = load_model(args)
     templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
-    failures = 0
+    for message in problems:
+        print(f"error: {message}", file=sys.stderr)
+    failures = len(problems)
     batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist,
                                     attention=bool(args.heatmaps))
     with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
@@ -85,7 +88,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                    model.image_tower.preprocess)
             bar.update(len(batch.indices) + len(batch.failed))
     if failures:
-        print(f"{failures} of {len(paths)} images failed", file=sys.stderr)
+        print(f"{failures} of {len(paths) + len(problems)} images failed", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -120,7 +123,8 @@ def add_training_options(parser: argparse.ArgumentParser, with_method: bool = Tr
                            help="clip-decoder, or ml-decoder (ML-Decoder's head: no cosine skip, alignment loss off)")
 
 
-def training_config(args: argparse.Namespace, seed: int):
+def training_config(args: argparse.Namespace, seed: int, **options):
+    """The TrainConfig of the parsed training options; ``options`` adds train-only ones."""
     from .train import TrainConfig
 
     head = {**TrainConfig().head, **{key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout", "cosine_skip")
@@ -128,7 +132,7 @@ def training_config(args: argparse.Namespace, seed: int):
     return TrainConfig(
         method=getattr(args, "method", "clip-decoder"), epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay, clip_weight=args.clip_weight,
-        templates=args.templates, val_fraction=args.val_fraction, seed=seed, head=head,
+        templates=args.templates, val_fraction=args.val_fraction, seed=seed, head=head, **options,
     )
 
 
@@ -138,8 +142,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train_model
 
     split = read_split(args.split)
-    model = train_model(args.data, split, args.out, args.backbone, training_config(args, args.seed), args.cache)
-    print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
+    config = training_config(args, args.seed, finetune_image_tower=args.finetune_image_tower, tower_lr=args.tower_lr,
+                             tower_blocks=args.tower_blocks, accumulate=args.accumulate, precision=args.precision)
+    model = train_model(args.data, split, args.out, args.backbone, config, args.cache, resume=args.resume,
+                        checkpoint_every=args.checkpoint_every)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the model folder
+        print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
     return 0
 
 
@@ -183,10 +191,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .model import CLIPDecoder
-    from .serve import create_app
+    from .serve import Limits, create_app
 
-    app = create_app(CLIPDecoder.from_pretrained(args.model))
-    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
+    app = create_app(CLIPDecoder.from_pretrained(args.model), limits)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -273,13 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(run=cmd_predict)
 
     train = commands.add_parser("train", help="train on the seen labels of a dataset folder",
-                                description="Train the CLIP-Decoder head on frozen-tower features (seen labels only)"
-                                " and write a model folder with train_log.jsonl, training.json and curves.png.")
+                                description="Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
+                                " or end to end with --finetune-image-tower) and write a model folder with"
+                                " train_log.jsonl, training.json and curves.png. The run's state is checkpointed in"
+                                " OUT/checkpoint.safetensors until it ends; --resume continues from it. Under"
+                                " `torchrun --nproc_per_node N -m clip_decoder train ...` the same arguments train"
+                                " on N processes (see README, Scaling out).")
     train.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
     train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     train.add_argument("--seed", type=int, default=0)
     add_training_options(train)
+    from .train import CHECKPOINT_EVERY, PRECISIONS, TrainConfig
+
+    defaults = TrainConfig()
+    run = train.add_argument_group("long runs")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUT/checkpoint.safetensors (same options), e.g. after the process was killed;"
+                     " the result equals an uninterrupted run's")
+    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
+                     help="optimizer steps between checkpoints, besides one after each epoch (default %(default)s)")
+    run.add_argument("--finetune-image-tower", action="store_true",
+                     help="train the image tower too, end to end on decoded images (slow on CPU; bf16 on a GPU)")
+    run.add_argument("--tower-lr", type=float, default=defaults.tower_lr,
+                     help="with --finetune-image-tower: the tower's peak learning rate (default %(default)s)")
+    run.add_argument("--tower-blocks", type=int, metavar="N",
+                     help="with --finetune-image-tower: train only the tower's last N blocks (default: all)")
+    run.add_argument("--accumulate", type=int, default=defaults.accumulate, metavar="N",
+                     help="split each batch into N micro-batches, one backward each (less memory; default 1)")
+    run.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                     help="auto (default): bf16 autocast on a GPU, fp32 on CPU")
     train.set_defaults(run=cmd_train)
 
     calibrate = commands.add_parser(
@@ -301,11 +333,32 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="HTTP API (POST /v1/predict, GET /health) and a web page at /",
         description="Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
-        " OpenAPI docs at /docs, and a web page at /. Uploads, images, labels and pixels per request are bounded.",
+        " OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, pixels, labels and time"
+        " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.",
     )
     serve.add_argument("--model", required=True, metavar="DIR")
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
+
+    def mebibytes(text: str) -> int:
+        return round(float(text) * 2**20)
+
+    limit = serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them at /health")
+    limit.add_argument("--max-request-seconds", dest="max_request_seconds", type=float, default=argparse.SUPPRESS,
+                       metavar="S", help="from arrival to answer, waiting for the model included: 408, or 429 if spent"
+                       " waiting (default 30)")
+    limit.add_argument("--max-queue", dest="max_queue", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="requests that may wait for the model while one runs; more get 429 (default 16)")
+    limit.add_argument("--max-body-mb", dest="max_body_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
+                       help="the whole request body: 413 (default 64)")
+    limit.add_argument("--max-upload-mb", dest="max_upload_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
+                       help="each image file: 413 (default 20)")
+    limit.add_argument("--max-images", dest="max_images", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="images per request: 413 (default 32)")
+    limit.add_argument("--max-image-pixels", dest="max_image_pixels", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="pixels per image, read from its header: 413 (default and most 64000000)")
+    limit.add_argument("--max-labels", dest="max_labels", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="labels per request: 422 (default 1000)")
     serve.set_defaults(run=cmd_serve)
 
     evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
@@ -351,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ClipDecoderError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except ClipDecoderError as error:  # one line, no traceback, even for messages that quote several
+        print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)
         return 2
 
 

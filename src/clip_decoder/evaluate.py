@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data.folder import LabelSplit, read_part, target_matrix
+from .data.folder import LabelSplit, read_part, target_matrix, warn_label_coverage
 from .features import FeatureCache
 from .head import DecoderHead
 from .metrics import zsl_gzsl_metrics
@@ -28,6 +28,7 @@ def score_tokens(head: DecoderHead, tokens: torch.Tensor, label_embeddings: torc
 def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True) -> dict:
     """The metrics JSON (contract) of ``model`` on the folder's test part: ZSL and GZSL."""
     samples = read_part(data_dir, "test")
+    warn_label_coverage(samples, split, split.all, "test")
     features = FeatureCache(model.image_tower, cache_dir).get([s.image for s in samples], progress=progress)
     labels = list(split.all)
     targets = target_matrix([samples[i] for i in features.kept], labels)

@@ -29,8 +29,8 @@ _RESAMPLE = {
 
 
 def _fail(name: str, reason: str) -> ClipDecoderError:
-    """Build the error for an image that cannot be used."""
-    return ClipDecoderError(f"cannot load image {name!r}: {reason}")
+    """Build the error for an image that cannot be used (one line: decoders' messages may span several)."""
+    return ClipDecoderError(f"cannot load image {name!r}: {' '.join(reason.split())}")
 
 
 def _source_name(source: Any) -> str:
@@ -99,6 +99,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_IMAGE_PIXELS) -> Image
     owned = False
     try:
         with warnings.catch_warnings():
+            # PIL's notes on damaged metadata ("Truncated File Read", "Corrupt EXIF data") would print
+            # around the one line a bad image gets: the image loads or fails without them.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image, owned = _open(source, name)  # reads the header only
             width, height = image.size

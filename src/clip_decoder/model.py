@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,31 @@ VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label head work is kept for 
 PAIRS_PER_CHUNK = 16_384
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
+# versions, so positive); a field of a type missing here is left to the dataclass.
+_JSON_TYPES = {"str": ((str,), "a string"), "int": ((int,), "a positive integer"), "float": ((int, float), "a number"),
+               "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"),
+               "tuple[str, ...]": ((list,), "a list"), "list[str]": ((list,), "a list")}
+
+
+def _check_json_types(data: dict, config_class: type, source: str, prefix: str = "") -> None:
+    """Raise ClipDecoderError naming ``source`` when a field in ``data`` has the wrong JSON type."""
+    for item in fields(config_class):
+        if item.name not in data or item.type not in _JSON_TYPES:
+            continue
+        value, (types, description) = data[item.name], _JSON_TYPES[item.type]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types) or (item.type == "int" and value < 1):
+            raise ClipDecoderError(f"{source}: '{prefix}{item.name}' must be {description}, got {reprlib.repr(value)}")
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """One line saying how the weights ``found`` differ from those ``expected`` ('' when they fit)."""
+    problems = [f"{key} missing" for key in expected if key not in found]
+    problems += [f"{key} unexpected" for key in found if key not in expected]
+    problems += [f"{key} has shape {list(found[key].shape)}, the model needs {list(value.shape)}"
+                 for key, value in expected.items() if key in found and found[key].shape != value.shape]
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
 
 
 @dataclass
@@ -43,6 +69,9 @@ class ModelConfig:
     align_dim: int = 256
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     labels: list[str] = field(default_factory=list)  # the labels seen in training
+    # True when training changed the image tower (train --finetune-image-tower): its weights
+    # are then saved with the head instead of being rebuilt from the backbone name.
+    image_tower_trained: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -53,6 +82,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = CONFIG_FILE) -> ModelConfig:
         """Parse a config dict; any problem raises ClipDecoderError naming ``source``."""
+        if not isinstance(data, dict):
+            raise ClipDecoderError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        _check_json_types(data, cls, source)
+        if isinstance(data.get("head"), dict):
+            _check_json_types(data["head"], HeadConfig, source, prefix="head.")
         version = data.get("format_version", 0)
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ClipDecoderError(
@@ -66,6 +100,7 @@ class ModelConfig:
                 align_dim=int(data.get("align_dim", 256)),
                 templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
                 labels=check_labels(data.get("labels", [])),
+                image_tower_trained=bool(data.get("image_tower_trained", False)),
                 format_version=int(version),
             )
         except ClipDecoderError as error:
@@ -139,8 +174,11 @@ class CLIPDecoder(nn.Module):
     # ---- model folder: config.json + model.safetensors --------------------------------------
 
     def _saved_modules(self) -> dict[str, nn.Module]:
-        # The towers are frozen and rebuilt from their backbone name; only these train.
-        return {"head": self.head, "alignment": self.alignment}
+        # Frozen towers are rebuilt from their backbone name; only what trained is saved.
+        modules = {"head": self.head, "alignment": self.alignment}
+        if self.config.image_tower_trained:
+            modules["image_tower"] = self.image_tower
+        return modules
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (created if needed)."""
@@ -151,8 +189,13 @@ class CLIPDecoder(nn.Module):
             for prefix, module in self._saved_modules().items()
             for key, value in module.state_dict().items()
         }
-        save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # Each file is written beside its final name and renamed over it, so a crash never
+        # leaves a half-written file where a reader looks.
+        weights, config = directory / f".{WEIGHTS_FILE}.tmp", directory / f".{CONFIG_FILE}.tmp"
+        save_file(tensors, weights, metadata={"format": "pt"})
+        config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        os.replace(weights, directory / WEIGHTS_FILE)
+        os.replace(config, directory / CONFIG_FILE)
         return directory
 
     @classmethod
@@ -166,24 +209,25 @@ class CLIPDecoder(nn.Module):
             if not path.is_file():
                 raise ClipDecoderError(f"model folder {directory} has no {path.name}")
         try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            data = json.loads(config_path.read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is fine
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ClipDecoderError(f"{config_path}: not valid JSON ({error})") from error
-        if not isinstance(data, dict):
-            raise ClipDecoderError(f"{config_path}: expected a JSON object")
-        model = cls(ModelConfig.from_dict(data, source=str(config_path)))
+        config = ModelConfig.from_dict(data, source=str(config_path))
+        try:
+            model = cls(config)
+        except ClipDecoderError as error:  # unknown backbone, towers that do not fit the head
+            raise ClipDecoderError(f"{config_path}: {error}") from error
         try:
             tensors = load_file(weights_path)
         except (SafetensorError, OSError, ValueError) as error:
             raise ClipDecoderError(f"{weights_path}: not a readable safetensors file ({error})") from error
+        expected = {f"{prefix}.{key}": value for prefix, module in model._saved_modules().items()
+                    for key, value in module.state_dict().items()}
+        mismatch = _weights_mismatch(expected, tensors)
+        if mismatch:
+            raise ClipDecoderError(f"{weights_path}: weights do not fit the model in {config_path.name}: {mismatch}")
         for prefix, module in model._saved_modules().items():
-            part = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-            try:
-                module.load_state_dict(part)
-            except RuntimeError as error:
-                raise ClipDecoderError(
-                    f"{weights_path}: weights do not fit the model in {config_path.name}: {error}"
-                ) from error
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
         return model
 
     # ---- training-time pieces ----------------------------------------------------------------

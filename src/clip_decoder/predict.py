@@ -25,17 +25,12 @@ TABLE_TOP = 5  # labels shown per image in the table when no decision rule is gi
 HEATMAP_TOP = 3  # labels drawn per image with --heatmaps when no decision rule is given
 
 
-def _images_in(folder: Path) -> list[Path]:
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not found:
-        raise ClipDecoderError(f"folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return found
-
-
-def expand_images(inputs: Sequence[str], list_file: str | None = None) -> list[Path]:
-    """Files as given; folders expanded recursively; glob patterns ('photos/**/*.jpg') expanded;
-    plus one path per line of ``list_file``. Order is kept; a path that does not exist is kept
-    too, so that it is reported with the other bad images."""
+def expand_images(inputs: Sequence[str], list_file: str | None = None) -> tuple[list[Path], list[str]]:
+    """(paths, problems): files as given; folders expanded recursively; glob patterns
+    ('photos/**/*.jpg') expanded; plus one path per line of ``list_file``. Order is kept. A path
+    that does not exist is kept too, so that it is reported with the other bad images; a folder
+    with no image files and a pattern that matches none become ``problems`` (one message each),
+    to report beside them rather than stop the run."""
     items = list(inputs)
     if list_file:
         try:
@@ -43,28 +38,32 @@ def expand_images(inputs: Sequence[str], list_file: str | None = None) -> list[P
         except (OSError, UnicodeDecodeError) as error:
             raise ClipDecoderError(f"cannot read image list {list_file}: {error}") from error
         items += [line.strip() for line in text.splitlines() if line.strip()]
+    if not items:
+        raise ClipDecoderError("no images given")
     paths: list[Path] = []
+    problems: list[str] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths.extend(_images_in(path))
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                problems.append(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
-                raise ClipDecoderError(f"pattern {item!r} matches no file")
+                problems.append(f"pattern {item!r} matches no file")
             paths.extend(matches)
         else:
             paths.append(path)
-    if not paths:
-        raise ClipDecoderError("no images given")
-    return paths
+    return paths, problems
 
 
 def read_thresholds(path: str | Path) -> tuple[dict[str, float], float | None]:
     """(per-label thresholds, default) from a JSON file: either ``{label: T}`` or the
     ``{"default": T, "labels": {label: T}}`` that ``clip-decoder calibrate`` writes."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ClipDecoderError(f"cannot read thresholds file {path}: {error}") from error
     if not isinstance(data, dict):

@@ -254,8 +254,10 @@ class Trainer:
         groups = [group for group in groups if group["params"]]
         # fused: one kernel for all parameters, ~15% of a CPU step faster than the default.
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, fused=True)
+        # OneCycleLR divides by zero when the warm-up is exactly one step (e.g. 5 steps at 0.2).
+        pct_start = config.pct_start / 2 if math.isclose(config.pct_start * total_steps, 1.0) else config.pct_start
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps, pct_start=config.pct_start
+            self.optimizer, max_lr=[group["lr"] for group in groups], total_steps=total_steps, pct_start=pct_start
         )
         self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.device = model.device

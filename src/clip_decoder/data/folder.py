@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 from ..errors import ClipDecoderError
 
 PARTS = ("train", "val", "test")
+NAMED_IN_WARNINGS = 10  # labels a warning names before it only counts the rest
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ def read_part(root: str | Path, part: str) -> list[Sample]:
         for label in row[1].split("|"):
             if label.strip() and label.strip() not in labels:
                 labels.append(label.strip())
+    if not samples:
+        raise ClipDecoderError(f"{path}: lists no images")
     return [Sample(root / image, tuple(labels)) for image, labels in samples.items()]
 
 
@@ -70,7 +75,7 @@ def read_split(path: str | Path) -> LabelSplit:
     """Read and check a label-split JSON file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is fine
     except FileNotFoundError as error:
         raise ClipDecoderError(f"label split {path} does not exist") from error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -87,6 +92,24 @@ def read_split(path: str | Path) -> LabelSplit:
     if overlap:
         raise ClipDecoderError(f"label split {path}: labels both seen and unseen: {', '.join(overlap)}")
     return LabelSplit(**parts)
+
+
+def _named(labels: Sequence[str]) -> str:
+    """Label names quoted (they may hold commas) and joined for a warning; past NAMED_IN_WARNINGS only counted."""
+    more = len(labels) - NAMED_IN_WARNINGS
+    return ", ".join(map(repr, labels[:NAMED_IN_WARNINGS])) + (f" and {more} more" if more > 0 else "")
+
+
+def warn_label_coverage(samples: Sequence[Sample], split: LabelSplit, used: Sequence[str], part: str) -> None:
+    """Warn on stderr (one line each) about the samples' labels that are not in the split (ignored)
+    and about the ``used`` labels of the split that no sample has."""
+    present = {label for sample in samples for label in sample.labels}
+    outside, absent = sorted(present - set(split.all)), sorted(set(used) - present)
+    if outside:
+        print(f"warning: {len(outside)} label(s) of the {part} images are not in the split and are ignored:"
+              f" {_named(outside)}", file=sys.stderr)
+    if absent:
+        print(f"warning: {len(absent)} label(s) of the split have no {part} image: {_named(absent)}", file=sys.stderr)
 
 
 def target_matrix(samples: list[Sample], labels: tuple[str, ...] | list[str]) -> np.ndarray:

@@ -1,34 +1,56 @@
 """FastAPI app: POST /v1/predict, GET /health, the web page at / and OpenAPI docs at /docs.
 
 Requests never name a server-side path: images arrive as uploads, the model is fixed when the
-app is built. Uploads, images per request, labels per request and image pixels are bounded.
+app is built. Each request is bounded (body, uploads, images, pixels, labels, time) and so is the
+number of requests waiting for the model; each excess is answered with a 4xx naming its limit.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import math
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import asdict, dataclass
 from importlib import resources
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+import anyio
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ClipDecoderError
-from ..images import load_image
+from ..images import MAX_IMAGE_PIXELS, load_image
 from ..predict import Decider, heatmap
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; each excess is answered with a 4xx naming the limit."""
+    """What one request may ask for and how many may wait; each excess is answered with a 4xx naming the limit."""
 
+    max_body_bytes: int = 64 * 2**20  # the whole request body, multipart framing included
     max_upload_bytes: int = 20 * 2**20  # per image file
     max_images: int = 32
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, read from its header before anything is decoded
     max_labels: int = 1000
     max_label_chars: int = 200
     max_heatmaps: int = 20  # per image, when no decision rule picks the labels
+    max_request_seconds: float = 30.0  # from arrival to answer: upload, waiting for the model, inference
+    max_queue: int = 16  # requests waiting for the model while one runs
+
+    def __post_init__(self) -> None:
+        """Refuse limits that would refuse every request, or pixels above what load_image accepts."""
+        values = asdict(self)
+        if bad := [f"{name}={value}" for name, value in values.items() if value < 0 or (value == 0 and name != "max_queue")]:
+            raise ClipDecoderError(f"service limits must be positive (max_queue may be 0): {', '.join(bad)}")
+        if self.max_image_pixels > MAX_IMAGE_PIXELS:
+            raise ClipDecoderError(f"max_image_pixels={self.max_image_pixels}: images are decoded up to"
+                                   f" {MAX_IMAGE_PIXELS} pixels")
 
 
 def parse_labels(fields: list[str], limits: Limits) -> list[str]:
@@ -37,12 +59,32 @@ def parse_labels(fields: list[str], limits: Limits) -> list[str]:
     if not labels:
         raise HTTPException(422, "no labels given: send 'labels' as a comma-separated string or repeat the field")
     if len(labels) > limits.max_labels:
-        raise HTTPException(422, f"{len(labels)} labels; at most {limits.max_labels} per request")
+        raise HTTPException(422, f"{len(labels)} labels; at most {limits.max_labels} per request (max_labels)")
     if too_long := [label for label in labels if len(label) > limits.max_label_chars]:
-        raise HTTPException(422, f"label {too_long[0][:40]!r}... is longer than {limits.max_label_chars} characters")
+        raise HTTPException(422, f"label {too_long[0][:40]!r}... is longer than {limits.max_label_chars} characters (max_label_chars)")
     if len(set(labels)) != len(labels):
         raise HTTPException(422, "a label is given twice")
     return labels
+
+
+def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
+    """An upload's filename (only ever echoed back) and bytes; 413 when over the size or pixel limit."""
+    name = upload.filename or "upload"
+    data = upload.file.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise HTTPException(413, f"{name}: larger than {limits.max_upload_bytes} bytes (max_upload_bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise HTTPException(413, f"{name}: more than {limits.max_image_pixels} pixels (max_image_pixels);"
+                                 " possible decompression bomb") from error
+    except Exception:  # not an image PIL can open: predict reports it for this image alone
+        return name, data
+    if width * height > limits.max_image_pixels:
+        raise HTTPException(413, f"{name}: {width}x{height} pixels; at most {limits.max_image_pixels} per image"
+                                 " (max_image_pixels)")
+    return name, data
 
 
 def png_data_url(image) -> str:
@@ -51,22 +93,102 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+class RequestGuard:
+    """ASGI middleware: stamps each request's deadline and bounds its body's size and arrival time."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limits = self.limits
+        deadline = time.monotonic() + limits.max_request_seconds
+        scope.setdefault("state", {})["deadline"] = deadline
+        too_large = f"request body larger than {limits.max_body_bytes} bytes (max_body_bytes)"
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before the body is read
+            await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            with anyio.move_on_after(deadline - time.monotonic()) as timer:
+                message = await receive()
+            if timer.cancelled_caught:
+                raise HTTPException(408, f"request body not received within {limits.max_request_seconds} s (max_request_seconds)")
+            received += len(message.get("body", b""))
+            if received > limits.max_body_bytes:  # a chunked body, or one longer than it declared
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+
+class ModelGate:
+    """One request at a time on the model; at most ``max_queue`` more wait for it, each until its deadline."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.model_lock = threading.Lock()  # the model's caches are not thread-safe
+        self.count_lock = threading.Lock()
+        self.admitted_count = 0  # the request on the model and those waiting for it
+        self.seconds = 1.0  # the latest request's time on the model, for Retry-After
+
+    def retry_after(self) -> dict[str, str]:
+        """A Retry-After header: the admitted requests' time on the model at the latest one's pace."""
+        return {"Retry-After": str(max(1, math.ceil(self.seconds * self.admitted_count)))}
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a request in, or answer 429 when ``max_queue`` requests already wait."""
+        with self.count_lock:
+            if self.admitted_count > self.max_queue:
+                raise HTTPException(429, f"server busy: {self.max_queue} requests already wait for the model (max_queue);"
+                                         " retry later", headers=self.retry_after())
+            self.admitted_count += 1
+        try:
+            yield
+        finally:
+            with self.count_lock:
+                self.admitted_count -= 1
+
+    @contextmanager
+    def model(self, deadline: float, limits: Limits) -> Iterator[None]:
+        """Hold the model, or answer 429 when the request's deadline passes while it waits."""
+        if not self.model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise HTTPException(429, f"server busy: the model was not free within the request's {limits.max_request_seconds} s"
+                                     " (max_request_seconds); retry later", headers=self.retry_after())
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds = time.monotonic() - start
+            self.model_lock.release()
+
+
 def create_app(model, limits: Limits = Limits()) -> FastAPI:
     """The service around one loaded CLIPDecoder."""
     app = FastAPI(title="clip-decoder", summary="Zero-shot multi-label image tagging: a probability for any label name.")
-    lock = threading.Lock()  # one inference at a time: the model's caches are not thread-safe
+    app.add_middleware(RequestGuard, limits=limits)
+    gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
+    # async: answered on the event loop, never queued behind predictions for a worker thread
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "backbone": model.config.backbone, "trained_labels": len(model.config.labels)}
+    async def health() -> dict:
+        return {"status": "ok", "backbone": model.config.backbone, "trained_labels": len(model.config.labels),
+                "limits": asdict(limits)}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
+    async def index() -> str:
         return page
 
     @app.post("/v1/predict")
     def predict(
+        request: Request,
         images: list[UploadFile] = File(..., description="one or more image files"),
         labels: list[str] = Form(..., description="label names, comma-separated, or the field repeated"),
         top_k: int | None = Form(None, ge=1),
@@ -74,34 +196,34 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no decision rule,"
                                                   " for the best labels up to the server's limit (20 by default)"),
     ) -> dict:
+        deadline = request.state.deadline
         names = parse_labels(labels, limits)
         if len(images) > limits.max_images:
-            raise HTTPException(413, f"{len(images)} images; at most {limits.max_images} per request")
-        uploads = []
-        for upload in images:
-            data = upload.file.read(limits.max_upload_bytes + 1)
-            if len(data) > limits.max_upload_bytes:
-                raise HTTPException(413, f"{upload.filename}: larger than {limits.max_upload_bytes} bytes")
-            uploads.append((upload.filename or "upload", data))
+            raise HTTPException(413, f"{len(images)} images; at most {limits.max_images} per request (max_images)")
         decider = Decider(top_k, threshold)
-        results: list[dict] = [{"image": name} for name, _ in uploads]
-        with lock:
-            batches = model.predict_batches([data for _, data in uploads], names, attention=heatmaps)
-            for batch in batches:
-                for index, message in batch.failed.items():
-                    results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
-                for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
-                    result = results[index]
-                    result["scores"] = {label: round(float(s), 6) for label, s in zip(names, scores)}
-                    chosen = decider(names, scores) if decider.active else None
-                    if chosen is not None:
-                        result["labels"] = chosen
-                    if heatmaps:
-                        drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
-                        image = load_image(uploads[index][1])
-                        result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
-                                                                          model.image_tower.preprocess))
-                                              for label in drawn}
+        with gate.admitted():
+            uploads = [read_upload(upload, limits) for upload in images]
+            results: list[dict] = [{"image": name} for name, _ in uploads]
+            with gate.model(deadline, limits), \
+                    closing(model.predict_batches([data for _, data in uploads], names, attention=heatmaps)) as batches:
+                for batch in batches:
+                    for index, message in batch.failed.items():
+                        results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
+                    for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
+                        result = results[index]
+                        result["scores"] = {label: round(float(s), 6) for label, s in zip(names, scores)}
+                        chosen = decider(names, scores) if decider.active else None
+                        if chosen is not None:
+                            result["labels"] = chosen
+                        if heatmaps:
+                            drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
+                            image = load_image(uploads[index][1], limits.max_image_pixels)
+                            result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
+                                                                              model.image_tower.preprocess))
+                                                  for label in drawn}
+                    if time.monotonic() > deadline:  # closing() stops the decoding of the batches left
+                        raise HTTPException(408, f"not finished within {limits.max_request_seconds} s (max_request_seconds):"
+                                                 " send fewer images or labels")
         return {"results": results}
 
     @app.exception_handler(ClipDecoderError)

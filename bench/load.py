@@ -1,0 +1,142 @@
+"""The HTTP service under concurrent load: latency percentiles, throughput and the server's memory.
+
+Starts `clip-decoder serve` on a free loopback port (its own process), then sends ``--requests``
+requests, ``--concurrency`` at a time (httpx from a thread pool), the same mix as
+tests/test_load.py: 7 in 10 good (one test image, ``--labels`` of the model's training labels),
+then one with too many labels (422), one oversized upload (413) and one adding a broken image
+(200, that image reported). Latencies are of the good requests; throughput counts all of them.
+Memory is the server's: VmRSS after a warm-up and after the run, and its peak (VmHWM).
+Run: python bench/load.py [--model models/openclipart-default] [--requests 500] [--concurrency 16] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine, shown, write_section  # noqa: E402
+
+from clip_decoder.data.folder import read_part  # noqa: E402
+
+MAX_LABELS, MAX_UPLOAD_BYTES = 100, 2**20  # the server's limits in this run, so that the bad requests are cheap
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def planned(i: int, pictures: list[tuple[str, bytes]], labels: list[str]) -> tuple[str, dict]:
+    """Request ``i``: its kind and the keyword arguments of its POST."""
+    name, data = pictures[i % len(pictures)]
+    kind = {7: "too many labels", 8: "oversized upload", 9: "with a broken image"}.get(i % 10, "good")
+    files = [("images", (name, data, "image/png"))]
+    if kind == "too many labels":
+        labels = [f"label {n}" for n in range(MAX_LABELS + 1)]
+    elif kind == "oversized upload":
+        files = [("images", ("huge.png", bytes(MAX_UPLOAD_BYTES + 1), "image/png"))]
+    elif kind == "with a broken image":
+        files.append(("images", ("broken.png", b"\x89PNG not really", "image/png")))
+    return kind, {"files": files, "data": {"labels": ",".join(labels)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/openclipart-default"), help="model folder to serve")
+    parser.add_argument("--data", type=Path, default=Path("data/openclipart"), help="benchmark folder (its test images)")
+    parser.add_argument("--images", type=int, default=32, help="distinct test images the requests cycle through")
+    parser.add_argument("--labels", type=int, default=20, help="labels per good request (the model's first training labels)")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args()
+    if not (args.data / "test.csv").is_file():
+        sys.exit(f"error: no benchmark folder at {args.data}; build it with `make demo` or"
+                 f" `clip-decoder data openclipart --out {args.data}`")
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"error: no model folder at {args.model}; train one with `make demo`")
+
+    labels = json.loads((args.model / "config.json").read_text())["labels"][: args.labels]
+    pictures = [(sample.image.name, sample.image.read_bytes()) for sample in read_part(args.data, "test")[: args.images]]
+    plans = [planned(i, pictures, labels) for i in range(args.requests)]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "clip_decoder", "serve", "--model", str(args.model), "--port", str(port),
+                               "--max-labels", str(MAX_LABELS), "--max-upload-mb", str(MAX_UPLOAD_BYTES / 2**20),
+                               "--max-queue", str(args.concurrency)])
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          limits=httpx.Limits(max_connections=args.concurrency, keepalive_expiry=2)) as client, \
+                ThreadPoolExecutor(args.concurrency) as pool:
+            while True:  # the server loads its model first
+                try:
+                    client.get("/health")
+                    break
+                except httpx.TransportError:
+                    if server.poll() is not None:
+                        sys.exit(f"error: the server exited with code {server.returncode}")
+                    time.sleep(0.2)
+
+            def send(plan: tuple[str, dict]) -> tuple[str, float, int]:
+                start = time.perf_counter()
+                response = client.post("/v1/predict", **plan[1])
+                return plan[0], time.perf_counter() - start, response.status_code
+
+            list(pool.map(send, plans[: 2 * args.concurrency]))  # warm-up: vocabulary cache, threads, allocator
+            rss_warm = rss_mb(server.pid)
+            start = time.perf_counter()
+            answers = list(pool.map(send, plans))
+            seconds = time.perf_counter() - start
+            rss_after, rss_peak = rss_mb(server.pid), rss_mb(server.pid, "VmHWM")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    good = [latency for kind, latency, status in answers if kind == "good" and status == 200]
+    p50, p90, p99 = (1000 * float(np.percentile(good, q)) for q in (50, 90, 99))
+    statuses = Counter((kind, status) for kind, _, status in answers)
+    answered = ", ".join(f"{kind} {status}: {count}" for (kind, status), count in sorted(statuses.items()))
+    errors = sum(count for (_, status), count in statuses.items() if status >= 500)
+    command = (f"python bench/load.py --model {shown(args.model)} --data {shown(args.data)} --images {args.images}"
+               f" --labels {args.labels} --requests {args.requests} --concurrency {args.concurrency}")
+    table = "\n".join([
+        "## HTTP service under load (CPU, loopback)",
+        "",
+        f"Command: `{command}`; {machine()}; the clients share the machine's cores with the server.",
+        f"`clip-decoder serve` (own process, one inference at a time) around `{shown(args.model)}`; {args.requests} requests,"
+        f" {args.concurrency} at a time, cycling through {len(pictures)} test images of `{shown(args.data)}` (one per request)"
+        f" with {len(labels)} labels. 7 in 10 are good, then one each with {MAX_LABELS + 1} labels, an oversized upload and an"
+        " added broken image. Latency is per good request, client side, queueing included.",
+        "",
+        "| requests | concurrency | p50 ms | p90 ms | p99 ms | requests / s | 5xx | server RSS after warm-up → after (MiB) | server peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {args.requests} | {args.concurrency} | {p50:.0f} | {p90:.0f} | {p99:.0f} | {args.requests / seconds:.1f} | {errors} |"
+        f" {rss_warm:,.0f} → {rss_after:,.0f} | {rss_peak:,.0f} |",
+        "",
+        f"Answers (kind status: count): {answered}.",
+    ])
+    print(table)
+    if not args.no_write:
+        write_section("load", table)
+
+
+if __name__ == "__main__":
+    main()

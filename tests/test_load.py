@@ -1,0 +1,177 @@
+"""The service under load and attack on loopback: real uvicorn, concurrent clients, slow and huge bodies."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.serve import Limits, create_app
+
+REQUESTS, CONCURRENCY = 500, 16
+LABEL_SETS = [["red", "green", "blue", "yellow", "white", "black"], ["cat", "red car", "black"], ["white"]]
+LIMITS = Limits(max_labels=8, max_upload_bytes=50_000)
+RSS_GROWTH_MB = 32  # allowed growth of this process (server and clients) over the 500 requests
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free loopback port, in a thread; yield its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def pooled(base: str, connections: int) -> httpx.Client:
+    """A client whose idle connections expire before uvicorn's 5 s keep-alive would close them under it."""
+    return httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=connections, keepalive_expiry=2))
+
+
+def rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return CLIPDecoder.from_pretrained(trained[0])
+
+
+@pytest.fixture(scope="module")
+def pictures(tiny_dataset, cat_photo) -> list[tuple[str, bytes]]:
+    return [(cat_photo.name, cat_photo.read_bytes())] + [
+        (path.name, path.read_bytes()) for path in sorted((tiny_dataset / "images").glob("test-*.png"))[:3]]
+
+
+def planned(i: int, pictures: list[tuple[str, bytes]]) -> dict:
+    """Request ``i`` of the load: 7 in 10 good, then too many labels, an oversized upload, a broken image."""
+    name, data = pictures[i % len(pictures)]
+    labels = LABEL_SETS[i % len(LABEL_SETS)]
+    kind = {7: "labels", 8: "upload", 9: "broken"}.get(i % 10, "good")
+    files = [("images", (name, data, "application/octet-stream"))]
+    if kind == "labels":
+        labels = [f"label {n}" for n in range(LIMITS.max_labels + 1)]
+    elif kind == "upload":
+        files = [("images", ("huge.png", bytes(LIMITS.max_upload_bytes + 1), "image/png"))]
+    elif kind == "broken":
+        files.append(("images", ("broken.png", b"\x89PNG not really", "image/png")))
+    return {"kind": kind, "picture": i % len(pictures), "labels": labels, "files": files}
+
+
+def test_500_requests_16_at_a_time(model, pictures):
+    expected = {(p, tuple(labels)): model.predict([data], labels)[0]
+                for p, (_, data) in enumerate(pictures) for labels in LABEL_SETS}
+    plans = [planned(i, pictures) for i in range(REQUESTS)]
+
+    def send(client: httpx.Client, plan: dict) -> tuple[float, httpx.Response]:
+        start = time.perf_counter()
+        response = client.post("/v1/predict", files=plan["files"], data={"labels": ",".join(plan["labels"])})
+        return time.perf_counter() - start, response
+
+    with serving(create_app(model, LIMITS)) as base, \
+            pooled(base, CONCURRENCY) as client, \
+            ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(lambda plan: send(client, plan), plans[: 2 * CONCURRENCY]))  # warm-up: threads, allocator
+        rss_before = rss_mb()
+        start = time.perf_counter()
+        answers = list(pool.map(lambda plan: send(client, plan), plans))
+        seconds = time.perf_counter() - start
+        rss_after = rss_mb()
+
+    statuses = [response.status_code for _, response in answers]
+    assert not [status for status in statuses if status >= 500]
+    for plan, (_, response) in zip(plans, answers):
+        if plan["kind"] == "labels":
+            assert response.status_code == 422 and "max_labels" in response.text
+        elif plan["kind"] == "upload":
+            assert response.status_code == 413 and "max_upload_bytes" in response.text
+        else:
+            assert response.status_code == 200
+            results = response.json()["results"]
+            scores = results[0]["scores"]
+            assert list(scores) == plan["labels"]
+            np.testing.assert_allclose(list(scores.values()), expected[plan["picture"], tuple(plan["labels"])], atol=1e-5)
+            if plan["kind"] == "broken":
+                assert "broken.png" in results[1]["error"] and "scores" not in results[1]
+    assert rss_after - rss_before < RSS_GROWTH_MB
+    p50, p90, p99 = (np.percentile([latency for latency, _ in answers], q) * 1000 for q in (50, 90, 99))
+    print(f"\n{REQUESTS} requests, {CONCURRENCY} at a time: p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms,"
+          f" {REQUESTS / seconds:.0f} requests/s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB (peak {rss_mb('VmHWM'):.0f})")
+
+
+class Slow:
+    """A model that takes at least ``seconds`` per request (so that requests pile up)."""
+
+    def __init__(self, model, seconds: float) -> None:
+        self.model, self.seconds = model, seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def predict_batches(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        yield from self.model.predict_batches(*args, **kwargs)
+
+
+def test_a_flood_gets_429s_with_retry_after_and_no_errors(model, pictures):
+    name, data = pictures[0]
+    with serving(create_app(Slow(model, 0.05), Limits(max_queue=2))) as base, \
+            pooled(base, 64) as client, \
+            ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(lambda _: client.post("/v1/predict", files=[("images", (name, data, "image/png"))],
+                                                       data={"labels": "red,cat"}), range(128)))
+    statuses = {response.status_code for response in answers}
+    assert statuses == {200, 429}
+    assert all(int(response.headers["retry-after"]) >= 1 and "max_queue" in response.text
+               for response in answers if response.status_code == 429)
+
+
+def raw_reply(port: int, request: bytes) -> tuple[float, bytes]:
+    """Send raw bytes on a fresh connection and read the reply; return the seconds it took and the reply."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        reply = b""
+        while not (b"\r\n\r\n" in reply and reply.endswith(b"}")):
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return time.monotonic() - start, reply
+
+
+def test_slow_and_huge_bodies_are_cut_off_early(model):
+    def head(length: int) -> bytes:
+        return (f"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {length}\r\n\r\n").encode()
+
+    with serving(create_app(model, Limits(max_request_seconds=1.0, max_body_bytes=100_000))) as base:
+        port = httpx.URL(base).port
+        seconds, reply = raw_reply(port, head(10**10))  # declares 10 GB and sends none of it
+        assert reply.startswith(b"HTTP/1.1 413") and b"max_body_bytes" in reply and seconds < 1
+        seconds, reply = raw_reply(port, head(1000) + b"--b\r\n")  # then stalls
+        assert reply.startswith(b"HTTP/1.1 408") and b"max_request_seconds" in reply and 0.9 < seconds < 5
+        assert httpx.get(base + "/health").json()["status"] == "ok"  # still serving

@@ -1,0 +1,115 @@
+"""Scaling out: torchrun DDP gives one process's model, end-to-end fine-tuning, accumulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HEAD
+from safetensors.torch import load_file
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.cli import main
+from clip_decoder.data.folder import read_split
+from clip_decoder.evaluate import evaluate_model
+from clip_decoder.train import TrainConfig, Trainer
+
+# Dropout off: with it each rank draws its own masks, so 1 and 2 processes would train with
+# different noise (as two seeds do); everything else must agree to floating-point noise.
+TOLERANCE = 1e-4  # on weights, and on metrics in percent points
+
+
+def train_args(data, clip_dir, out, cache, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--split", str(data / "split.json"), "--out", str(out),
+            "--backbone", f"hf:{clip_dir}", "--epochs", "3", "--batch-size", "8", "--val-fraction", "0.25",
+            "--cache", str(cache), "--dropout", "0", *HEAD, *extra]
+
+
+def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_dataset, tiny_clip_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_dataset, tiny_clip_dir, one, tmp_path / "cache-one")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+               "-m", "clip_decoder", *train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache-two")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for key in weights_one:
+        torch.testing.assert_close(weights_two[key], weights_one[key], atol=TOLERANCE, rtol=0)
+    split = read_split(tiny_dataset / "split.json")
+    metrics = [evaluate_model(CLIPDecoder.from_pretrained(out), tiny_dataset, split, tmp_path / "cache-one",
+                              progress=False) for out in (one, two)]
+    for part in ("zsl", "gzsl"):
+        for name, value in metrics[0][part].items():
+            assert abs(metrics[1][part][name] - value) <= TOLERANCE, (part, name)
+
+    # Each distinct image went through the tower once, split between the two ranks.
+    summary_one, summary_two = (json.loads((out / "training.json").read_text()) for out in (one, two))
+    entries = list((tmp_path / "cache-two").glob("features/*/*.safetensors"))
+    assert summary_two["processes"] == 2 and len(summary_two["images_encoded_per_process"]) == 2
+    assert sum(summary_two["images_encoded_per_process"]) == len(entries) == sum(summary_one["images_encoded_per_process"])
+    assert min(summary_two["images_encoded_per_process"]) > 0
+    assert not (two / "checkpoint.safetensors").exists()
+
+
+def test_batch_size_must_split_evenly_into_micro_batches():
+    with pytest.raises(Exception, match="multiple of --accumulate"):
+        TrainConfig(batch_size=10, accumulate=4)
+
+
+def test_accumulating_micro_batches_gives_the_gradient_of_the_whole_batch(tiny_clip_dir):
+    """ASL is a mean over images, so two half batches give one whole batch's step (the alignment
+    loss's negatives are per micro-batch, so it is off here)."""
+    config = TrainConfig(batch_size=8, clip_weight=0.0, head={"dim": 32, "heads": 4, "ffn_dim": 64, "dropout": 0.0})
+    tokens, labels = torch.randn(8, 17, 24), torch.randn(4, 24)
+    targets, sentences = (torch.rand(8, 4) > 0.5).float(), torch.randn(8, 24)
+    states = []
+    for accumulate in (1, 2):
+        torch.manual_seed(0)
+        model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", **config.head)
+        trainer = Trainer(model, TrainConfig(**{**config.__dict__, "accumulate": accumulate}), total_steps=4)
+        losses = trainer.step(tokens, labels, targets, sentences)
+        states.append((losses["cls"], {k: v.clone() for k, v in model.head.state_dict().items()}))
+    assert states[0][0] == pytest.approx(states[1][0], rel=1e-5)
+    for key, value in states[0][1].items():
+        torch.testing.assert_close(states[1][1][key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_fine_tuning_the_image_tower_end_to_end_lowers_the_loss_and_saves_the_tower(tiny_dataset, tiny_clip_dir,
+                                                                                      tmp_path):
+    out = tmp_path / "finetuned"
+    args = train_args(tiny_dataset, tiny_clip_dir, out, tmp_path / "cache", "--finetune-image-tower",
+                      "--tower-lr", "1e-3", "--accumulate", "2")
+    args[args.index("--epochs") + 1] = "6"
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_tower_trained"] is True
+    saved = load_file(out / "model.safetensors")
+    tuned = CLIPDecoder.from_pretrained(out)
+    untouched = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}")
+    # The tower's weights were trained, saved, and are what loading gives back.
+    key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+    assert not torch.equal(saved[f"image_tower.{key}"], untouched.image_tower.state_dict()[key])
+    assert torch.equal(tuned.image_tower.state_dict()[key], saved[f"image_tower.{key}"])
+    # A fine-tuned tower never reuses the frozen tower's cached features.
+    from clip_decoder.features import FeatureCache
+
+    assert FeatureCache(tuned.image_tower, tmp_path / "c").folder.name != FeatureCache(untouched.image_tower,
+                                                                                      tmp_path / "c").folder.name
+
+
+def test_tower_blocks_trains_only_the_last_blocks(tiny_clip_dir):
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    Trainer(model, TrainConfig(finetune_image_tower=True, tower_blocks=2), total_steps=1)
+    blocks = model.image_tower.trainable_blocks()
+    trains = [all(p.requires_grad for p in block.parameters()) for block in blocks]
+    assert trains == [False] * (len(blocks) - 2) + [True, True]
+    assert not any(p.requires_grad for p in model.text_tower.parameters())
