@@ -126,3 +126,18 @@ def test_unknown_packaged_split_and_pipe_in_a_name(coco, tmp_path):
     train = dump(tmp_path / "pipe.json", instances({"a.jpg": ["a|b"]}, categories=("a|b",)))
     with pytest.raises(ClipDecoderError, match=r"cannot contain '\|'.*a\|b"):
         convert_coco(train, tmp_path, train, tmp_path, tmp_path / "out", split=None)
+
+
+def test_cli_converts_coco_with_the_packaged_split(coco, tmp_path, capsys):
+    from clip_decoder.cli import main
+
+    train, train_images, test, test_images = coco
+    out = tmp_path / "cli"
+    assert main(["data", "coco", "--train-json", str(train), "--train-images", str(train_images), "--test-json",
+                 str(test), "--test-images", str(test_images), "--out", str(out)]) == 0
+    assert "train.csv 4 images, test.csv 2 images" in capsys.readouterr().out
+    assert labels_by_file(out, "test") == {"000000000139.jpg": {"tv", "couch", "person"}, "000000000285.jpg": {"bear"}}
+    assert read_split(out / "split.json") == OV
+    assert main(["data", "coco", "--train-json", str(tmp_path / "absent.json"), "--train-images", str(train_images),
+                 "--test-json", str(test), "--test-images", str(test_images), "--out", str(out)]) == 2
+    assert "absent.json" in capsys.readouterr().err

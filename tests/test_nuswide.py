@@ -222,3 +222,16 @@ def test_bad_csv_rows_name_file_and_line(tmp_path, rows, message):
 def test_missing_csv_is_named(tmp_path):
     with pytest.raises(ClipDecoderError, match="nus_wid_data.csv does not exist"):
         convert_nuswide_csv(tmp_path / "nus_wid_data.csv", tmp_path / "out")
+
+
+def test_cli_converts_both_nuswide_forms(tmp_path, capsys):
+    from clip_decoder.cli import main
+
+    root = replica(tmp_path / "NUS-WIDE")
+    assert main(["data", "nuswide", "--root", str(root), "--out", str(tmp_path / "a")]) == 0
+    assert labels_by_path(tmp_path / "a", "test", root)["Flickr/dog/0005_2.jpg"] == {"nikon", "dog", "sky"}
+    (tmp_path / "nus").mkdir()
+    (tmp_path / "nus" / "data.csv").write_text(CSV, encoding="utf-8")
+    assert main(["data", "nuswide-csv", "--csv", str(tmp_path / "nus" / "data.csv"), "--out", str(tmp_path / "b")]) == 0
+    assert "train.csv 2 images, test.csv 3 images" in capsys.readouterr().out
+    assert read_split(tmp_path / "b" / "split.json").unseen == packaged_unseen()

@@ -33,9 +33,9 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(train_args(tiny_dataset, tiny_clip_dir, one, tmp_path / "cache-one")) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "clip_decoder", *train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache-two")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")

@@ -210,6 +210,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert COCO or NUS-WIDE annotations to a dataset folder with a label split."""
+    from .data.coco import convert_coco
+    from .data.folder import read_split
+    from .data.nuswide import convert_nuswide, convert_nuswide_csv
+
+    if args.builder == "coco":
+        split = None if args.split == "none" else (read_split(args.split) if args.split.endswith(".json") else args.split)
+        counts = convert_coco(args.train_json, args.train_images, args.test_json, args.test_images, args.out, split)
+    elif args.builder == "nuswide":
+        counts = convert_nuswide(args.root, args.out, args.images)
+    else:
+        counts = convert_nuswide_csv(args.csv, args.out, args.images, read_split(args.split) if args.split else None)
+    print(f"wrote {args.out}: " + ", ".join(f"{part}.csv {n} images" for part, n in counts.items()))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Train and evaluate CLIP-Decoder and the baselines over seeds and label splits."""
     import time
@@ -371,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
     evaluate.set_defaults(run=cmd_evaluate)
 
-    data = commands.add_parser("data", help="build benchmark datasets")
+    data = commands.add_parser("data", help="build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders")
     builders = data.add_subparsers(dest="builder", required=True, metavar="DATASET")
     openclipart = builders.add_parser(
         "openclipart", help="multi-label clip art from Debian's openclipart-svg",
@@ -383,6 +400,41 @@ def build_parser() -> argparse.ArgumentParser:
     openclipart.add_argument("--image-size", type=int, default=256, help="longest side of the PNGs (default 256)")
     openclipart.add_argument("--min-images", type=int, default=15, help="keep labels with at least this many images (default 15)")
     openclipart.set_defaults(run=cmd_data)
+
+    coco = builders.add_parser(
+        "coco", help="convert COCO instances JSON (labels: the categories annotated in each image)",
+        description="Write OUT/train.csv and test.csv (image paths relative to OUT; the images stay where they are)"
+        " and OUT/split.json from COCO instances files, e.g. instances_train2017.json and instances_val2017.json.")
+    coco.add_argument("--train-json", required=True, metavar="FILE")
+    coco.add_argument("--train-images", required=True, metavar="DIR", help="folder of the training images (train2017/)")
+    coco.add_argument("--test-json", required=True, metavar="FILE")
+    coco.add_argument("--test-images", required=True, metavar="DIR", help="folder of the test images (val2017/)")
+    coco.add_argument("--split", default="48/17", metavar="NAME_OR_JSON",
+                      help="label split: 48/17 (the open-vocabulary split, default), a split JSON file, or none")
+    coco.add_argument("--out", required=True, metavar="DIR")
+    coco.set_defaults(run=cmd_convert)
+
+    nuswide = builders.add_parser(
+        "nuswide", help="convert NUS-WIDE as distributed (image lists, 1k tags, 81 concept labels)",
+        description="Write OUT/train.csv, test.csv and split.json for the NUS-WIDE zero-shot protocol: training"
+        " images labelled with their tags minus the 81 concepts (925 seen labels), test images with those tags"
+        " plus their 81-concept ground truth (the unseen labels).")
+    nuswide.add_argument("--root", required=True, metavar="DIR",
+                         help="folder holding ImageList/, NUS_WID_Tags/, Groundtruth/ and Concepts81.txt")
+    nuswide.add_argument("--images", metavar="DIR", help="the Flickr image folder (default ROOT/Flickr)")
+    nuswide.add_argument("--out", required=True, metavar="DIR")
+    nuswide.set_defaults(run=cmd_convert)
+
+    nuswide_csv = builders.add_parser(
+        "nuswide-csv", help="convert the single-CSV NUS-WIDE form ML-Decoder's users have",
+        description="Read a CSV of image path, label list and split (train / val; val is the test part) and write"
+        " OUT/train.csv, test.csv and split.json (unseen: the 81 concepts, unless --split is given).")
+    nuswide_csv.add_argument("--csv", required=True, metavar="FILE")
+    nuswide_csv.add_argument("--images", metavar="DIR", help="folder the CSV's image paths are relative to"
+                             " (default: the CSV's folder)")
+    nuswide_csv.add_argument("--split", metavar="JSON", help="a label split JSON (default: the 81 concepts unseen)")
+    nuswide_csv.add_argument("--out", required=True, metavar="DIR")
+    nuswide_csv.set_defaults(run=cmd_convert)
 
     bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
                                 description="Train and evaluate each method for each seed and label split on one"
