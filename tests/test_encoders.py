@@ -122,3 +122,17 @@ def test_preprocess_from_transformers_config(config, expected):
     preprocess = preprocess_from_config(config)
     assert (preprocess.image_size, preprocess.resize_size, preprocess.resample) == expected
     assert preprocess.mean == tuple(config["image_mean"])
+
+
+def test_hf_refuses_a_folder_with_pickled_weights_only(tmp_path, tiny_clip_dir):
+    """Hub towers load from safetensors only: torch.load of a .bin could run code."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_clip_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ClipDecoderError, match="cannot load hf model"):
+        create_backbone(f"hf:{folder}")

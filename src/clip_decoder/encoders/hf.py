@@ -119,7 +119,8 @@ def hf_backbone(model_id: str | None) -> Backbone:
 
     try:
         with quiet_loading():
-            model = AutoModel.from_pretrained(model_id)
+            # safetensors only: a folder or repo offering pickled weights alone is refused.
+            model = AutoModel.from_pretrained(model_id, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(model_id)
         with open(cached_file(model_id, "preprocessor_config.json"), encoding="utf-8") as f:
             preprocess = preprocess_from_config(json.load(f))
