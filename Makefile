@@ -48,7 +48,7 @@ photos: install system-packages
 	$(BIN)/clip-decoder predict --model $(MODEL) --labels "$(VOCABULARY)" $(PHOTOS)
 
 # Rewrites the tables in docs/BENCHMARKS.md (about 25 min on 2 cores; the data as for demo).
-BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality
+BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality load
 bench: install system-packages $(DATA)/stats.json
 	@for script in $(BENCH_SCRIPTS); do echo "== bench/$$script.py"; $(BIN)/python bench/$$script.py --data $(DATA) || exit 1; done
 

@@ -107,6 +107,16 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, cat_photo, capsys):
     assert errors == [f"error: model folder {tmp_path / 'nope'} does not exist", "error: no labels given", "error: no images given"]
 
 
+def test_an_unwritable_output_path_is_one_line_naming_it(trained, tiny_dataset, tmp_path, capsys):
+    out, cache, _ = trained
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"),
+                 "--json", str(blocker / "metrics.json"), "--cache", str(cache)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == [f"error: [Errno 20] Not a directory: '{blocker / 'metrics.json'}'"]
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
 def test_help(argv):
     result = subprocess.run([sys.executable, "-m", "clip_decoder", *argv], capture_output=True, text=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -35,8 +36,15 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "clip_decoder", *train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache-two")]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Its own process group, so that a hang kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
 
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()

@@ -456,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ClipDecoderError as error:  # one line, no traceback, even for messages that quote several
+    except (ClipDecoderError, OSError) as error:  # one line, no traceback, even for messages that quote several
+        # OSError: a path the user gave that cannot be written or read (its message names it).
         print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)
         return 2
 
