@@ -30,13 +30,12 @@ def train_args(data, clip_dir, out, cache, *extra) -> list[str]:
             "--cache", str(cache), "--dropout", "0", *HEAD, *extra]
 
 
-def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_dataset, tiny_clip_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(train_args(tiny_dataset, tiny_clip_dir, one, tmp_path / "cache-one")) == 0
+def torchrun(args: list[str], processes: int = 2) -> None:
+    """``torchrun --standalone --nproc_per_node N -m clip_decoder ARGS`` in its own process group,
+    so that a hang kills torchrun's workers too, not only torchrun."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "clip_decoder", *train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache-two")]
-    # Its own process group, so that a hang kills torchrun's workers too, not only torchrun.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "clip_decoder", *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -45,6 +44,12 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
         os.killpg(process.pid, signal.SIGKILL)
         raise
     assert process.returncode == 0, stderr[-3000:]
+
+
+def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_dataset, tiny_clip_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_dataset, tiny_clip_dir, one, tmp_path / "cache-one")) == 0
+    torchrun(train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache-two"))
 
     weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert weights_one.keys() == weights_two.keys()
@@ -64,6 +69,21 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
     assert sum(summary_two["images_encoded_per_process"]) == len(entries) == sum(summary_one["images_encoded_per_process"])
     assert min(summary_two["images_encoded_per_process"]) > 0
     assert not (two / "checkpoint.safetensors").exists()
+
+
+def test_torchrun_fine_tuning_the_tower_matches_one_process(tiny_dataset, tiny_clip_dir, tmp_path):
+    """End to end under DDP: decoded images sharded, the tower's gradients averaged, validation
+    split across ranks and gathered."""
+    finetune = ["--finetune-image-tower", "--tower-lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(train_args(tiny_dataset, tiny_clip_dir, one, tmp_path / "cache", *finetune)) == 0
+    torchrun(train_args(tiny_dataset, tiny_clip_dir, two, tmp_path / "cache", *finetune))
+    weights_one, weights_two = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert any(key.startswith("image_tower.") for key in weights_one) and weights_one.keys() == weights_two.keys()
+    for key in weights_one:
+        torch.testing.assert_close(weights_two[key], weights_one[key], atol=TOLERANCE, rtol=0)
+    logs = [[json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] for out in (one, two)]
+    assert [r["val_mAP_seen"] for r in logs[0]] == pytest.approx([r["val_mAP_seen"] for r in logs[1]], abs=TOLERANCE)
 
 
 def test_batch_size_must_split_evenly_into_micro_batches():
