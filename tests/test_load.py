@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+
+from conftest import serving
 
 from clip_decoder import CLIPDecoder
 from clip_decoder.serve import Limits, create_app
@@ -22,26 +20,6 @@ REQUESTS, CONCURRENCY = 500, 16
 LABEL_SETS = [["red", "green", "blue", "yellow", "white", "black"], ["cat", "red car", "black"], ["white"]]
 LIMITS = Limits(max_labels=8, max_upload_bytes=50_000)
 RSS_GROWTH_MB = 32  # allowed growth of this process (server and clients) over the 500 requests
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port, in a thread; yield its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def pooled(base: str, connections: int) -> httpx.Client:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 import urllib.request
 
 import pytest
+
+from conftest import serving
 
 from clip_decoder import CLIPDecoder
 from clip_decoder.serve import create_app
@@ -20,22 +19,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def server(tiny_clip_dir):
     """The app around a tiny model, served by uvicorn on a free loopback port."""
-    import uvicorn
-
     model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(model)) as base:
+        yield base
 
 
 def api_scores(base: str, image_path, labels: str) -> dict:
