@@ -141,3 +141,14 @@ def test_tower_blocks_trains_only_the_last_blocks(tiny_clip_dir):
     trains = [all(p.requires_grad for p in block.parameters()) for block in blocks]
     assert trains == [False] * (len(blocks) - 2) + [True, True]
     assert not any(p.requires_grad for p in model.text_tower.parameters())
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_every_trainable_tower_block_gets_a_gradient_from_the_tokens(kind, tiny_clip_dir, tiny_siglip_dir):
+    """DDP needs a gradient for every trainable parameter; the loss sees the tower only through its tokens."""
+    folder = tiny_clip_dir if kind == "clip" else tiny_siglip_dir
+    model = CLIPDecoder.create(backbone=f"hf:{folder}", dim=32, heads=4, ffn_dim=64)
+    blocks = torch.nn.ModuleList(model.image_tower.trainable_blocks())
+    blocks.requires_grad_(True)
+    model.image_tower(torch.randn(2, 3, 32, 32)).tokens.square().sum().backward()
+    assert all(p.grad is not None for p in blocks.parameters())

@@ -62,9 +62,10 @@ class HFImageTower(nn.Module):
     def trainable_blocks(self) -> list[nn.Module]:
         """The tower in training order, input to output: embeddings, each layer, final norms."""
         vision = self.vision_model
-        # CLIP's pre-norm (spelled pre_layrnorm by transformers); SigLIP's attention-pooling head.
+        # CLIP's pre-norm is spelled pre_layrnorm by transformers. SigLIP's attention-pooling head
+        # is left out: the tokens do not go through it, so it would get no gradient.
         starts = [m for m in (vision.embeddings, getattr(vision, "pre_layrnorm", None)) if m is not None]
-        ends = [m for m in (vision.post_layernorm, getattr(vision, "head", None), self.projection) if m is not None]
+        ends = [m for m in (vision.post_layernorm, self.projection) if m is not None]
         return [nn.ModuleList(starts), *vision.encoder.layers, nn.ModuleList(ends)]
 
     def forward(self, pixels: torch.Tensor) -> ImageFeatures:
