@@ -263,7 +263,7 @@ class Trainer:
         self.device = model.device
         objective = Objective(model, config)
         self.objective = objective if world.size == 1 else nn.parallel.DistributedDataParallel(
-            objective, device_ids=[self.device.index] if self.device.type == "cuda" else None, forward_sync_buffers=False)
+            objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def step(self, inputs: torch.Tensor, label_embeddings: torch.Tensor, targets: torch.Tensor,
              sentence_embeddings: torch.Tensor) -> dict[str, float]:
