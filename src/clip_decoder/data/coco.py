@@ -9,7 +9,6 @@ and training already treats labels outside ``split.seen`` as neither positive no
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -17,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ClipDecoderError
-from .folder import LabelSplit, read_split
+from .folder import LabelSplit, read_split, write_part
 
 # Packaged label splits: the open-vocabulary COCO split of Bansal et al. (ECCV 2018) as used by
 # OVR-CNN and the open-vocabulary detection literature, 48 seen and 17 unseen categories.
@@ -78,9 +77,6 @@ def write_folder(out: str | Path, parts: dict[str, Iterable[Row]], split: LabelS
     """Write ``<part>.csv`` per part (image paths relative to ``out``) and ``split.json``; return images per part."""
     out = Path(out)
     parts = {part: list(rows) for part, rows in parts.items()}
-    bad = sorted({label for rows in parts.values() for _, labels in rows for label in labels if "|" in label})
-    if bad:
-        raise ClipDecoderError(f"label names cannot contain '|' (the dataset-folder separator): {', '.join(bad)}")
     folders: dict[Path, str] = {}  # relpath once per image folder: per image it dominates the run time
 
     def relative(image: Path) -> str:
@@ -93,10 +89,7 @@ def write_folder(out: str | Path, parts: dict[str, Iterable[Row]], split: LabelS
 
     out.mkdir(parents=True, exist_ok=True)
     for part, rows in parts.items():
-        with (out / f"{part}.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["image", "labels"])
-            writer.writerows((relative(image), "|".join(labels)) for image, labels in rows)
+        write_part(out, part, ((relative(image), labels) for image, labels in rows))
     if split is not None:
         text = json.dumps({"seen": list(split.seen), "unseen": list(split.unseen)}, indent=1, ensure_ascii=False)
         (out / "split.json").write_text(text + "\n", encoding="utf-8")

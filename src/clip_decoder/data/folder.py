@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,18 @@ def read_part(root: str | Path, part: str) -> list[Sample]:
     if not samples:
         raise ClipDecoderError(f"{path}: lists no images")
     return [Sample(root / image, tuple(labels)) for image, labels in samples.items()]
+
+
+def write_part(root: str | Path, part: str, rows: Iterable[tuple[str, Iterable[str]]]) -> None:
+    """Write ``root/<part>.csv``: one ``image,labels`` row per (path relative to root, label names)."""
+    rows = [(image, list(labels)) for image, labels in rows]
+    bad = sorted({label for _, labels in rows for label in labels if "|" in label})
+    if bad:
+        raise ClipDecoderError(f"label names cannot contain '|' (the dataset-folder separator): {', '.join(bad)}")
+    with (Path(root) / f"{part}.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image", "labels"])
+        writer.writerows((image, "|".join(labels)) for image, labels in rows)
 
 
 def read_split(path: str | Path) -> LabelSplit:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -22,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import ClipDecoderError
+from .folder import write_part
 
 DEFAULT_SOURCE = Path("/usr/share/openclipart/svg")
 MAX_SVG_BYTES = 5_000_000
@@ -300,14 +300,6 @@ def _splits(test_labels: list[set[str]], labels: list[str]) -> dict[str, dict[st
     return splits
 
 
-def _write_csv(path: Path, rows: list[tuple[str, set[str]]]) -> None:
-    """Write an ``image,labels`` CSV with labels sorted and joined by ``|``."""
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image", "labels"])
-        writer.writerows((image, "|".join(sorted(labs))) for image, labs in rows)
-
-
 def _write_json(path: Path, obj: object) -> None:
     """Write JSON with sorted keys and a trailing newline."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -321,7 +313,7 @@ def _finish(tmp: Path, labels: dict[str, set[str]], images: dict[str, dict], ski
         part = "test" if int(sha[:8], 16) < TEST_FRACTION * 16**8 else "train"
         rows[part].append((f"images/{sha[:16]}.png", labels[sha]))
     for part, part_rows in rows.items():
-        _write_csv(tmp / f"{part}.csv", part_rows)
+        write_part(tmp, part, ((image, sorted(labs)) for image, labs in part_rows))
     label_counts = Counter(lab for labs in labels.values() for lab in labs)
     (tmp / "splits").mkdir()
     for name, split in _splits([labs for _, labs in rows["test"]], sorted(label_counts)).items():
