@@ -50,6 +50,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]  # the half-written temporary file is removed
 
 
 def test_an_unreadable_checkpoint_is_a_clear_error(tmp_path):

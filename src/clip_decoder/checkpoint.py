@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .errors import ClipDecoderError
 
 _TENSOR, _ITEMS = "__tensor__", "__items__"
@@ -53,11 +54,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, temporary, metadata={"state": json.dumps(skeleton)})
-    with temporary.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    with atomic_write(path, fsync=True) as temporary:
+        save_file(tensors, temporary, metadata={"state": json.dumps(skeleton)})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

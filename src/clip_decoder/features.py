@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
 from .encoders import ImageTower
 from .errors import ClipDecoderError
@@ -97,10 +98,9 @@ class FeatureCache:
         )
 
     def _write(self, entry: Path, tokens: torch.Tensor, pooled: torch.Tensor) -> None:
-        temporary = entry.with_suffix(f".{os.getpid()}.tmp")
-        save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary,
-                  metadata={"source_sha256": entry.stem})
-        os.replace(temporary, entry)
+        with atomic_write(entry) as temporary:
+            save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary,
+                      metadata={"source_sha256": entry.stem})
 
     @torch.inference_mode()
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,

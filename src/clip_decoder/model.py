@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .decoding import DEFAULT_BATCH_SIZE, decoded_batches
 from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
@@ -189,13 +190,11 @@ class CLIPDecoder(nn.Module):
             for prefix, module in self._saved_modules().items()
             for key, value in module.state_dict().items()
         }
-        # Each file is written beside its final name and renamed over it, so a crash never
-        # leaves a half-written file where a reader looks.
-        weights, config = directory / f".{WEIGHTS_FILE}.tmp", directory / f".{CONFIG_FILE}.tmp"
-        save_file(tensors, weights, metadata={"format": "pt"})
-        config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        os.replace(weights, directory / WEIGHTS_FILE)
-        os.replace(config, directory / CONFIG_FILE)
+        # A crash never leaves a half-written file where a reader looks; the weights are
+        # renamed into place first (the inner block ends first).
+        with atomic_write(directory / CONFIG_FILE) as config, atomic_write(directory / WEIGHTS_FILE) as weights:
+            save_file(tensors, weights, metadata={"format": "pt"})
+            config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return directory
 
     @classmethod

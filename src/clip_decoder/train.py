@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.folder import LabelSplit, Sample, target_matrix, training_parts, warn_label_coverage
 from .decoding import decoded_batches
@@ -428,9 +428,8 @@ def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) 
 
 def write_json(path: Path, data: dict) -> None:
     """Write a JSON file atomically (temporary file, then rename)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def train_model(
