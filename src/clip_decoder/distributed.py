@@ -43,13 +43,15 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
-    def mean(self, value: float) -> float:
-        """The mean of a float over ranks."""
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's mean over ranks, in one all-reduce."""
         if self.size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+            return values
+        # NCCL reduces only tensors on the GPU; gloo, tensors on the CPU.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
-        return tensor.item() / self.size
+        return dict(zip(values, (tensor / self.size).tolist()))
 
 
 def init_world() -> World:

@@ -284,7 +284,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.trained)
-        return {key: self.world.mean(value) for key, value in totals.items()}
+        return self.world.mean(totals)
 
     def state_dict(self) -> dict:
         return {"trained": self.trained.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -348,8 +348,10 @@ def fit(
         _set_rng_state(resume["rng"][world.rank])
 
     def save(epoch_generator: torch.Tensor) -> None:
+        if checkpoint is None:  # the same on every rank, so no rank waits in the gather below
+            return
         rng = world.all_gather_objects(_rng_state())
-        if checkpoint is not None and world.is_main:
+        if world.is_main:
             save_checkpoint(checkpoint, {**run, "trainer": trainer.state_dict(), "epoch_generator": epoch_generator,
                                          "rng": rng, "config": asdict(config), "world_size": world.size,
                                          "train_images": len(train.samples)})
