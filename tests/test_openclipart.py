@@ -170,3 +170,64 @@ def test_failed_build_leaves_nothing(source: Path, tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         build_openclipart(tmp_path / "oc", source=source, image_size=32, min_images=2, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_default_source_names_the_package_and_installs_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import clip_decoder.data.openclipart as oc
+
+    def no_subprocess(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the builder must not run a subprocess (apt-get)")
+
+    monkeypatch.setattr(oc, "DEFAULT_SOURCE", tmp_path / "no-such-folder")
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    with pytest.raises(ClipDecoderError, match="openclipart-svg") as error:
+        build_openclipart(tmp_path / "oc", progress=False)
+    assert "apt-get install openclipart-svg" in str(error.value) and "make system-packages" in str(error.value)
+    assert "--source" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tag_tables_load_as_python_types() -> None:
+    from clip_decoder.data import openclipart_tags as tags
+
+    assert isinstance(tags.STOP_TAGS, frozenset) and "magick" in tags.STOP_TAGS
+    assert isinstance(tags.SYNONYMS, dict) and tags.SYNONYMS["automobile"] == "car"
+    assert isinstance(tags.FOLDER_LABELS, dict) and tags.FOLDER_LABELS["housecats"] == "cat"
+    assert tags.IMPLIES["cat"] == ("mammal",) and all(isinstance(p, tuple) for p in tags.IMPLIES.values())
+    assert tags.with_parents({"penguin"}) == {"penguin", "bird", "animal"}
+
+
+def test_hung_or_crashing_render_is_skipped_not_waited_for(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import time
+
+    from clip_decoder.data import svg_render
+
+    real = svg_render.render_svg
+
+    def render(src: Path, dst: Path, size: int) -> str | None:
+        if src.name == "hang.svg":
+            while True:  # a file cairo never finishes: only killing the worker ends it
+                time.sleep(1)
+        if src.name == "crash.svg":
+            os.kill(os.getpid(), signal.SIGKILL)  # dies like a crash inside cairo would
+        return real(src, dst, size)
+
+    monkeypatch.setattr(svg_render, "render_svg", render)  # the forked workers inherit the patch
+    names = ["ok.svg", "hang.svg", "crash.svg", "blank.svg"]
+    bodies = {"blank.svg": svg(["x"], "")}
+    for name in names:
+        (tmp_path / name).write_text(bodies.get(name, svg(["x"])))
+    jobs = [(tmp_path / name, tmp_path / f"{name}.png", 16) for name in names]
+    start = time.monotonic()
+    results = svg_render.render_all(jobs, workers=2, timeout=1.0, progress=False)
+    assert time.monotonic() - start < 30
+    assert results == [None, "render timeout", "render error", "blank render"]
+    assert Image.open(tmp_path / "ok.svg.png").size == (16, 16)
+    assert svg_render.worker_count() >= 1

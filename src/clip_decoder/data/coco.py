@@ -10,19 +10,15 @@ and training already treats labels outside ``split.seen`` as neither positive no
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
 from ..errors import ClipDecoderError
-from .folder import LabelSplit, read_split, write_part
+from .folder import LabelSplit, Row, read_split, write_folder
 
 # Packaged label splits: the open-vocabulary COCO split of Bansal et al. (ECCV 2018) as used by
 # OVR-CNN and the open-vocabulary detection literature, 48 seen and 17 unseen categories.
 PACKAGED_SPLITS = {"48/17": "coco-48-17-split.json"}
-
-Row = tuple[Path, Sequence[str]]
 
 
 def packaged_split(name: str) -> LabelSplit:
@@ -71,29 +67,6 @@ def read_coco(json_path: str | Path, images: str | Path) -> tuple[list[Row], tup
         for image_id, categories in present.items()
     ]
     return rows, tuple(dict.fromkeys(names.values()))
-
-
-def write_folder(out: str | Path, parts: dict[str, Iterable[Row]], split: LabelSplit | None) -> dict[str, int]:
-    """Write ``<part>.csv`` per part (image paths relative to ``out``) and ``split.json``; return images per part."""
-    out = Path(out)
-    parts = {part: list(rows) for part, rows in parts.items()}
-    folders: dict[Path, str] = {}  # relpath once per image folder: per image it dominates the run time
-
-    def relative(image: Path) -> str:
-        if image.parent not in folders:
-            try:
-                folders[image.parent] = os.path.relpath(image.parent, out)
-            except ValueError as error:  # Windows: image and output folder on different drives
-                raise ClipDecoderError(f"cannot write image paths relative to {out}: {error}") from error
-        return os.path.normpath(os.path.join(folders[image.parent], image.name))
-
-    out.mkdir(parents=True, exist_ok=True)
-    for part, rows in parts.items():
-        write_part(out, part, ((relative(image), labels) for image, labels in rows))
-    if split is not None:
-        text = json.dumps({"seen": list(split.seen), "unseen": list(split.unseen)}, indent=1, ensure_ascii=False)
-        (out / "split.json").write_text(text + "\n", encoding="utf-8")
-    return {part: len(rows) for part, rows in parts.items()}
 
 
 def convert_coco(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from ..errors import ClipDecoderError
 
 PARTS = ("train", "val", "test")
 NAMED_IN_WARNINGS = 10  # labels a warning names before it only counts the rest
+
+Row = tuple[Path, Sequence[str]]  # an image path and its label names, as a converter reads them
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,28 @@ def write_part(root: str | Path, part: str, rows: Iterable[tuple[str, Iterable[s
         writer.writerows((image, "|".join(labels)) for image, labels in rows)
 
 
+def write_folder(out: str | Path, parts: dict[str, Iterable[Row]], split: LabelSplit | None) -> dict[str, int]:
+    """Write ``<part>.csv`` per part (image paths relative to ``out``) and ``split.json``; return images per part."""
+    out = Path(out)
+    parts = {part: list(rows) for part, rows in parts.items()}
+    folders: dict[Path, str] = {}  # relpath once per image folder: per image it dominates the run time
+
+    def relative(image: Path) -> str:
+        if image.parent not in folders:
+            try:
+                folders[image.parent] = os.path.relpath(image.parent, out)
+            except ValueError as error:  # Windows: image and output folder on different drives
+                raise ClipDecoderError(f"cannot write image paths relative to {out}: {error}") from error
+        return os.path.normpath(os.path.join(folders[image.parent], image.name))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for part, rows in parts.items():
+        write_part(out, part, ((relative(image), labels) for image, labels in rows))
+    if split is not None:
+        write_split(out / "split.json", split)
+    return {part: len(rows) for part, rows in parts.items()}
+
+
 def read_split(path: str | Path) -> LabelSplit:
     """Read and check a label-split JSON file."""
     path = Path(path)
@@ -104,6 +129,12 @@ def read_split(path: str | Path) -> LabelSplit:
     if overlap:
         raise ClipDecoderError(f"label split {path}: labels both seen and unseen: {', '.join(overlap)}")
     return LabelSplit(**parts)
+
+
+def write_split(path: str | Path, split: LabelSplit) -> None:
+    """Write a label-split JSON file: ``seen`` then ``unseen``, indented by 2, UTF-8, with a final newline."""
+    data = {"seen": list(split.seen), "unseen": list(split.unseen)}
+    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _named(labels: Sequence[str]) -> str:

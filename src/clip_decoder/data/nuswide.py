@@ -20,8 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import ClipDecoderError
-from .coco import Row, write_folder
-from .folder import LabelSplit
+from .folder import LabelSplit, Row, write_folder
 
 _WHITESPACE = b" \t\r\n\v\f"
 # ML-Decoder's CSV names its test part "val".

@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import random
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 from collections import Counter
 from pathlib import Path
 
 from defusedxml import DefusedXmlException, ElementTree
-from PIL import Image
-from tqdm import tqdm
 
 from ..errors import ClipDecoderError
-from .folder import write_part
+from .folder import LabelSplit, write_part, write_split
+from .openclipart_tags import clean_tags, folder_labels, normalise_tag, with_parents
+from .svg_render import render_all, require_cairo
+
+__all__ = ["build_openclipart", "clean_tags"]
 
 DEFAULT_SOURCE = Path("/usr/share/openclipart/svg")
 MAX_SVG_BYTES = 5_000_000
-RENDER_TIMEOUT_S = 60  # the slowest real file takes ~12 s here
 TEST_FRACTION = 0.3
 UNSEEN_FRACTION = 0.25
 MIN_TEST_POSITIVES = 10
@@ -34,135 +30,8 @@ SPLIT_SEEDS = {"default": 0, "second": 1}
 # benchmark with one easy label; keep one in GENERATED_KEEP_ONE_IN, chosen by content hash.
 GENERATED_TAG = "magick"
 GENERATED_KEEP_ONE_IN = 10
-# Rendered once before the workers fork; see build_openclipart.
-_WARM_UP = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><text y="8">a</text></svg>'
 RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
 DC = "{http://purl.org/dc/elements/1.1/}"
-
-# Tags that name nothing a person would see in the picture, compared after normalising:
-# archive and icon-theme bookkeeping, broad categories, authors, places, colours, styles.
-STOP_TAGS: frozenset[str] = frozenset({
-    "hash", "magick", "icon", "theme", "lemon theme icon", "unsorted", "signs and symbols",
-    "special", "openclipart", "stock", "appicon", "application", "action", "menu", "webpage",
-    "mimetypes", "mime types", "filesystem", "desktop", "device", "hardware", "miscellany",
-    "computer", "office", "education", "study", "recreation", "entertainment", "activity",
-    "work", "geography", "science", "organization", "equipment", "festive", "holiday",
-    "transport", "transportation", "place", "sign", "symbol", "shape", "geometry",
-    "gradient", "protein", "carbohydrate", "religion", "security", "international flag",
-    "united nations member", "architetto francesco rollandin",
-    "europe", "america", "north america", "south america", "latin america", "latinamerica",
-    "northamerica", "caribbean", "africa", "asia", "oceania", "australia", "polynesia",
-    "micronesia", "melanesia", "unitedstates", "united kingdom", "france", "spain",
-    "germany", "italy", "canada", "denmark", "brazil", "china", "finland", "norway",
-    "belgium", "arab", "subnational", "state", "country", "region", "world",
-    "astronomy", "christianity", "voip", "dvb", "idea", "creation", "day", "atmosphere",
-    "space", "back", "explode", "destroy",
-    "white", "black", "red", "green", "blue", "gold", "pink", "simple", "bordered",
-    "ornamental", "flat", "cartoon", "cute", "silhouette", "old", "historic", "historical",
-    "bright", "fast", "quick", "sudden", "great",
-})
-
-# Variant -> canonical label (synonyms, other languages, compound tags), after normalising.
-SYNONYMS: dict[str, str] = {
-    "automobile": "car", "auto": "car", "voiture": "car", "hummer": "car",
-    "feline": "cat", "kitten": "cat", "housecat": "cat", "big cat": "cat",
-    "people": "person", "human": "person", "stickman": "stick figure", "stickmen": "stick figure",
-    "smilie": "smiley", "smile": "smiley", "bodypart": "body part",
-    "roadsign": "road sign", "caution": "warning sign", "warning": "warning sign",
-    "hazard": "warning sign", "signalflag": "signal flag", "semaphore": "signal flag",
-    "navy": "signal flag", "card": "playing card", "cardback": "playing card",
-    "jigsaw": "jigsaw puzzle", "callout": "speech bubble", "thought": "speech bubble",
-    "diagram": "flowchart", "mapsym": "pictogram", "map symbol": "pictogram",
-    "aiga symbol": "pictogram", "hotel": "pictogram", "networksym": "network",
-    "coastline": "map", "led": "led light", "lightbulb": "light bulb", "bulb": "light bulb",
-    "beverage": "drink", "juice": "drink", "alcohol": "drink", "icecream": "ice cream",
-    "vegitable": "vegetable", "evergreen": "tree", "sailing": "boat", "boating": "boat",
-    "plane": "airplane", "gun": "weapon", "phone": "telephone", "handphone": "telephone",
-    "musicstuff": "music", "musicsym": "music", "musical": "music",
-    "weathersym": "weather", "valentines": "valentine", "xmas": "christmas",
-    "home": "house", "tux": "penguin", "chess": "chess piece", "arrowshape": "arrow",
-    "moon space": "moon", "lunar": "moon", "internet": "network", "television": "tv",
-    "flourish": "decoration", "gunshot": "bullet hole", "bullethole": "bullet hole",
-    "hole": "bullet hole", "shot": "bullet hole", "bullet": "bullet hole",
-}
-
-# Archive folders that name a concrete concept: every file in (or linked into) one of
-# these folders gets the label. Other folder names (countries, themes) add nothing.
-FOLDER_LABELS: dict[str, str] = {
-    "animals": "animal", "mammals": "mammal", "birds": "bird", "bugs": "insect",
-    "fish": "fish", "dinosaurs": "dinosaur", "housecats": "cat", "big_cats": "cat",
-    "dogs": "dog", "horses": "horse", "penguin": "penguin", "buildings": "building",
-    "homes": "house", "food": "food", "fruit": "fruit", "desserts": "dessert",
-    "beverages": "drink", "vegetables": "vegetable", "plants": "plant", "flowers": "flower",
-    "trees": "tree", "evergreen": "tree", "flags": "flag", "semaphore": "signal flag",
-    "roadsigns": "road sign", "hazard": "warning sign", "clocks": "clock",
-    "weather": "weather", "map_symbols": "pictogram", "aiga-symbols": "pictogram",
-    "smilies": "smiley", "stickmen": "stick figure", "people": "person",
-    "bodypart": "body part", "clothing": "clothing", "hats": "hat", "pantyhose": "clothing",
-    "cards": "playing card", "cardbacks": "playing card", "chess": "chess piece",
-    "toys": "toy", "music": "music", "sports": "sport", "party": "party",
-    "christmas": "christmas", "valentines": "valentine", "stars": "star", "arrows": "arrow",
-    "jigsaw": "jigsaw puzzle", "callouts": "speech bubble", "flowchart": "flowchart",
-    "diagrams": "flowchart", "patterns": "pattern", "buttons": "button", "tools": "tool",
-    "weapons": "weapon", "boating": "boat", "vehicles": "vehicle", "hummers": "car",
-    "books": "book", "telephone": "telephone", "led": "led light", "bulb": "light bulb",
-    "battery": "battery", "furniture": "furniture", "money": "money", "jewelry": "jewelry",
-    "containers": "container", "folders": "folder", "pirates": "pirate", "dice": "dice",
-    "decorations": "decoration", "logos": "logo", "emblems": "emblem", "network": "network",
-}
-
-# A label implies its parents (applied transitively): a cat picture is a mammal picture.
-IMPLIES: dict[str, tuple[str, ...]] = {
-    "cat": ("mammal",), "dog": ("mammal",), "horse": ("mammal",), "mammal": ("animal",),
-    "bird": ("animal",), "penguin": ("bird",), "insect": ("animal",), "fish": ("animal",),
-    "dinosaur": ("animal",), "flower": ("plant",), "tree": ("plant",),
-    "fruit": ("food",), "vegetable": ("food",), "dessert": ("food",),
-    "ice cream": ("dessert",), "car": ("vehicle",), "house": ("building",),
-    "signal flag": ("flag",), "hat": ("clothing",), "stick figure": ("person",),
-    "woman": ("person",),
-}
-
-_TAG_RE = re.compile(r"[a-z]+(?: [a-z]+){0,2}")  # no digits or punctuation, at most 3 words
-# Words the plural rule may singularise into, besides the tags seen in the source.
-_VOCABULARY = (STOP_TAGS | SYNONYMS.keys() | set(SYNONYMS.values())
-               | set(FOLDER_LABELS.values()) | set(IMPLIES))
-
-
-def normalise_tag(raw: str) -> str:
-    """Lowercase a raw tag, turn underscores and hyphens into spaces and collapse spaces."""
-    return " ".join(raw.lower().replace("_", " ").replace("-", " ").split())
-
-
-def _singular(tag: str, known: set[str]) -> str:
-    """Return the singular of a plural tag when that singular is a known tag or label."""
-    for suffix, repl in (("ies", "y"), ("s", "")):
-        if tag.endswith(suffix) and not tag.endswith("ss") and tag[: -len(suffix)] + repl in known:
-            return tag[: -len(suffix)] + repl
-    return tag
-
-
-def clean_tags(raw_tags: list[str], known: frozenset[str] | set[str] = frozenset()) -> set[str]:
-    """Map raw dc:subject tags to labels: normalise, singularise, merge synonyms, drop stop tags."""
-    known = _VOCABULARY | known
-    labels = set()
-    for raw in raw_tags:
-        for part in raw.split(","):
-            tag = normalise_tag(part)
-            tag = SYNONYMS.get(tag) or SYNONYMS.get(one := _singular(tag, known)) or one
-            if _TAG_RE.fullmatch(tag) and tag not in STOP_TAGS:
-                labels.add(tag)
-    return labels
-
-
-def _with_parents(labels: set[str]) -> set[str]:
-    """Add every label implied by IMPLIES, transitively."""
-    todo, out = list(labels), set(labels)
-    while todo:
-        for parent in IMPLIES.get(todo.pop(), ()):
-            if parent not in out:
-                out.add(parent)
-                todo.append(parent)
-    return out
 
 
 def _subject_tags(data: bytes) -> list[str]:
@@ -172,22 +41,17 @@ def _subject_tags(data: bytes) -> list[str]:
 
 
 def _resolve_source(source: Path | None) -> Path:
-    """Return the svg folder, installing Debian's openclipart-svg when the default is missing."""
+    """Return the svg folder: ``source``, or Debian's openclipart-svg folder when it is None."""
     if source is not None:
         if not Path(source).is_dir():
             raise ClipDecoderError(f"openclipart source folder not found: {source}")
         return Path(source).resolve()
     if not DEFAULT_SOURCE.is_dir():
-        cmd = ["apt-get", "install", "-y", "openclipart-svg"]
-        try:
-            failed = subprocess.run(cmd, check=False, capture_output=True, text=True).returncode != 0
-        except OSError:
-            failed = True
-        if failed or not DEFAULT_SOURCE.is_dir():
-            raise ClipDecoderError(
-                f"{DEFAULT_SOURCE} is missing and `{' '.join(cmd)}` failed; install the package "
-                "(or extract its svg folder from the .deb) and pass --source DIR"
-            )
+        raise ClipDecoderError(
+            f"{DEFAULT_SOURCE} is missing: install Debian's openclipart-svg package "
+            "(`apt-get install openclipart-svg`, or `make system-packages`), "
+            "or pass --source DIR with an extracted openclipart svg folder"
+        )
     return DEFAULT_SOURCE.resolve()
 
 
@@ -234,11 +98,8 @@ def _read(path: Path, images: dict[str, dict], skipped: Counter) -> str | None:
 def _label(images: dict[str, dict]) -> dict[str, set[str]]:
     """Give each image its cleaned tag labels plus its folder labels, parents included."""
     known = {normalise_tag(t) for rec in images.values() for t in rec["tags"]}
-    return {
-        sha: _with_parents(clean_tags(rec["tags"], known)
-                           | {FOLDER_LABELS[f] for f in rec["folders"] if f in FOLDER_LABELS})
-        for sha, rec in images.items()
-    }
+    return {sha: with_parents(clean_tags(rec["tags"], known) | folder_labels(rec["folders"]))
+            for sha, rec in images.items()}
 
 
 def _filter(labels: dict[str, set[str]], min_images: int) -> dict[str, set[str]]:
@@ -252,37 +113,7 @@ def _filter(labels: dict[str, set[str]], min_images: int) -> dict[str, set[str]]
         labels = kept
 
 
-def _on_alarm(signum: int, frame: object) -> None:
-    """Abort a render that ran past RENDER_TIMEOUT_S."""
-    raise TimeoutError
-
-
-def _render(job: tuple[Path, Path, int]) -> str | None:
-    """Render an SVG onto white, longest side ``size``, and write it as PNG; return a skip reason."""
-    import cairosvg
-
-    src, dst, size = job
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, RENDER_TIMEOUT_S)
-    try:
-        data = src.read_bytes()
-        png = cairosvg.svg2png(bytestring=data, output_width=size, background_color="white")
-        if Image.open(io.BytesIO(png)).height > size:  # portrait: bound the height instead
-            png = cairosvg.svg2png(bytestring=data, output_height=size, background_color="white")
-        image = Image.open(io.BytesIO(png)).convert("RGB")
-        if image.getextrema() == ((255, 255),) * 3:
-            return "blank render"
-        image.save(dst, format="PNG")
-        return None
-    except TimeoutError:
-        return "render timeout"
-    except Exception:  # noqa: BLE001 - one bad drawing must not stop the build
-        return "render error"
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-
-def _splits(test_labels: list[set[str]], labels: list[str]) -> dict[str, dict[str, list[str]]]:
+def _splits(test_labels: list[set[str]], labels: list[str]) -> dict[str, LabelSplit]:
     """Pick about a quarter of the well-tested labels as unseen, per seed, overlapping little."""
     counts = Counter(lab for labs in test_labels for lab in labs)
     eligible = [lab for lab in labels if counts[lab] >= MIN_TEST_POSITIVES]
@@ -296,13 +127,8 @@ def _splits(test_labels: list[set[str]], labels: list[str]) -> dict[str, dict[st
         order.sort(key=lambda lab: lab in taken)  # stable: labels not yet unseen first
         unseen = set(order[:n_unseen])
         taken |= unseen
-        splits[name] = {"seen": sorted(set(labels) - unseen), "unseen": sorted(unseen)}
+        splits[name] = LabelSplit(seen=tuple(sorted(set(labels) - unseen)), unseen=tuple(sorted(unseen)))
     return splits
-
-
-def _write_json(path: Path, obj: object) -> None:
-    """Write JSON with sorted keys and a trailing newline."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _finish(tmp: Path, labels: dict[str, set[str]], images: dict[str, dict], skipped: Counter,
@@ -317,7 +143,7 @@ def _finish(tmp: Path, labels: dict[str, set[str]], images: dict[str, dict], ski
     label_counts = Counter(lab for labs in labels.values() for lab in labs)
     (tmp / "splits").mkdir()
     for name, split in _splits([labs for _, labs in rows["test"]], sorted(label_counts)).items():
-        _write_json(tmp / "splits" / f"{name}.json", split)
+        write_split(tmp / "splits" / f"{name}.json", split)
     per_image = [len(labs) for labs in labels.values()] or [0]
     per_label = sorted(label_counts.values()) or [0]
     failed = sum(n for reason, n in skipped.items() if reason.startswith(("render", "blank")))
@@ -333,7 +159,7 @@ def _finish(tmp: Path, labels: dict[str, set[str]], images: dict[str, dict], ski
         "skipped": dict(sorted((k, v) for k, v in skipped.items() if v)),
         "min_images": min_images, "image_size": image_size,
     }
-    _write_json(tmp / "stats.json", stats)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return stats
 
 
@@ -354,10 +180,7 @@ def build_openclipart(
     progress: bool = True,
 ) -> dict:
     """Build the OpenClipart multi-label dataset folder at ``out`` and return its statistics."""
-    try:
-        import cairosvg
-    except (ImportError, OSError) as e:
-        raise ClipDecoderError(f"rendering SVGs needs cairosvg and libcairo2 ({e})") from e
+    require_cairo()
     out = Path(out)
     if out.exists() and not (out / "stats.json").is_file() and (out.is_file() or any(out.iterdir())):
         raise ClipDecoderError(f"{out} exists and is not an openclipart build; refusing to replace it")
@@ -376,13 +199,7 @@ def build_openclipart(
     try:
         order = sorted(labels)
         jobs = [(images[sha]["path"], tmp / "images" / f"{sha[:16]}.png", image_size) for sha in order]
-        # cairo caches fonts per process, and the first file to use a font changes how later
-        # files draw text; so every SVG renders in a fresh fork of this process, after one
-        # fixed warm-up render, and the output does not depend on scheduling.
-        cairosvg.svg2png(bytestring=_WARM_UP)
-        with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
-            results = list(tqdm(pool.imap(_render, jobs), total=len(jobs), desc="render svg",
-                                disable=not progress))
+        results = render_all(jobs, progress=progress)
         for sha, reason in zip(order, results):
             if reason:
                 skipped[reason] += 1
