@@ -10,7 +10,7 @@ from clip_decoder.head import DecoderHead, HeadConfig
 
 def small_head(**options) -> DecoderHead:
     torch.manual_seed(0)
-    config = dict(text_dim=12, image_dim=20, dim=16, heads=4, ffn_dim=32, dropout=0.1)
+    config = dict(text_dim=12, image_dim=20, dim=16, heads=4, ffn_dim=32, dropout=0.1, cosine_skip=False)
     return DecoderHead(HeadConfig(**{**config, **options})).eval()
 
 

@@ -1,4 +1,4 @@
-"""Inference paths: the per-vocabulary cache, per-image label subsets and the shortlist mode."""
+"""The scoring path: the per-vocabulary cache, label chunks, per-image label subsets and the shortlist mode."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
+from clip_decoder.encoders import ImageFeatures
 
 LABELS = [f"label {i}" for i in range(12)]
 
@@ -22,31 +23,35 @@ def tokens(model, n=5):
     return torch.randn(n, 17, model.config.head.image_dim, generator=torch.Generator().manual_seed(1))
 
 
+def probabilities(model, x, vocabulary, shortlist=None):
+    return model.scorer.score(ImageFeatures(x, x.mean(dim=1)), vocabulary, shortlist).probabilities
+
+
 def test_vocabulary_is_computed_once_and_matches_the_uncached_head(model):
-    vocabulary = model.vocabulary(LABELS)
-    assert model.vocabulary(LABELS) is vocabulary
+    vocabulary = model.scorer.vocabulary(LABELS)
+    assert model.scorer.vocabulary(LABELS) is vocabulary
     x = tokens(model)
     with torch.inference_mode():
         expected = torch.sigmoid(model.head(x, model.embed_labels(LABELS, model.config.templates)))
-    torch.testing.assert_close(model.probabilities(x, vocabulary), expected)
+    torch.testing.assert_close(probabilities(model, x, vocabulary), expected)
 
 
 def test_exact_scoring_in_label_chunks_equals_one_pass(model, monkeypatch):
-    import clip_decoder.model
+    import clip_decoder.scoring
 
     x = tokens(model)
-    vocabulary = model.vocabulary(LABELS)
-    one_pass = model.probabilities(x, vocabulary)
-    monkeypatch.setattr(clip_decoder.model, "PAIRS_PER_CHUNK", 2 * len(x))  # chunks of 2 labels
-    torch.testing.assert_close(model.probabilities(x, vocabulary), one_pass)
+    vocabulary = model.scorer.vocabulary(LABELS)
+    one_pass = probabilities(model, x, vocabulary)
+    monkeypatch.setattr(clip_decoder.scoring, "PAIRS_PER_CHUNK", 2 * len(x))  # chunks of 2 labels
+    torch.testing.assert_close(probabilities(model, x, vocabulary), one_pass)
 
 
 def test_vocabulary_cache_is_dropped_when_the_weights_change(model):
-    vocabulary = model.vocabulary(LABELS)
+    vocabulary = model.scorer.vocabulary(LABELS)
     with torch.no_grad():
         model.head.query_proj.weight.mul_(1.5)  # in place, as an optimizer step does
     try:
-        fresh = model.vocabulary(LABELS)
+        fresh = model.scorer.vocabulary(LABELS)
         assert fresh is not vocabulary and not torch.allclose(fresh.queries.q, vocabulary.queries.q)
     finally:
         with torch.no_grad():
@@ -55,7 +60,7 @@ def test_vocabulary_cache_is_dropped_when_the_weights_change(model):
 
 def test_each_image_can_have_its_own_labels(model):
     x = tokens(model)
-    vocabulary = model.vocabulary(LABELS)
+    vocabulary = model.scorer.vocabulary(LABELS)
     index = torch.tensor([[0, 5, 7], [11, 2, 3], [4, 4, 1], [6, 8, 9], [10, 0, 2]])
     with torch.inference_mode():
         memory = model.head.memory(x)
@@ -67,9 +72,9 @@ def test_each_image_can_have_its_own_labels(model):
 @pytest.mark.parametrize("k", [1, 3, 11])
 def test_shortlist_decodes_each_images_top_k_and_ranks_the_rest_below(model, k):
     x = tokens(model)
-    vocabulary = model.vocabulary(LABELS)
-    exact = model.probabilities(x, vocabulary)
-    approximate = model.probabilities(x, vocabulary, shortlist=k)
+    vocabulary = model.scorer.vocabulary(LABELS)
+    exact = probabilities(model, x, vocabulary)
+    approximate = probabilities(model, x, vocabulary, shortlist=k)
     with torch.inference_mode():
         first_stage = model.alignment.embed_images(model.head.memory(x).mean(dim=1)) @ vocabulary.aligned.T
     top = first_stage.topk(k, dim=1).indices
@@ -86,8 +91,8 @@ def test_shortlist_decodes_each_images_top_k_and_ranks_the_rest_below(model, k):
 
 def test_shortlist_of_the_whole_vocabulary_is_exact(model):
     x = tokens(model)
-    vocabulary = model.vocabulary(LABELS)
-    torch.testing.assert_close(model.probabilities(x, vocabulary, shortlist=len(LABELS)), model.probabilities(x, vocabulary))
+    vocabulary = model.scorer.vocabulary(LABELS)
+    torch.testing.assert_close(probabilities(model, x, vocabulary, shortlist=len(LABELS)), probabilities(model, x, vocabulary))
 
 
 def test_predict_with_a_shortlist(model, cat_photo):

@@ -7,7 +7,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from clip_decoder.losses import AsymmetricLoss, ContrastiveAlignment, LossWeights, total_loss
+from clip_decoder.alignment import Alignment
+from clip_decoder.training.losses import AsymmetricLoss, LossWeights, contrastive_loss, total_loss
 
 
 def test_asl_without_focusing_or_clipping_is_binary_cross_entropy_per_image():
@@ -42,12 +43,16 @@ def test_masked_labels_count_neither_way():
 
 def test_alignment_loss_prefers_matched_pairs_and_treats_shared_texts_alike():
     torch.manual_seed(0)
-    align = ContrastiveAlignment(image_dim=8, text_dim=8, dim=8)
+    alignment = Alignment(image_dim=8, text_dim=8, dim=8)
     with torch.no_grad():
-        align.image_proj.weight.copy_(torch.eye(8))
-        align.text_proj.weight.copy_(torch.eye(8))
-        align.image_proj.bias.zero_()
-        align.text_proj.bias.zero_()
+        alignment.image_proj.weight.copy_(torch.eye(8))
+        alignment.text_proj.weight.copy_(torch.eye(8))
+        alignment.image_proj.bias.zero_()
+        alignment.text_proj.bias.zero_()
+
+    def align(images, texts):
+        return contrastive_loss(alignment, images, texts)
+
     x = torch.randn(6, 8)
     matched, shuffled = align(x, x), align(x, x[torch.randperm(6)])
     assert matched < 0.01 < shuffled

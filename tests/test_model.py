@@ -11,6 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
+from clip_decoder.prompts import ENSEMBLE_TEMPLATES
+from clip_decoder.training.losses import AsymmetricLoss, contrastive_loss
+from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.run import new_model
 
 LABELS = ["cat", "dog", "car", "a red bicycle"]
 
@@ -41,8 +45,8 @@ def test_a_labels_score_does_not_depend_on_the_labels_asked_with_it(offline_mode
 def test_save_and_load_round_trip_gives_identical_predictions(offline_model, saved_dir, cat_photo):
     assert sorted(p.name for p in saved_dir.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((saved_dir / "config.json").read_text())
-    assert config["backbone"] == "offline" and config["templates"] == ["a photo of a {}."]
-    assert config["head"]["dim"] == 768 and config["format_version"] == 1
+    assert config["backbone"] == "offline" and config["templates"] == list(ENSEMBLE_TEMPLATES)
+    assert config["head"]["dim"] == 256 and config["format_version"] == 1
     keys = load_file(saved_dir / "model.safetensors").keys()
     assert keys and all(k.startswith(("head.", "alignment.")) for k in keys)
     assert "alignment.logit_scale" in keys and "alignment.text_proj.weight" in keys
@@ -63,8 +67,10 @@ def test_training_updates_the_head_and_the_alignment_projections_not_the_towers(
     assert set(before) >= {"alignment.image_proj.weight", "alignment.text_proj.weight", "alignment.logit_scale"}
     assert not any(name.startswith(("image_tower.", "text_tower.")) for name in before)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    out = model.loss(tokens, labels, targets, mask, sentences)
-    out["loss"].backward()
+    memory = model.head.memory(tokens)
+    logits = model.head.decode(memory, model.head.queries(labels))
+    loss = AsymmetricLoss()(logits, targets, mask) + contrastive_loss(model.alignment, memory.mean(dim=1), sentences)
+    loss.backward()
     for name in ("alignment.image_proj.weight", "alignment.text_proj.weight", "alignment.logit_scale", "head.query_proj.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     optimizer.step()
@@ -124,7 +130,15 @@ def test_predict_rejects_bad_arguments(offline_model, cat_photo, tmp_path):
 
 def test_the_hf_backbone_works_through_the_whole_api(tiny_clip_dir, tmp_path, cat_photo):
     model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
-    scores = model.predict([cat_photo, Image.new("L", (10, 10), 128)], ["cat", "dog", "tree"])
+    images = [cat_photo, Image.new("L", (10, 10), 128)]
+    scores = model.predict(images, ["cat", "dog", "tree"])
     assert scores.shape == (2, 3)
     loaded = CLIPDecoder.from_pretrained(model.save_pretrained(tmp_path / "hf-model"))
-    np.testing.assert_array_equal(loaded.predict([cat_photo], ["cat"]), scores[:1, :1])
+    np.testing.assert_array_equal(loaded.predict(images, ["cat", "dog", "tree"]), scores)
+    np.testing.assert_allclose(loaded.predict([cat_photo], ["cat"]), scores[:1, :1], atol=1e-6)  # alone: float noise only
+
+
+def test_create_with_no_options_builds_the_model_train_trains_by_default(offline_model):
+    trained_by_default = new_model(TrainConfig(), "offline")
+    assert offline_model.config == trained_by_default.config
+    assert offline_model.config.head.dim == 256 and offline_model.config.head.cosine_skip

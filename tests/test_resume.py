@@ -15,7 +15,7 @@ import torch
 from conftest import HEAD
 from safetensors.torch import load_file, save_file
 
-from clip_decoder.checkpoint import load_checkpoint, save_checkpoint
+from clip_decoder.training.checkpoint import load_checkpoint, save_checkpoint
 from clip_decoder.cli import build_parser, main, training_config
 from clip_decoder.encoders import create_backbone
 from clip_decoder.errors import ClipDecoderError
@@ -46,7 +46,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
         open(filename, "wb").write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("clip_decoder.checkpoint.save_file", crash)
+    monkeypatch.setattr("clip_decoder.training.checkpoint.save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2})
     assert load_checkpoint(path) == {"step": 1}
@@ -102,7 +102,7 @@ def test_resume_refuses_a_checkpoint_of_other_options(tiny_dataset, tiny_clip_di
     out, cache = tmp_path / "model", tmp_path / "cache"
     out.mkdir()
     args = _train_args(tiny_dataset, tiny_clip_dir, out, cache, 2)
-    config = asdict(training_config(build_parser().parse_args(args), seed=0))
+    config = asdict(training_config(build_parser().parse_args(args)))
     save_checkpoint(out / "checkpoint.safetensors", {"config": {**config, "lr": 0.5}, "world_size": 1})
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import HEAD, TINY_SPLIT
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from clip_decoder import CLIPDecoder
-from clip_decoder.cli import main
-from clip_decoder.data.folder import read_part
+from clip_decoder import CLIPDecoder, ClipDecoderError
+from clip_decoder.cli import build_parser, main, training_config
+from clip_decoder.data.folder import read_part, read_split, target_matrix
+from clip_decoder.evaluate import evaluate_model
 from clip_decoder.features import FeatureCache
-from clip_decoder.train import TrainConfig
+from clip_decoder.head import HeadConfig
+from clip_decoder.metrics import zsl_gzsl_metrics
+from clip_decoder.training import methods
+from clip_decoder.training.config import TrainConfig
 
 
 def test_train_writes_a_model_folder_with_log_and_curves(trained):
@@ -116,9 +121,66 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
 
 
 def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):
-    from clip_decoder.baselines import ConSE, imagenet_class_names
+    from clip_decoder.training.baselines import ConSE, imagenet_class_names
 
     conse = ConSE(offline_model.image_tower, offline_model.embed_labels(imagenet_class_names()))
     pooled = offline_model.encode_images([cat_photo]).pooled
     scores = conse.score(pooled, offline_model.embed_labels(["cat", "airplane", "guitar", "pizza"]))
     assert scores.argmax() == 0
+
+
+def test_evaluate_and_predict_share_one_scoring_path(trained, tiny_dataset):
+    """The same metrics from evaluate's cached features as from predict's scores of the same images."""
+    out, cache, _ = trained
+    model = CLIPDecoder.from_pretrained(out)
+    split = read_split(tiny_dataset / "split.json")
+    evaluated = evaluate_model(model, tiny_dataset, split, cache, progress=False)
+    samples = read_part(tiny_dataset, "test")
+    scores = model.predict([s.image for s in samples], list(split.all))
+    predicted = zsl_gzsl_metrics(scores, target_matrix(samples, split.all), list(split.all), list(split.unseen))
+    for part in ("zsl", "gzsl"):
+        assert evaluated[part]["mAP"] == pytest.approx(predicted[part]["mAP"], abs=0.01)
+
+
+def test_a_new_method_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch):
+    """A toy method, declared only through the registry, runs in the benchmark harness and the CLI."""
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
+
+    def nearest_label_text(run: methods.MethodRun) -> np.ndarray:
+        embed = run.embedder()
+        generator = torch.Generator().manual_seed(run.config.seed)
+        projection = torch.randn(run.parts["test"].pooled.shape[1], run.towers.text_tower.dim, generator=generator)
+        images = torch.nn.functional.normalize(run.parts["test"].pooled.float() @ projection, dim=-1)
+        return (images @ embed(list(run.split.all), run.config.template_set).T).numpy()
+
+    methods.register_method(methods.Method(
+        "toy", "a random projection of the pooled image against the label texts", nearest_label_text,
+        lambda config: f"random projection, {config.templates} prompts"))
+    results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    assert main(["bench", "--data", str(tiny_dataset), "--splits", str(tiny_dataset / "split.json"), "--seeds", "0", "1",
+                 "--methods", "toy", "--backbone", f"hf:{tiny_clip_dir}", "--cache", str(tmp_path / "cache"),
+                 "--json", str(results_path), "--markdown", str(markdown)]) == 0
+    runs = json.loads(results_path.read_text())["split"]["toy"]
+    assert len(runs) == 2 and runs[0]["zsl"]["mAP"] != runs[1]["zsl"]["mAP"]  # each seed its own projection
+    assert "- **toy**: random projection, ensemble prompts." in markdown.read_text()
+    with pytest.raises(ClipDecoderError, match="unknown method 'toy'"):
+        TrainConfig(method="toy")  # it trains no decoder head, so `clip-decoder train` does not offer it
+
+
+def test_command_line_defaults_are_the_config_defaults(tmp_path):
+    """Each training option is declared once, in TrainConfig / HeadConfig, and the CLI takes it from there."""
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--split", "s.json", "--out", "o"])
+    assert training_config(args) == TrainConfig()
+    options = {action.dest: action for action in parser._subparsers._group_actions[0].choices["train"]._actions}
+    for item in fields(TrainConfig):
+        if item.name != "head":
+            assert item.name in options and options[item.name].default == item.default, item.name
+    for item in fields(HeadConfig):
+        if item.name not in ("text_dim", "image_dim"):
+            assert options[item.name].default is None and str(item.default) in options[item.name].help
+    custom = parser.parse_args(["train", "--data", "d", "--split", "s.json", "--out", "o", "--dim", "64",
+                                "--no-cosine-skip", "--method", "ml-decoder", "--lr", "0.01"])
+    config = training_config(custom)
+    assert (config.lr, config.method, config.head) == (0.01, "ml-decoder", {"dim": 64, "cosine_skip": False})
+    assert config.head_options == {**TrainConfig().head_options, "dim": 64, "cosine_skip": False}

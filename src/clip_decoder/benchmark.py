@@ -1,4 +1,4 @@
-"""The zero-shot benchmark harness: CLIP-Decoder and the baselines, seeds x label splits.
+"""The zero-shot benchmark harness: registered methods x seeds x label splits, and its results page.
 
 Features are extracted once (feature cache) and shared by every method, seed and split; each
 method sees only the seen labels of a split until the test set is scored.
@@ -6,64 +6,44 @@ method sees only the seen labels of a split until the test set is scored.
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .baselines import CONSE_TOP, LINEAR_EPOCHS, ConSE, LinearMap, imagenet_class_names
 from .data.folder import LabelSplit, read_part, read_split, training_parts
-from .encoders import Backbone
-from .evaluate import score_tokens
 from .features import FeatureCache
-from .head import HeadConfig
 from .metrics import zsl_gzsl_metrics
 from .model import CLIPDecoder
-from .prompts import TEMPLATE_SETS
-from .train import METHODS as TRAINED_METHODS
-from .train import FeatureSet, TrainConfig, fit
+from .training.config import TrainConfig
+from .training.data import FeatureSet
+from .training.methods import MethodRun, get_method, method_names
 
-METHODS = ("clip-decoder", "ml-decoder", "linear", "conse")
 SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
 
 
-def run_method(method: str, model: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit,
-               config: TrainConfig, progress: bool) -> dict:
-    """Train ``method`` on the seen labels (a fresh head per call), then the metrics JSON on test."""
-    templates = TEMPLATE_SETS[config.templates]
-    train, val, test = parts["train"], parts["val"], parts["test"]
-    if method in TRAINED_METHODS:
-        fit(model, train, val, split.seen, replace(config, method=method), progress=progress)
-        scores = score_tokens(model.head, test.tokens, model.embed_labels(list(split.all), templates))
-    elif method == "linear":
-        torch.manual_seed(config.seed)
-        linear = LinearMap(train.pooled.shape[1], model.text_tower.dim)
-        linear.fit(train.pooled, train.targets(split.seen), model.embed_labels(list(split.seen), templates), config.seed)
-        scores = linear.score(test.pooled, model.embed_labels(list(split.all), templates))
-    elif method == "conse":
-        conse = ConSE(model.image_tower, model.embed_labels(imagenet_class_names(), templates))
-        scores = conse.score(test.pooled, model.embed_labels(list(split.all), templates))
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return zsl_gzsl_metrics(scores, test.targets(split.all).numpy(), list(split.all), list(split.unseen))
+def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
+               progress: bool = False) -> dict:
+    """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
+    then the metrics JSON of the test part, with the run's ``seconds``."""
+    started, method = time.perf_counter(), get_method(name)
+    run_config = replace(config, method=name) if method.epochs else config
+    scores = method.test_scores(MethodRun(towers, parts, split, run_config, progress))
+    metrics = zsl_gzsl_metrics(scores, parts["test"].targets(split.all).numpy(), list(split.all), list(split.unseen))
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    return metrics
 
 
-def fresh_model(towers: CLIPDecoder, config: TrainConfig, method: str = "clip-decoder") -> CLIPDecoder:
-    """A new, seeded head for ``method`` on the already loaded towers of ``towers``."""
-    torch.manual_seed(config.seed)
-    options = replace(config, method=method).head_options if method in TRAINED_METHODS else config.head
-    head = replace(towers.config.head, **options)
-    model_config = replace(towers.config, head=head, templates=TEMPLATE_SETS[config.templates])
-    return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
-
-
-def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=METHODS,
+def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
                   backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
                   progress: bool = True) -> dict:
-    """results[split name][method] = list of metrics JSON, one per seed (CONSE: one, it has no seed)."""
+    """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded methods)."""
     config = config or TrainConfig()
+    methods = [get_method(name) for name in (methods or method_names())]
     towers = CLIPDecoder.create(backbone=backbone)
     cache = FeatureCache(towers.image_tower, cache_dir)
     train_samples, val_samples = training_parts(data_dir, config.val_fraction)
@@ -74,14 +54,11 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
         split = read_split(split_path)
         results[Path(split_path).stem] = per_method = {}
         for method in methods:
-            for seed in seeds if method != "conse" else seeds[:1]:
-                started = time.perf_counter()
-                model = fresh_model(towers, replace(config, seed=seed), method)
-                metrics = run_method(method, model, parts, split, replace(config, seed=seed), progress=False)
-                metrics["seconds"] = round(time.perf_counter() - started, 1)
-                per_method.setdefault(method, []).append(metrics)
+            for seed in seeds if method.seeded else seeds[:1]:
+                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed))
+                per_method.setdefault(method.name, []).append(metrics)
                 if progress:
-                    print(f"{Path(split_path).stem} {method} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
+                    print(f"{Path(split_path).stem} {method.name} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
                           f" GZSL mAP {metrics['gzsl']['mAP']:.1f} ({metrics['seconds']} s)", flush=True)
     return results
 
@@ -100,32 +77,15 @@ def summary_table(per_method: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-
-def method_recipe(method: str, config: TrainConfig) -> str:
-    """One line saying what ``method`` trains and how, for the results page."""
-    if method in TRAINED_METHODS:
-        method_config = replace(config, method=method)
-        head = {**{f.name: f.default for f in fields(HeadConfig)}, **method_config.head_options}
-        skip = "with" if head["cosine_skip"] else "without"
-        loss = "ASL" + (f" + {method_config.loss_weights.clip} x alignment" if method_config.loss_weights.clip else "")
-        return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
-                f" {loss}; {method_config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
-                f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts")
-    if method == "linear":
-        return (f"linear map pooled image -> text space, cosine x learned scale, ASL, {LINEAR_EPOCHS} epochs;"
-                f" {config.templates} prompts")
-    if method == "conse":
-        return (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
-                f" {config.templates} prompts")
-    raise ValueError(f"unknown method {method!r}")
+def method_recipe(name: str, config: TrainConfig) -> str:
+    """One line saying what method ``name`` trains and how, for the results page."""
+    method = get_method(name)
+    return method.recipe(replace(config, method=name) if method.epochs else config)
 
 
 def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float,
                      config: TrainConfig | None = None) -> str:
     """docs/RESULTS.md: what was run, on what, and the table per label split."""
-    import json
-    import platform
-
     stats_path = Path(data_dir) / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     lines = [

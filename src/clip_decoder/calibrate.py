@@ -92,7 +92,6 @@ def calibrate_model(model, data_dir: str | Path, split, cache_dir=None, val_frac
     """Choose thresholds on the folder's validation part (seen labels only) and measure them on
     its test part: the thresholds JSON with a ``held_out`` section (micro P/R/F1 in percent)."""
     from .data.folder import read_part, target_matrix, training_parts
-    from .evaluate import score_tokens
     from .features import FeatureCache
 
     cache = FeatureCache(model.image_tower, cache_dir)
@@ -100,7 +99,7 @@ def calibrate_model(model, data_dir: str | Path, split, cache_dir=None, val_frac
 
     def scored(samples, labels):
         features = cache.get([s.image for s in samples], progress=progress)
-        scores = score_tokens(model.head, features.tokens, model.embed_labels(labels, model.config.templates))
+        scores = model.scorer.score_stored(features.tokens, features.pooled, model.scorer.vocabulary(labels))
         return scores, target_matrix([samples[i] for i in features.kept], labels)
 
     _, val_samples = training_parts(data_dir, val_fraction)

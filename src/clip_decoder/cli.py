@@ -6,9 +6,21 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
+from . import __version__
+from .calibrate import THRESHOLDS_FILE
 from .errors import ClipDecoderError
+from .head import HeadConfig
+from .model import CLIPDecoder
+from .predict import DEFAULT_THRESHOLD, FORMATS
+from .prompts import TEMPLATE_SETS
+from .training.config import TrainConfig
+from .training.loop import CHECKPOINT_EVERY
+from .training.methods import decoder_methods, get_method, method_names
+
+HEAD_OPTIONS = tuple(item for item in fields(HeadConfig) if item.default is not MISSING)  # not the towers' dims
 
 
 def read_labels(args: argparse.Namespace) -> list[str]:
@@ -27,9 +39,7 @@ def read_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def load_model(args: argparse.Namespace):
-    from .model import CLIPDecoder
-
+def load_model(args: argparse.Namespace) -> CLIPDecoder:
     if args.model:
         return CLIPDecoder.from_pretrained(args.model)
     print(
@@ -42,8 +52,6 @@ def load_model(args: argparse.Namespace):
 
 def calibrated_file(args: argparse.Namespace) -> Path:
     """The model folder's thresholds.json, for --calibrated."""
-    from .calibrate import THRESHOLDS_FILE
-
     if not args.model:
         raise ClipDecoderError("--calibrated needs --model (the thresholds are stored with the model)")
     path = Path(args.model) / THRESHOLDS_FILE
@@ -57,7 +65,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .predict import HEATMAP_TOP, Decider, Writer, expand_images, read_thresholds, write_heatmaps
-    from .prompts import TEMPLATE_SETS
 
     labels = read_labels(args)
     paths, problems = expand_images(args.images, args.images_from)  # problems: empty folders, unmatched patterns
@@ -92,60 +99,60 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def add_training_options(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    """The TrainConfig options, shared by train and bench."""
-    from .prompts import TEMPLATE_SETS
-    from .train import DEFAULT_EPOCHS, METHODS, TrainConfig
+def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> dict:
+    """One option per TrainConfig field and HeadConfig option, with their defaults and help;
+    returns the argument groups by name."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for item in fields(TrainConfig):
+        if "help" not in item.metadata or item.name in exclude:
+            continue
+        metadata = dict(item.metadata)
+        group = groups.setdefault(metadata["group"], parser.add_argument_group(metadata.pop("group")))
+        flag, help_text = "--" + item.name.replace("_", "-"), metadata.pop("help")
+        if item.name == "method":
+            metadata["choices"] = decoder_methods()
+        if item.name == "epochs":
+            help_text += " (" + ", ".join(f"{name} {get_method(name).epochs}" for name in decoder_methods()) + ")"
+        if isinstance(item.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
+            continue
+        if item.default is not None:
+            metadata.setdefault("type", type(item.default))
+            help_text += " (default %(default)s)"
+        group.add_argument(flag, default=item.default, help=help_text, **metadata)
+    head = parser.add_argument_group("head", "HeadConfig options; a method may fix some (ml-decoder: no cosine skip)")
+    for item in HEAD_OPTIONS:
+        flag, help_text = "--" + item.name.replace("_", "-"), f"{item.metadata['help']} (default {item.default})"
+        if isinstance(item.default, bool):
+            head.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            head.add_argument(flag, type=type(item.default), help=help_text)
+    return groups
 
-    defaults = TrainConfig()
-    group = parser.add_argument_group("training")
-    group.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
-    group.add_argument("--epochs", type=int, help="default: the method's tuned length"
-                       f" ({', '.join(f'{m} {n}' for m, n in DEFAULT_EPOCHS.items())})")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of the OneCycle schedule (default %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW, matrices only (default %(default)s)")
-    group.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="default %(default)s")
-    group.add_argument("--clip-weight", type=float, default=defaults.clip_weight, help="weight of the alignment loss (default %(default)s)")
-    group.add_argument("--templates", choices=list(TEMPLATE_SETS), default=defaults.templates,
-                       help="prompt templates: one, or an ensemble of 7 (default %(default)s)")
-    group.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                       help="share of training images held out for model selection (when there is no val.csv)")
-    for name in ("dim", "layers", "heads", "ffn-dim"):
-        group.add_argument(f"--{name}", type=int, help=f"head option (default {defaults.head.get(name.replace('-', '_'), 'as HeadConfig')})")
-    group.add_argument("--dropout", type=float, help="head option (default 0.05)")
-    group.add_argument("--cosine-skip", action=argparse.BooleanOptionalAction,
-                       help="add the pooled image's cosine with each label's text embedding to its logit"
-                            " (default on; ml-decoder never has it)")
-    group.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
-    if with_method:
-        group.add_argument("--method", choices=METHODS, default=defaults.method,
-                           help="clip-decoder, or ml-decoder (ML-Decoder's head: no cosine skip, alignment loss off)")
+
+def training_config(args: argparse.Namespace, **fixed) -> TrainConfig:
+    """The TrainConfig of the parsed options; ``fixed`` sets the fields that were not options."""
+    values = {item.name: getattr(args, item.name) for item in fields(TrainConfig) if hasattr(args, item.name)}
+    head = {item.name: getattr(args, item.name) for item in HEAD_OPTIONS if getattr(args, item.name) is not None}
+    return TrainConfig(**{**values, **fixed}, head=head)
 
 
-def training_config(args: argparse.Namespace, seed: int, **options):
-    """The TrainConfig of the parsed training options; ``options`` adds train-only ones."""
-    from .train import TrainConfig
+def add_backbone_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
 
-    head = {**TrainConfig().head, **{key: getattr(args, key) for key in ("dim", "layers", "heads", "ffn_dim", "dropout", "cosine_skip")
-                                     if getattr(args, key) is not None}}
-    return TrainConfig(
-        method=getattr(args, "method", "clip-decoder"), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema_decay, clip_weight=args.clip_weight,
-        templates=args.templates, val_fraction=args.val_fraction, seed=seed, head=head, **options,
-    )
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train CLIP-Decoder on the seen labels and write a model folder."""
     from .data.folder import read_split
-    from .train import train_model
+    from .training.run import train_model
 
     split = read_split(args.split)
-    config = training_config(args, args.seed, finetune_image_tower=args.finetune_image_tower, tower_lr=args.tower_lr,
-                             tower_blocks=args.tower_blocks, accumulate=args.accumulate, precision=args.precision)
-    model = train_model(args.data, split, args.out, args.backbone, config, args.cache, resume=args.resume,
-                        checkpoint_every=args.checkpoint_every)
+    model = train_model(args.data, split, args.out, args.backbone, training_config(args), args.cache,
+                        resume=args.resume, checkpoint_every=args.checkpoint_every)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the model folder
         print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
     return 0
@@ -155,7 +162,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the ZSL / GZSL table of the test set and write the metrics JSON."""
     from .data.folder import read_split
     from .evaluate import evaluate_model, format_table
-    from .model import CLIPDecoder
 
     split = read_split(args.split)
     model = CLIPDecoder.from_pretrained(args.model)
@@ -172,7 +178,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Choose per-label thresholds on validation images, measure them on the test part, store them."""
     from .calibrate import calibrate_model, write_thresholds
     from .data.folder import read_split
-    from .model import CLIPDecoder
 
     model = CLIPDecoder.from_pretrained(args.model)
     table = calibrate_model(model, args.data, read_split(args.split), args.cache, args.val_fraction)
@@ -190,7 +195,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API and the web page around one model."""
     import uvicorn
 
-    from .model import CLIPDecoder
     from .serve import Limits, create_app
 
     limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
@@ -234,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import results_markdown, run_benchmark, summary_table
 
     started = time.perf_counter()
-    config = training_config(args, args.seeds[0])
+    config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
                             args.backbone, config, args.cache)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}" for name, per_method in results.items()]
@@ -247,18 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clip-decoder",
-        description="Zero-shot multi-label image classification: a probability for any label name.",
-    )
-    from . import __version__
-    from .predict import DEFAULT_THRESHOLD, FORMATS
-    from .prompts import TEMPLATE_SETS
-
-    parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_predict(commands) -> None:
+    """clip-decoder predict"""
     predict = commands.add_parser(
         "predict",
         help="score labels for images",
@@ -298,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
     predict.set_defaults(run=cmd_predict)
 
+def add_train(commands) -> None:
+    """clip-decoder train"""
     train = commands.add_parser("train", help="train on the seen labels of a dataset folder",
                                 description="Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
                                 " or end to end with --finetune-image-tower) and write a model folder with"
@@ -308,29 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
     train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
-    train.add_argument("--seed", type=int, default=0)
-    add_training_options(train)
-    from .train import CHECKPOINT_EVERY, PRECISIONS, TrainConfig
-
-    defaults = TrainConfig()
-    run = train.add_argument_group("long runs")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from OUT/checkpoint.safetensors (same options), e.g. after the process was killed;"
-                     " the result equals an uninterrupted run's")
-    run.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
-                     help="optimizer steps between checkpoints, besides one after each epoch (default %(default)s)")
-    run.add_argument("--finetune-image-tower", action="store_true",
-                     help="train the image tower too, end to end on decoded images (slow on CPU; bf16 on a GPU)")
-    run.add_argument("--tower-lr", type=float, default=defaults.tower_lr,
-                     help="with --finetune-image-tower: the tower's peak learning rate (default %(default)s)")
-    run.add_argument("--tower-blocks", type=int, metavar="N",
-                     help="with --finetune-image-tower: train only the tower's last N blocks (default: all)")
-    run.add_argument("--accumulate", type=int, default=defaults.accumulate, metavar="N",
-                     help="split each batch into N micro-batches, one backward each (less memory; default 1)")
-    run.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
-                     help="auto (default): bf16 autocast on a GPU, fp32 on CPU")
+    add_backbone_option(train)
+    add_cache_option(train)
+    groups = add_config_options(train)
+    groups["long runs"].add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (same options), e.g. after"
+        " the process was killed; the result equals an uninterrupted run's")
+    groups["long runs"].add_argument(
+        "--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
+        help="optimizer steps between checkpoints, besides one after each epoch (default %(default)s)")
     train.set_defaults(run=cmd_train)
 
+def add_calibrate(commands) -> None:
+    """clip-decoder calibrate"""
     calibrate = commands.add_parser(
         "calibrate",
         help="choose per-label decision thresholds and store them with the model",
@@ -343,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
     calibrate.add_argument("--val-fraction", type=float, default=0.1,
                            help="with no val.csv: the part of train.csv carved out for validation, as in train (default 0.1)")
-    calibrate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+    add_cache_option(calibrate)
     calibrate.set_defaults(run=cmd_calibrate)
 
+def add_serve(commands) -> None:
+    """clip-decoder serve"""
     serve = commands.add_parser(
         "serve",
         help="HTTP API (POST /v1/predict, GET /health) and a web page at /",
@@ -378,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="labels per request: 422 (default 1000)")
     serve.set_defaults(run=cmd_serve)
 
+def add_evaluate(commands) -> None:
+    """clip-decoder evaluate"""
     evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
                                    description="Score the test part's images for all labels of the split and print"
                                    " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
@@ -385,9 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, metavar="DIR")
     evaluate.add_argument("--split", required=True, metavar="JSON")
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
-    evaluate.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+    add_cache_option(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
+def add_data(commands) -> None:
+    """clip-decoder data (builders and converters)"""
     data = commands.add_parser("data", help="build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders")
     builders = data.add_subparsers(dest="builder", required=True, metavar="DATASET")
     openclipart = builders.add_parser(
@@ -396,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         " write a dataset folder with two seen/unseen label splits (see docs/DATASET.md).")
     openclipart.add_argument("--out", required=True, metavar="DIR")
     openclipart.add_argument("--source", metavar="DIR", help="an extracted openclipart svg folder"
-                             " (default /usr/share/openclipart/svg, installed with apt when missing)")
+                             " (default /usr/share/openclipart/svg, from Debian's openclipart-svg package:"
+                             " `make system-packages`)")
     openclipart.add_argument("--image-size", type=int, default=256, help="longest side of the PNGs (default 256)")
     openclipart.add_argument("--min-images", type=int, default=15, help="keep labels with at least this many images (default 15)")
     openclipart.set_defaults(run=cmd_data)
@@ -436,19 +429,32 @@ def build_parser() -> argparse.ArgumentParser:
     nuswide_csv.add_argument("--out", required=True, metavar="DIR")
     nuswide_csv.set_defaults(run=cmd_convert)
 
+def add_bench(commands) -> None:
+    """clip-decoder bench"""
     bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
                                 description="Train and evaluate each method for each seed and label split on one"
                                 " dataset folder; print mean ± std of the ZSL / GZSL metrics.")
     bench.add_argument("--data", required=True, metavar="DIR")
     bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    from .benchmark import METHODS as BENCH_METHODS
-
-    bench.add_argument("--methods", nargs="+", choices=BENCH_METHODS, default=list(BENCH_METHODS))
+    bench.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()),
+                       help="; ".join(f"{name}: {get_method(name).summary}" for name in method_names()))
     bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
     bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
-    add_training_options(bench, with_method=False)
+    add_backbone_option(bench)
+    add_cache_option(bench)
+    add_config_options(bench, exclude=("method", "seed"))
     bench.set_defaults(run=cmd_bench)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clip-decoder",
+        description="Zero-shot multi-label image classification: a probability for any label name.",
+    )
+    parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_data, add_bench):
+        add(commands)
     return parser
 
 

@@ -1,28 +1,13 @@
-"""Scoring cached features and the ZSL / GZSL evaluation of a test set."""
+"""The ZSL / GZSL evaluation of a model on a test set, and its table."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
 from .data.folder import LabelSplit, read_part, target_matrix, warn_label_coverage
 from .features import FeatureCache
-from .head import DecoderHead
 from .metrics import zsl_gzsl_metrics
 from .model import CLIPDecoder
 
 METRIC_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")
-
-
-@torch.inference_mode()
-def score_tokens(head: DecoderHead, tokens: torch.Tensor, label_embeddings: torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Probabilities (n, L) for cached image tokens (n, N, D) and label embeddings (L, Dt)."""
-    device = next(head.parameters()).device
-    queries = head.queries(label_embeddings.to(device))
-    rows = []
-    for start in range(0, len(tokens), batch_size):
-        rows.append(head.probabilities(tokens[start : start + batch_size].to(device).float(), queries).cpu().numpy())
-    return np.concatenate(rows)
 
 
 def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True) -> dict:
@@ -32,9 +17,8 @@ def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=No
     features = FeatureCache(model.image_tower, cache_dir).get([s.image for s in samples], progress=progress)
     labels = list(split.all)
     targets = target_matrix([samples[i] for i in features.kept], labels)
-    embeddings = model.embed_labels(labels, model.config.templates)
     model.eval()
-    scores = score_tokens(model.head, features.tokens, embeddings)
+    scores = model.scorer.score_stored(features.tokens, features.pooled, model.scorer.vocabulary(labels))
     return zsl_gzsl_metrics(scores, targets, labels, list(split.unseen))
 
 

@@ -102,6 +102,21 @@ class FeatureCache:
             save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary,
                       metadata={"source_sha256": entry.stem})
 
+    def entry(self, path: str | Path) -> Path:
+        """Where the features of the file at ``path`` live: named by its content's sha256."""
+        return self.folder / f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}.safetensors"
+
+    def distinct(self, paths: list[Path]) -> list[Path]:
+        """``paths`` less the later copies of the same content (unreadable files are kept, to be reported)."""
+        kept: dict[object, Path] = {}
+        for path in paths:
+            try:
+                key: object = self.entry(path)
+            except OSError:
+                key = path
+            kept.setdefault(key, path)
+        return list(kept.values())
+
     @torch.inference_mode()
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
             report: bool = True) -> CachedFeatures:
@@ -110,7 +125,7 @@ class FeatureCache:
         failed: dict[int, str] = {}
         for index, path in enumerate(paths):
             try:
-                entries[index] = self.folder / f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}.safetensors"
+                entries[index] = self.entry(path)
             except OSError as error:
                 failed[index] = f"cannot read image {str(path)!r}: {error.strerror or error}"
         stored = {e: t for e in set(entries.values()) if (t := self._read(e)) is not None}

@@ -7,7 +7,7 @@ self-attention between queries: each label's logit depends only on that label an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -17,18 +17,21 @@ from torch.nn import functional as F
 
 @dataclass
 class HeadConfig:
-    """Sizes of the decoder head (defaults from ML-Decoder: 1 layer, 8 heads, d 768, FFN 2048)."""
+    """Sizes of the decoder head. The defaults are the head ``clip-decoder train`` trains: smaller
+    than ML-Decoder's (d 768, FFN 2048, dropout 0.1), which trains 4x slower here without a better
+    score, and with the cosine skip (docs/EXPERIMENTS.md). ``help`` metadata becomes CLI help."""
 
     text_dim: int
     image_dim: int
-    dim: int = 768
-    layers: int = 1
-    heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.1
+    dim: int = field(default=256, metadata={"help": "width of the decoder"})
+    layers: int = field(default=1, metadata={"help": "cross-attention layers"})
+    heads: int = field(default=8, metadata={"help": "attention heads"})
+    ffn_dim: int = field(default=512, metadata={"help": "width of the feed-forward layer"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout in the decoder"})
     # Adds scale * cos(pooled memory mapped to the text space, label text embedding) to each
     # logit: a linear-map path beside the decoder that keeps the text space's geometry.
-    cosine_skip: bool = False
+    cosine_skip: bool = field(default=True, metadata={
+        "help": "add the pooled image's cosine with each label's text embedding to its logit"})
 
     def __post_init__(self) -> None:
         self.cosine_skip = bool(self.cosine_skip)

@@ -25,6 +25,7 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 )
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_TEMPLATES, "ensemble": ENSEMBLE_TEMPLATES}
+DEFAULT_TEMPLATE_SET = "ensemble"  # what models are created and trained with (docs/EXPERIMENTS.md)
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Baselines in the same harness: CONSE and a linear map into the text space (DeViSE-style).
 
 (The third baseline, ML-Decoder, is the CLIP-Decoder head trained with the alignment loss off:
-``TrainConfig(method="ml-decoder")``.)
+the ``ml-decoder`` entry of ``training.methods``.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ClipDecoderError
+from ..errors import ClipDecoderError
 from .losses import AsymmetricLoss
 
 CONSE_TOP = 10  # ImageNet classes averaged per image

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_write
-from .errors import ClipDecoderError
+from ..atomic import atomic_write
+from ..errors import ClipDecoderError
 
 _TENSOR, _ITEMS = "__tensor__", "__items__"
 

@@ -1,0 +1,144 @@
+"""The model folder (contract): config.json + model.safetensors, read and written; never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import reprlib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_write
+from .errors import ClipDecoderError
+from .head import HeadConfig
+from .prompts import DEFAULT_TEMPLATES, check_labels, check_templates
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
+# versions, so positive); a field of a type missing here is left to the dataclass.
+_JSON_TYPES = {"str": ((str,), "a string"), "int": ((int,), "a positive integer"), "float": ((int, float), "a number"),
+               "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"),
+               "tuple[str, ...]": ((list,), "a list"), "list[str]": ((list,), "a list")}
+
+
+def _check_json_types(data: dict, config_class: type, source: str, prefix: str = "") -> None:
+    """Raise ClipDecoderError naming ``source`` when a field in ``data`` has the wrong JSON type."""
+    for item in fields(config_class):
+        if item.name not in data or item.type not in _JSON_TYPES:
+            continue
+        value, (types, description) = data[item.name], _JSON_TYPES[item.type]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types) or (item.type == "int" and value < 1):
+            raise ClipDecoderError(f"{source}: '{prefix}{item.name}' must be {description}, got {reprlib.repr(value)}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; written as config.json."""
+
+    backbone: str
+    head: HeadConfig
+    align_dim: int = 256
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    labels: list[str] = field(default_factory=list)  # the labels seen in training
+    # True when training changed the image tower (train --finetune-image-tower): its weights
+    # are then saved with the head instead of being rebuilt from the backbone name.
+    image_tower_trained: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["templates"] = list(self.templates)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = CONFIG_FILE) -> ModelConfig:
+        """Parse a config dict; any problem raises ClipDecoderError naming ``source``."""
+        if not isinstance(data, dict):
+            raise ClipDecoderError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        _check_json_types(data, cls, source)
+        if isinstance(data.get("head"), dict):
+            _check_json_types(data["head"], HeadConfig, source, prefix="head.")
+        version = data.get("format_version", 0)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ClipDecoderError(
+                f"{source}: format_version {version} was written by a newer clip-decoder"
+                f" (this one reads up to {FORMAT_VERSION}); upgrade clip-decoder"
+            )
+        try:
+            return cls(
+                backbone=str(data["backbone"]),
+                head=HeadConfig(**data["head"]),
+                align_dim=int(data.get("align_dim", 256)),
+                templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
+                labels=check_labels(data.get("labels", [])),
+                image_tower_trained=bool(data.get("image_tower_trained", False)),
+                format_version=int(version),
+            )
+        except ClipDecoderError as error:
+            raise ClipDecoderError(f"{source}: {error}") from error
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            raise ClipDecoderError(f"{source}: not a valid clip-decoder config ({error!r})") from error
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """One line saying how the weights ``found`` differ from those ``expected`` ('' when they fit)."""
+    problems = [f"{key} missing" for key in expected if key not in found]
+    problems += [f"{key} unexpected" for key in found if key not in expected]
+    problems += [f"{key} has shape {list(found[key].shape)}, the model needs {list(value.shape)}"
+                 for key, value in expected.items() if key in found and found[key].shape != value.shape]
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
+
+def _flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{key}": value for prefix, module in modules.items() for key, value in module.state_dict().items()}
+
+
+def write_model_folder(directory: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module]) -> Path:
+    """Write config.json and the weights of ``modules`` (name -> module) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in _flat_state(modules).items()}
+    # A crash never leaves a half-written file where a reader looks; the weights are
+    # renamed into place first (the inner block ends first).
+    with atomic_write(directory / CONFIG_FILE) as config_file, atomic_write(directory / WEIGHTS_FILE) as weights:
+        save_file(tensors, weights, metadata={"format": "pt"})
+        config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return directory
+
+
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    """The checked config.json of a model folder; a missing folder or file is named in the error."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ClipDecoderError(f"model folder {directory} does not exist")
+    for path in (config_path, directory / WEIGHTS_FILE):
+        if not path.is_file():
+            raise ClipDecoderError(f"model folder {directory} has no {path.name}")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is fine
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ClipDecoderError(f"{config_path}: not valid JSON ({error})") from error
+    return ModelConfig.from_dict(data, source=str(config_path))
+
+
+def load_weights(directory: str | os.PathLike, modules: dict[str, nn.Module]) -> None:
+    """Load model.safetensors into ``modules``; weights that do not fit are refused, naming them."""
+    weights_path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ClipDecoderError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    mismatch = _weights_mismatch(_flat_state(modules), tensors)
+    if mismatch:
+        raise ClipDecoderError(f"{weights_path}: weights do not fit the model in {CONFIG_FILE}: {mismatch}")
+    for prefix, module in modules.items():
+        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})

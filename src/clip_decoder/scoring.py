@@ -1,0 +1,121 @@
+"""The one path from image features and a vocabulary to probabilities.
+
+predict, serve, evaluate, calibrate, training-time validation and the benchmark all score
+through a ``Scorer``: a vocabulary's per-label work is computed once and cached, (image, label)
+pairs are decoded in chunks, and ``shortlist=K`` (approximate) decodes only each image's K most
+likely labels. A change to how a label is scored is a change here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .alignment import Alignment
+from .encoders import ImageFeatures
+from .errors import ClipDecoderError
+from .head import DecoderHead, LabelQueries
+from .prompts import LabelEmbedder, check_labels
+
+VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label work is kept
+# At most this many (image, label) pairs are decoded at once: past it the intermediate tensors
+# (pairs x FFN width) outgrow the CPU caches and the head runs memory-bound.
+PAIRS_PER_CHUNK = 16_384
+STORED_ROWS_PER_BATCH = 256  # stored features moved to the model's device at once
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A label set's share of scoring, computed once and reused for every image."""
+
+    labels: tuple[str, ...]
+    queries: LabelQueries  # the head's per-label work
+    aligned: torch.Tensor  # (L, align_dim) unit label texts in the alignment space: the shortlist's first stage
+
+
+@dataclass
+class Scores:
+    """One batch's probabilities (B, L) and, when asked for, each label's attention over the tokens (B, L, N)."""
+
+    probabilities: torch.Tensor
+    attention: torch.Tensor | None = None
+
+
+class Scorer:
+    """Image features x a vocabulary -> independent probabilities, through one head and alignment."""
+
+    def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
+                 templates: Sequence[str]) -> None:
+        self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
+        self.templates = tuple(templates)
+        self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.head.parameters()).device
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a weight is replaced or updated in place (load, optimizer step, .to())."""
+        parameters = [*self.head.parameters(), *self.alignment.parameters()]
+        return tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+
+    @torch.inference_mode()
+    def vocabulary(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> Vocabulary:
+        """The per-label work for ``labels`` (embedding, query projection, first-layer query norm
+        and projection), cached for the most recent vocabularies until the weights change."""
+        labels = tuple(check_labels(labels))
+        templates = tuple(templates or self.templates)
+        key = (labels, templates, self._weights_key())
+        if key not in self._vocabularies:
+            embeddings = self.embed_labels(labels, templates).to(self.device)
+            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings))
+            while len(self._vocabularies) > VOCABULARY_CACHE_SIZE:
+                self._vocabularies.popitem(last=False)
+        self._vocabularies.move_to_end(key)
+        return self._vocabularies[key]
+
+    @torch.inference_mode()
+    def score(self, features: ImageFeatures, vocabulary: Vocabulary, shortlist: int | None = None,
+              attention: bool = False) -> Scores:
+        """A batch of image features (on the model's device) -> probabilities (B, L).
+
+        With ``shortlist=K`` (approximate): a first stage scores every label by the cosine of the
+        pooled memory and the label text in the alignment space; only each image's top K labels
+        go through the decoder. The others get ``floor * (1 + cosine) / 2``, where floor is the
+        image's lowest decoded probability, so they rank below every decoded label and keep the
+        first stage's order among themselves. ``attention=True`` adds each label's first-layer
+        cross-attention over the image tokens (``DecoderHead.attention_maps``).
+        """
+        memory = self.head.memory(features.tokens.float())
+        maps = self.head.attention_maps(memory, vocabulary.queries) if attention else None
+        return Scores(self._probabilities(memory, vocabulary, shortlist), maps)
+
+    def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None) -> torch.Tensor:
+        if shortlist is None or shortlist >= len(vocabulary.labels):
+            step = max(1, PAIRS_PER_CHUNK // len(memory))
+            chunks = [self.head.decode(memory, vocabulary.queries.select(slice(start, start + step)))
+                      for start in range(0, len(vocabulary.labels), step)]
+            return torch.sigmoid(torch.cat(chunks, dim=1).float())
+        if shortlist < 1:
+            raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
+        cosine = (self.alignment.embed_images(memory.mean(dim=1)) @ vocabulary.aligned.T).float()
+        top = cosine.topk(shortlist, dim=1).indices
+        decoded = torch.sigmoid(self.head.decode(memory, vocabulary.queries.select(top)).float())
+        floor = decoded.min(dim=1, keepdim=True).values
+        return (floor * (1 + cosine) / 2).scatter_(1, top, decoded)
+
+    @torch.inference_mode()
+    def score_stored(self, tokens: torch.Tensor, pooled: torch.Tensor, vocabulary: Vocabulary,
+                     shortlist: int | None = None) -> np.ndarray:
+        """Probabilities (n, L) of stored features (tokens (n, N, D), pooled (n, D), any device
+        and dtype), moved to the model's device a few hundred rows at a time."""
+        rows = [np.zeros((0, len(vocabulary.labels)), dtype=np.float32)]
+        for start in range(0, len(tokens), STORED_ROWS_PER_BATCH):
+            end = start + STORED_ROWS_PER_BATCH
+            features = ImageFeatures(tokens[start:end].to(self.device), pooled[start:end].to(self.device))
+            rows.append(self.score(features, vocabulary, shortlist).probabilities.cpu().numpy())
+        return np.concatenate(rows)

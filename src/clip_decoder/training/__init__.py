@@ -1,0 +1,1 @@
+"""Training: options, methods, losses, the trainer's step, the loop and ``clip-decoder train``."""

@@ -1,0 +1,141 @@
+"""Methods declared once: each names what it trains, how long, and how it scores unseen labels.
+
+A method is one ``register_method`` call. The benchmark harness runs any registered method;
+``clip-decoder train --method`` takes the ones that train a decoder head (``epochs`` set).
+Adding a method touches nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..data.folder import LabelSplit
+from ..encoders import Backbone
+from ..errors import ClipDecoderError
+from ..model import CLIPDecoder
+from ..prompts import LabelEmbedder
+from .baselines import CONSE_TOP, LINEAR_EPOCHS, ConSE, LinearMap, imagenet_class_names
+from .data import FeatureSet
+from .loop import fit
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+@dataclass
+class MethodRun:
+    """One method, one seed, one label split: what a method gets to produce its test scores."""
+
+    towers: CLIPDecoder  # the loaded towers, shared by every run
+    parts: dict[str, FeatureSet]  # "train", "val" and "test" features
+    split: LabelSplit
+    config: TrainConfig  # the training options, with this run's method and seed
+    progress: bool = False
+
+    def embedder(self) -> LabelEmbedder:
+        """A label embedder of its own, so every run embeds its labels as a fresh model would."""
+        return LabelEmbedder(self.towers.text_tower)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A zero-shot method as the benchmark runs it."""
+
+    name: str
+    summary: str  # one line for --help
+    test_scores: Callable[[MethodRun], np.ndarray]  # train on seen labels; (test images, split.all) scores
+    recipe: Callable[[TrainConfig], str]  # what it trains and how, for the results page
+    epochs: int | None = None  # set for decoder methods: their tuned length (docs/EXPERIMENTS.md)
+    head: dict = field(default_factory=dict)  # HeadConfig options the method fixes
+    alignment: bool = True  # decoder methods: whether the alignment loss trains
+    seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (a name can be registered once)."""
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is registered already")
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ClipDecoderError(f"unknown method {name!r}; choose from {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def decoder_methods() -> tuple[str, ...]:
+    """The methods ``clip-decoder train`` can train: a decoder head."""
+    return tuple(name for name, method in _METHODS.items() if method.epochs is not None)
+
+
+def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
+    """A new, seeded head for ``config.method`` on the already loaded towers of ``towers``."""
+    torch.manual_seed(config.seed)
+    head = replace(towers.config.head, **config.head_options)
+    model_config = replace(towers.config, head=head, templates=config.template_set)
+    return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
+
+
+def _decoder_scores(run: MethodRun) -> np.ndarray:
+    model = fresh_model(run.towers, run.config)
+    fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
+    test = run.parts["test"]
+    return model.scorer.score_stored(test.tokens, test.pooled, model.scorer.vocabulary(run.split.all))
+
+
+def _decoder_recipe(config: TrainConfig) -> str:
+    head = config.head_options
+    skip = "with" if head["cosine_skip"] else "without"
+    clip = config.loss_weights.clip
+    loss = "ASL" + (f" + {clip} x alignment" if clip else "")
+    return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
+            f" {loss}; {config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
+            f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts")
+
+
+def decoder_method(name: str, summary: str, epochs: int, head: dict | None = None, alignment: bool = True) -> Method:
+    """A method that trains the decoder head (with ``head`` options fixed) for ``epochs``."""
+    return Method(name, summary, _decoder_scores, _decoder_recipe, epochs, head or {}, alignment)
+
+
+def _linear_scores(run: MethodRun) -> np.ndarray:
+    embed, templates, train, test = run.embedder(), run.config.template_set, run.parts["train"], run.parts["test"]
+    torch.manual_seed(run.config.seed)
+    linear = LinearMap(train.pooled.shape[1], run.towers.text_tower.dim)
+    linear.fit(train.pooled, train.targets(run.split.seen), embed(list(run.split.seen), templates), run.config.seed)
+    return linear.score(test.pooled, embed(list(run.split.all), templates))
+
+
+def _conse_scores(run: MethodRun) -> np.ndarray:
+    embed, templates = run.embedder(), run.config.template_set
+    conse = ConSE(run.towers.image_tower, embed(imagenet_class_names(), templates))
+    return conse.score(run.parts["test"].pooled, embed(list(run.split.all), templates))
+
+
+register_method(decoder_method(
+    "clip-decoder", "CLIP-Decoder: the decoder head with the cosine skip, ASL + alignment loss", epochs=10))
+register_method(decoder_method(
+    "ml-decoder", "ML-Decoder's head (no cosine skip), ASL only", epochs=20, head={"cosine_skip": False},
+    alignment=False))
+register_method(Method(
+    "linear", "a linear map from the pooled image into the text space (DeViSE-style), ASL", _linear_scores,
+    lambda config: (f"linear map pooled image -> text space, cosine x learned scale, ASL, {LINEAR_EPOCHS} epochs;"
+                    f" {config.templates} prompts")))
+register_method(Method(
+    "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _conse_scores,
+    lambda config: (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
+                    f" {config.templates} prompts"), seeded=False))
