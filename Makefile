@@ -50,7 +50,7 @@ photos: install system-packages
 # Rewrites the tables in docs/BENCHMARKS.md (about 25 min on 2 cores; the data as for demo).
 BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality load
 bench: install system-packages $(DATA)/stats.json
-	@for script in $(BENCH_SCRIPTS); do echo "== bench/$$script.py"; $(BIN)/python bench/$$script.py --data $(DATA) || exit 1; done
+	@for script in $(BENCH_SCRIPTS); do echo "== bench.$$script"; $(BIN)/python -m bench.$$script --data $(DATA) || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(DATA) models

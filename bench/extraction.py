@@ -10,7 +10,7 @@ Same images, same batch size, default `offline` image tower (EfficientNet-Lite2 
 Times are medians of ``--repeats`` interleaved runs (after one warm-up each). Peak RSS is
 measured per case in a fresh process (tower creation + one run). Target: (a) reaches at least 80%
 of (c)'s images/s.
-Run: python bench/extraction.py [--data DIR] [--images 128] [--batch-size 8] [--repeats 3]
+Run: python -m bench.extraction [--data DIR] [--images 128] [--batch-size 8] [--repeats 3]
      [--workers N] [--no-write]
 """
 
@@ -24,18 +24,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
+from bench.report import (bench_parser, check_inputs, check_positive, command, interleaved_medians, isolated, machine,
+                          publish, shown)
+from clip_decoder.data.folder import read_part
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from clip_decoder.encoders.offline import EfficientNetLite2Tower
+from clip_decoder.errors import ClipDecoderError
+from clip_decoder.features import FeatureCache
+from clip_decoder.images import load_image
 
-from clip_decoder.data.folder import read_part  # noqa: E402
-from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS  # noqa: E402
-from clip_decoder.encoders.offline import EfficientNetLite2Tower  # noqa: E402
-from clip_decoder.errors import ClipDecoderError  # noqa: E402
-from clip_decoder.features import FeatureCache  # noqa: E402
-from clip_decoder.images import load_image  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT / "data" / "openclipart"
 TARGET = 0.80  # (a) / (c), in images/s
 
 
@@ -91,19 +88,15 @@ def usable_images(data: Path, count: int) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder with a train.csv")
+    # --data (its train.csv), --no-write
+    parser = bench_parser(__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", type=int, default=128, help="the first N training images")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per tower forward")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (after one warm-up)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="decoding threads for (a)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md")
     args = parser.parse_args()
-    if min(args.images, args.batch_size, args.repeats, args.workers) < 1:
-        sys.exit("error: --images, --batch-size, --repeats and --workers must be positive")
-    if not (args.data / "train.csv").is_file():
-        sys.exit(f"error: no {args.data / 'train.csv'}; `make demo` (or `clip-decoder data openclipart`) writes it")
+    check_positive(args, "images", "batch_size", "repeats", "workers")
+    check_inputs(args.data, part="train")
 
     paths = usable_images(args.data, args.images)
     if len(paths) < args.images:
@@ -126,8 +119,8 @@ def main() -> None:
     verdict = (f"met: {ratio['threads']:.0%} >= {TARGET:.0%}" if ratio["threads"] >= TARGET
                else f"NOT met: {ratio['threads']:.0%} < {TARGET:.0%}")
     verdict += f" ({100 * (ratio['threads'] - TARGET):+.0f} percentage points)"
-    command = (f"python bench/extraction.py --data {shown(args.data)} --images {args.images}"
-               f" --batch-size {args.batch_size} --repeats {args.repeats} --workers {args.workers}")
+    rerun = command("extraction", f"--data {shown(args.data)} --images {args.images}"
+                                  f" --batch-size {args.batch_size} --repeats {args.repeats} --workers {args.workers}")
     rows = [("(a) `FeatureCache.get`, decoding in threads", "threads"),
             ("(b) `FeatureCache.get`, decoding in turn in the calling thread (`decode_workers=0`: the order"
              " of work before)", "in turn"),
@@ -135,7 +128,7 @@ def main() -> None:
     table = "\n".join([
         "## Feature extraction: decoding in threads vs the bare image tower, `offline` backbone (CPU)",
         "",
-        f"Command: `{command}`; {machine()}; medians of {args.repeats} runs per case (interleaved, after one"
+        f"Command: `{rerun}`; {machine()}; medians of {args.repeats} runs per case (interleaved, after one"
         " warm-up each).",
         "",
         f"Same images for all: the first {len(paths)} training images of `{shown(args.data)}`, batch {args.batch_size},"
@@ -153,9 +146,7 @@ def main() -> None:
         f"| target: (a) at least {TARGET:.0%} of (c)'s images/s | {verdict} |",
         f"| (a) / (b): speed-up from decoding in threads | {rate['threads'] / rate['in turn']:.2f}x |",
     ])
-    print(table)
-    if not args.no_write:
-        write_section("extraction", table)
+    publish(table, section="extraction", no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 The backbone is a randomly initialised CLIP with ViT-B/16's shapes (speed does not depend on the
 weights), written as an hf folder and loaded through the real ``hf:`` backbone code. Pixels are
 synthetic batches already on the device: this measures the model, not JPEG decoding
-(bench/extraction.py measures that). Every case runs under bf16 autocast, as training does on a GPU.
+(bench.extraction measures that). Every case runs under bf16 autocast, as training does on a GPU.
 
 Baseline, same run: the bare vision tower's forward on the same batch (no grad).
   inference  CLIP-Decoder scoring (tower + head, exact, --labels labels) against the bare forward;
@@ -11,8 +11,8 @@ Baseline, same run: the bare vision tower's forward on the same batch (no grad).
              and backward, head, alignment loss, AdamW, OneCycle, EMA), and one frozen-tower step on
              cached tokens (the default mode), both against the bare forward.
 Times are medians of ``--repeats`` interleaved calls, each ended by a device synchronisation.
-Run: python bench/gpu_scale.py [--batch-size 128] [--labels 1006] [--seen 925] [--repeats 10] [--no-write]
-     python bench/gpu_scale.py --tiny --device cpu --no-write   (a smoke test of the script on CPU)
+Run: python -m bench.gpu_scale [--batch-size 128] [--labels 1006] [--seen 925] [--repeats 10] [--no-write]
+     python -m bench.gpu_scale --tiny --device cpu --no-write   (a smoke test of the script on CPU)
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved_medians, machine, write_section  # noqa: E402
-
-from clip_decoder.encoders import Backbone  # noqa: E402
-from clip_decoder.model import CLIPDecoder  # noqa: E402
-from clip_decoder.train import TrainConfig, Trainer  # noqa: E402
+from bench.report import bench_parser, command, interleaved_medians, machine, publish
+from clip_decoder.encoders import Backbone
+from clip_decoder.model import CLIPDecoder
+from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.trainer import Trainer
 
 VIT_B_16 = {
     "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -77,14 +76,14 @@ def synchronized(function, device: torch.device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No --data (synthetic pixels); --no-write.
+    parser = bench_parser(__doc__, data=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="default cuda")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step / forward (default 128)")
     parser.add_argument("--labels", type=int, default=1006, help="labels scored at inference (default 1006: NUS-WIDE GZSL)")
     parser.add_argument("--seen", type=int, default=925, help="labels trained on per step (default 925: NUS-WIDE seen)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/16 (smoke test)")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -97,7 +96,7 @@ def main() -> None:
     size, batch = shape["vision"]["image_size"], args.batch_size
     pixels = torch.randn(batch, 3, size, size, device=device)
     names = [f"concept {i}" for i in range(args.labels)]
-    vocabulary = model.vocabulary(names)
+    vocabulary = model.scorer.vocabulary(names)
     seen_embeddings = model.embed_labels(names[: args.seen]).to(device)
     targets = (torch.rand(batch, args.seen, device=device) < 0.01).float()
     sentences = torch.nn.functional.normalize(torch.randn(batch, model.text_tower.dim, device=device), dim=-1)
@@ -112,7 +111,7 @@ def main() -> None:
     @torch.inference_mode()
     def score():
         with autocast:
-            model.probabilities(model.image_tower(pixels).tokens, vocabulary)
+            model.scorer.score(model.image_tower(pixels), vocabulary)
 
     # A second head on the same towers for the frozen mode; built first, because building a model
     # freezes its towers and the end-to-end trainer then unfreezes the shared image tower.
@@ -134,18 +133,14 @@ def main() -> None:
         f"{'Tiny CLIP (smoke test)' if args.tiny else 'ViT-B/16-shaped hf CLIP (random weights)'} on {name}, bf16"
         f" autocast, batch {batch}, synthetic pixels on the device; medians of {args.repeats} interleaved calls."
         f" Machine: {machine()}.",
-        f"Command: `python bench/gpu_scale.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+        f"Command: `{command('gpu_scale', sys.argv[1:])}`", "",
         "| case | ms per batch | images/s | time vs bare forward |", "|---|---|---|---|",
     ]
     for case, seconds in times.items():
         lines.append(f"| {case} | {1000 * seconds:.1f} | {batch / seconds:,.0f} | {seconds / base:.2f}x |")
     if device.type == "cuda":
         lines += ["", f"Peak device memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB."]
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_section("gpu_scale", table)
-
+    publish("\n".join(lines), section="gpu_scale", no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -8,30 +8,26 @@
 (b) The head alone: achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode) against this
     machine's plain fp32 matmul (1024 x 1024 x 1024) in the same run.
 (e) Peak resident memory of each case (sampled while it runs; the model is loaded in every case).
-The model is the trained models' configuration (``TrainConfig().head_options``) with random
+The model is the trained models' configuration (``CLIPDecoder.create()``'s head) with random
 weights: speed does not depend on the weights. Labels come from bench/vocabulary.py.
-Run: python bench/inference.py [--images 32] [--repeats 3] [--no-write]
+Run: python -m bench.inference [--data DIR] [--images 32] [--repeats 3] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import PeakMemory, interleaved_medians, machine, write_section  # noqa: E402
-from vocabulary import large_vocabulary  # noqa: E402
-
-from clip_decoder import CLIPDecoder  # noqa: E402
-from clip_decoder.data.folder import read_part  # noqa: E402
-from clip_decoder.decoding import DEFAULT_BATCH_SIZE, decoded_batches  # noqa: E402
-from clip_decoder.train import TrainConfig  # noqa: E402
+from bench.report import PeakMemory, bench_parser, check_inputs, command, interleaved_medians, machine, publish, shown
+from bench.vocabulary import large_vocabulary
+from clip_decoder import CLIPDecoder
+from clip_decoder.data.folder import read_part
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, decoded_batches
+from clip_decoder.encoders import ImageFeatures
+from clip_decoder.prompts import DEFAULT_TEMPLATES
 
 SIZES = (10, 100, 1000, 10000)
 
@@ -60,16 +56,17 @@ def head_efficiency(model: CLIPDecoder, sizes, batch_size: int, repeats: int) ->
     """Rows of table (b): the head's GFLOP/s at each vocabulary size against a plain matmul."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     tokens = torch.randn(batch_size, 49, model.config.head.image_dim)
+    features = ImageFeatures(tokens, tokens.mean(dim=1))
     rows = []
     for size in sizes:
-        vocabulary = model.vocabulary(large_vocabulary(size))
+        vocabulary = model.scorer.vocabulary(large_vocabulary(size))
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model.probabilities(tokens, vocabulary)
+            model.scorer.score(features, vocabulary)
         flops = counter.get_total_flops()
 
         def head() -> None:
             with torch.inference_mode():
-                model.probabilities(tokens, vocabulary)
+                model.scorer.score(features, vocabulary)
 
         medians = interleaved_medians({"head": head, "matmul": lambda: a @ b}, repeats)
         head_gflops = flops / medians["head"] / 1e9
@@ -80,20 +77,16 @@ def head_efficiency(model: CLIPDecoder, sizes, batch_size: int, repeats: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/openclipart"), help="benchmark folder (its test images)")
+    parser = bench_parser(__doc__)  # --data (its test images), --no-write
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--shortlist", type=int, default=100, metavar="K")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print the tables only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    if not (args.data / "test.csv").is_file():
-        sys.exit(f"error: no benchmark folder at {args.data}; build it with `make demo` or"
-                 f" `clip-decoder data openclipart --out {args.data}`")
+    check_inputs(args.data, part="test")
 
     torch.manual_seed(0)
-    model = CLIPDecoder.create(backbone="offline", **TrainConfig().head_options)  # one template: see below
+    model = CLIPDecoder.create(backbone="offline", templates=DEFAULT_TEMPLATES)  # the trained head; one template: see below
     images = [sample.image for sample in read_part(args.data, "test")[: args.images]]
     projection = torch.nn.Linear(model.config.head.image_dim, model.config.head.text_dim)
 
@@ -101,7 +94,7 @@ def main() -> None:
     for size in SIZES:
         labels = large_vocabulary(size)
         start = time.perf_counter()
-        vocabulary = model.vocabulary(labels)
+        vocabulary = model.scorer.vocabulary(labels)
         vocabulary_s = time.perf_counter() - start
         cases = timed_cases(model, projection, images, labels, vocabulary.queries.directions, args)
         medians = interleaved_medians(cases, args.repeats)
@@ -121,13 +114,13 @@ def main() -> None:
     at_1000 = float(efficiency[1].split("|")[-2].strip().rstrip("%")) / 100
     head_verdict = "met" if at_1000 >= 0.5 else f"missed by {0.5 - at_1000:.0%} of the matmul rate"
     shortlist_verdict = "met" if shortlist_ms <= 2 * exact_100_ms else f"missed: {shortlist_ms / exact_100_ms:.2f}x"
-    command = (f"python bench/inference.py --data {args.data} --images {args.images} --batch-size {args.batch_size}"
-               f" --shortlist {args.shortlist} --repeats {args.repeats}")
+    rerun = command("inference", f"--data {shown(args.data)} --images {args.images} --batch-size {args.batch_size}"
+                               f" --shortlist {args.shortlist} --repeats {args.repeats}")
     table = "\n".join([
         "## Inference: CLIP-Decoder against plain zero-shot scoring (CPU)",
         "",
-        f"Command: `{command}`; {machine()}; medians of {args.repeats}, cases interleaved.",
-        f"{args.images} test images of `{args.data}` (PNG), batch {args.batch_size}, default `offline` backbone,"
+        f"Command: `{rerun}`; {machine()}; medians of {args.repeats}, cases interleaved.",
+        f"{args.images} test images of `{shown(args.data)}` (PNG), batch {args.batch_size}, default `offline` backbone,"
         " the trained models' head (d 256, FFN 512, cosine skip) with random weights, one prompt template.",
         "Baseline (zero-shot): the same decoding and image tower, then the pooled image mapped to the text"
         " space and one dot product with the cached label embeddings. Vocabulary: the labels' embedding and"
@@ -150,9 +143,7 @@ def main() -> None:
         "",
         f"Target: the exact head reaches at least 50% of the matmul rate (at 1,000 labels): {at_1000:.0%}, **{head_verdict}**.",
     ])
-    print(table)
-    if not args.no_write:
-        write_section("inference", table)
+    publish(table, section="inference", no_write=args.no_write)
 
 
 if __name__ == "__main__":

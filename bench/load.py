@@ -6,12 +6,11 @@ tests/test_load.py: 7 in 10 good (one test image, ``--labels`` of the model's tr
 then one with too many labels (422), one oversized upload (413) and one adding a broken image
 (200, that image reported). Latencies are of the good requests; throughput counts all of them.
 Memory is the server's: VmRSS after a warm-up and after the run, and its peak (VmHWM).
-Run: python bench/load.py [--model models/openclipart-default] [--requests 500] [--concurrency 16] [--no-write]
+Run: python -m bench.load [--data DIR] [--model models/openclipart-default] [--requests 500] [--concurrency 16] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import subprocess
@@ -24,10 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, shown, write_section  # noqa: E402
-
-from clip_decoder.data.folder import read_part  # noqa: E402
+from bench.report import bench_parser, check_inputs, command, machine, publish, shown
+from clip_decoder.data.folder import read_part
 
 MAX_LABELS, MAX_UPLOAD_BYTES = 100, 2**20  # the server's limits in this run, so that the bad requests are cheap
 
@@ -60,20 +57,13 @@ def planned(i: int, pictures: list[tuple[str, bytes]], labels: list[str]) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("models/openclipart-default"), help="model folder to serve")
-    parser.add_argument("--data", type=Path, default=Path("data/openclipart"), help="benchmark folder (its test images)")
+    parser = bench_parser(__doc__, model=True)  # --data (its test images), --model (served), --no-write
     parser.add_argument("--images", type=int, default=32, help="distinct test images the requests cycle through")
     parser.add_argument("--labels", type=int, default=20, help="labels per good request (the model's first training labels)")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    if not (args.data / "test.csv").is_file():
-        sys.exit(f"error: no benchmark folder at {args.data}; build it with `make demo` or"
-                 f" `clip-decoder data openclipart --out {args.data}`")
-    if not (args.model / "config.json").is_file():
-        sys.exit(f"error: no model folder at {args.model}; train one with `make demo`")
+    check_inputs(args.data, part="test", model=args.model)
 
     labels = json.loads((args.model / "config.json").read_text())["labels"][: args.labels]
     pictures = [(sample.image.name, sample.image.read_bytes()) for sample in read_part(args.data, "test")[: args.images]]
@@ -115,12 +105,12 @@ def main() -> None:
     statuses = Counter((kind, status) for kind, _, status in answers)
     answered = ", ".join(f"{kind} {status}: {count}" for (kind, status), count in sorted(statuses.items()))
     errors = sum(count for (_, status), count in statuses.items() if status >= 500)
-    command = (f"python bench/load.py --model {shown(args.model)} --data {shown(args.data)} --images {args.images}"
-               f" --labels {args.labels} --requests {args.requests} --concurrency {args.concurrency}")
+    rerun = command("load", f"--model {shown(args.model)} --data {shown(args.data)} --images {args.images}"
+                            f" --labels {args.labels} --requests {args.requests} --concurrency {args.concurrency}")
     table = "\n".join([
         "## HTTP service under load (CPU, loopback)",
         "",
-        f"Command: `{command}`; {machine()}; the clients share the machine's cores with the server.",
+        f"Command: `{rerun}`; {machine()}; the clients share the machine's cores with the server.",
         f"`clip-decoder serve` (own process, one inference at a time) around `{shown(args.model)}`; {args.requests} requests,"
         f" {args.concurrency} at a time, cycling through {len(pictures)} test images of `{shown(args.data)}` (one per request)"
         f" with {len(labels)} labels. 7 in 10 are good, then one each with {MAX_LABELS + 1} labels, an oversized upload and an"
@@ -133,9 +123,7 @@ def main() -> None:
         "",
         f"Answers (kind status: count): {answered}.",
     ])
-    print(table)
-    if not args.no_write:
-        write_section("load", table)
+    publish(table, section="load", no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -6,39 +6,33 @@ over the split's own vocabulary (ZSL: the unseen labels; GZSL: all labels), and 
 vocabulary plus N distractor labels from bench/vocabulary.py. Exact scores do not change with
 distractors (each label's score is independent of the others); the shortlist has to find the true
 labels among them. mAP is over the benchmark's labels only. Mean over seeds.
-Run: python bench/shortlist_quality.py [--seeds 0 1 2] [--ks 5 10 20 100] [--distractors 1000 10000]
+Run: python -m bench.shortlist_quality [--data DIR] [--split JSON] [--seeds 0 1 2] [--ks 5 10 20 100] [--distractors 1000 10000]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, write_section  # noqa: E402
-from vocabulary import large_vocabulary  # noqa: E402
-
-from clip_decoder.benchmark import fresh_model  # noqa: E402
-from clip_decoder.data.folder import read_part, read_split, training_parts  # noqa: E402
-from clip_decoder.features import FeatureCache  # noqa: E402
-from clip_decoder.metrics import zsl_gzsl_metrics  # noqa: E402
-from clip_decoder.model import CLIPDecoder  # noqa: E402
-from clip_decoder.train import FeatureSet, TrainConfig, fit  # noqa: E402
+from bench.report import bench_parser, check_inputs, command, machine, publish, shown, split_of
+from bench.vocabulary import large_vocabulary
+from clip_decoder.data.folder import read_part, read_split, training_parts
+from clip_decoder.features import FeatureCache
+from clip_decoder.metrics import zsl_gzsl_metrics
+from clip_decoder.model import CLIPDecoder
+from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.data import FeatureSet
+from clip_decoder.training.loop import fit
+from clip_decoder.training.methods import fresh_model
 
 TOLERANCE = 0.5  # mAP points
 
 
-def scores(model: CLIPDecoder, tokens: torch.Tensor, labels: list[str], shortlist: int | None) -> np.ndarray:
-    """Probabilities (n, len(labels)) of cached test tokens, in batches."""
-    vocabulary = model.vocabulary(labels)
-    rows = [model.probabilities(tokens[start : start + 128].float(), vocabulary, shortlist)
-            for start in range(0, len(tokens), 128)]
-    return torch.cat(rows).numpy()
+def scores(model: CLIPDecoder, test: FeatureSet, labels: list[str], shortlist: int | None) -> np.ndarray:
+    """Probabilities (n, len(labels)) of the cached test features."""
+    return model.scorer.score_stored(test.tokens, test.pooled, model.scorer.vocabulary(labels), shortlist)
 
 
 def zsl_gzsl_maps(model, test: FeatureSet, split, shortlist: int | None, distractors: list[str]) -> tuple[float, float]:
@@ -46,26 +40,21 @@ def zsl_gzsl_maps(model, test: FeatureSet, split, shortlist: int | None, distrac
     labels, unseen = list(split.all), list(split.unseen)
     targets = test.targets(split.all).numpy()
     zsl = np.zeros_like(targets, dtype=np.float32)  # ZSL reads only the unseen columns
-    zsl[:, [labels.index(label) for label in unseen]] = scores(model, test.tokens, unseen + distractors, shortlist)[:, : len(unseen)]
-    gzsl = scores(model, test.tokens, labels + distractors, shortlist)[:, : len(labels)]
+    zsl[:, [labels.index(label) for label in unseen]] = scores(model, test, unseen + distractors, shortlist)[:, : len(unseen)]
+    gzsl = scores(model, test, labels + distractors, shortlist)[:, : len(labels)]
     return (zsl_gzsl_metrics(zsl, targets, labels, unseen)["zsl"]["mAP"],
             zsl_gzsl_metrics(gzsl, targets, labels, unseen)["gzsl"]["mAP"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("data/openclipart"))
-    parser.add_argument("--split", type=Path, help="label split JSON (default DATA/splits/default.json)")
+    parser = bench_parser(__doc__, split=True)  # --data, --split, --no-write
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 100], help="shortlist sizes, own vocabulary")
     parser.add_argument("--distractors", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--distractor-k", type=int, default=100, help="shortlist size with distractors")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    split_path = args.split or args.data / "splits" / "default.json"
-    if not (args.data / "test.csv").is_file() or not split_path.is_file():
-        sys.exit(f"error: no benchmark folder or split at {args.data}; build it with `make demo` or"
-                 f" `clip-decoder data openclipart --out {args.data}`")
+    split_path = split_of(args)
+    check_inputs(args.data, part="test", split=split_path)
 
     config = TrainConfig()
     split = read_split(split_path)
@@ -79,7 +68,7 @@ def main() -> None:
     for seed in args.seeds:
         seed_config = TrainConfig(seed=seed)
         model = fresh_model(towers, seed_config)
-        model.embed_labels = towers.embed_labels  # share the label-embedding cache across seeds
+        model.scorer.embed_labels = towers.embed_labels  # share the label-embedding cache across seeds
         fit(model, train, val, split.seen, seed_config)
         model.eval()
         results["exact"].append(zsl_gzsl_maps(model, test, split, None, []))
@@ -97,13 +86,13 @@ def main() -> None:
         if name.endswith(f"shortlist {args.distractor_k}"):
             worst = min(zsl - exact_zsl, gzsl - exact_gzsl)
             verdicts.append(f"- {name}: " + ("**met**" if worst >= -TOLERANCE else f"**missed** by {-worst - TOLERANCE:.2f} points"))
-    command = (f"python bench/shortlist_quality.py --data {args.data} --split {split_path} --seeds {' '.join(map(str, args.seeds))}"
-               f" --ks {' '.join(map(str, args.ks))} --distractors {' '.join(map(str, args.distractors))}"
-               f" --distractor-k {args.distractor_k}")
+    rerun = command("shortlist_quality", f"--data {shown(args.data)} --split {shown(split_path)}"
+                    f" --seeds {' '.join(map(str, args.seeds))} --ks {' '.join(map(str, args.ks))}"
+                    f" --distractors {' '.join(map(str, args.distractors))} --distractor-k {args.distractor_k}")
     table = "\n".join([
         "## Shortlist mode: quality against exact scoring",
         "",
-        f"Command: `{command}`; {machine()}.",
+        f"Command: `{rerun}`; {machine()}.",
         f"CLIP-Decoder trained with the default recipe on the seen labels of `{split_path.name}`, mean of"
         f" {len(args.seeds)} seeds. ZSL: the {len(split.unseen)} unseen labels (+ distractors);"
         f" GZSL: all {len(split.all)} labels (+ distractors). mAP over the benchmark's labels, percent.",
@@ -117,9 +106,7 @@ def main() -> None:
         f" (the benchmark's own vocabulary is shorter than {args.distractor_k}, so there it is exact by construction):",
         *verdicts,
     ])
-    print(table)
-    if not args.no_write:
-        write_section("shortlist_quality", table)
+    publish(table, section="shortlist_quality", no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -3,99 +3,68 @@
 Measure (a): an epoch of the head's training steps over tokens precomputed once into a
 FeatureCache. Baseline (b), same run: the same epoch with each batch's images decoded,
 preprocessed and run through the frozen image tower (no grad, eval mode) before the same step.
-Both use the same images, labels, batch size, model config and one step function that mirrors
-``train.fit`` (train.Trainer: loss, backward, AdamW step, OneCycle step, EMA update); only where the tokens come
-from differs. Times are medians of ``--repeats`` interleaved epochs; peak RSS is measured per case
+Both use the same images, labels, batch size, model config and ``fit``'s own batch order and step
+(``training.loop.TrainingRun``: objective, backward, AdamW step, OneCycle step, EMA update); only where
+the tokens come from differs. Times are medians of ``--repeats`` interleaved epochs; peak RSS is measured per case
 in a fresh process (setup + one epoch). Target: (a) is at least 20x faster than (b).
-Run: python bench/training_epoch.py [--data DIR] [--split JSON] [--images 256] [--batch-size 64]
+Run: python -m bench.training_epoch [--data DIR] [--split JSON] [--images 256] [--batch-size 64]
      [--repeats 3] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import interleaved_medians, isolated, machine, shown, write_section  # noqa: E402
+from bench.report import (bench_parser, check_inputs, check_positive, command, interleaved_medians, isolated, machine,
+                          publish, shown, split_of)
+from clip_decoder.data.folder import Sample, read_split, training_parts
+from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
+from clip_decoder.features import FeatureCache
+from clip_decoder.model import CLIPDecoder
+from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.data import FeatureSet
+from clip_decoder.training.loop import TrainingRun
+from clip_decoder.training.run import new_model
 
-from clip_decoder.data.folder import Sample, read_split, training_parts  # noqa: E402
-from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches  # noqa: E402
-from clip_decoder.features import FeatureCache  # noqa: E402
-from clip_decoder.model import CLIPDecoder  # noqa: E402
-from clip_decoder.prompts import TEMPLATE_SETS  # noqa: E402
-from clip_decoder.train import FeatureSet, TrainConfig, Trainer, encode_sentences  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT / "data" / "openclipart"
 BACKBONE = "offline"  # train_model's default
 TARGET = 20.0
 
 
-class Variant:
-    """One variant's training state: train.py's Trainer (optimizer, OneCycle, EMA) and fit's batch order."""
-
-    def __init__(self, model: CLIPDecoder, config: TrainConfig, samples: list[Sample], seen: tuple[str, ...], epochs: int):
-        self.model, self.config = model, config
-        self.label_embeddings = model.embed_labels(list(seen), TEMPLATE_SETS[config.templates])
-        probe = FeatureSet(torch.empty(0), torch.empty(0), samples)  # only for its targets / sentences
-        self.targets = probe.targets(seen)
-        self.sentence_embeddings = encode_sentences(model, probe.sentences(seen))
-        self.steps_per_epoch = max(1, len(samples) // config.batch_size)  # as fit: the last partial batch is dropped
-        self.head_trainer = Trainer(model, config, epochs * self.steps_per_epoch)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.count = len(samples)
-
-    def epoch_order(self) -> torch.Tensor:
-        """The sample indices of one epoch's steps, in fit's order (a fresh permutation per epoch)."""
-        order = torch.randperm(self.count, generator=self.generator)
-        return order[: self.steps_per_epoch * self.config.batch_size]
-
-    def batches(self):
-        """Index batches of one epoch, in fit's order."""
-        yield from self.epoch_order().split(self.config.batch_size)
-
-    def step(self, tokens: torch.Tensor, batch: torch.Tensor) -> float:
-        """fit's training step on one batch of image tokens; returns the loss."""
-        losses = self.head_trainer.step(tokens, self.label_embeddings, self.targets[batch], self.sentence_embeddings[batch])
-        return losses["loss"]
-
-
-def cached_epoch(trainer: Variant, tokens: torch.Tensor) -> None:
+def cached_epoch(run: TrainingRun, tokens: torch.Tensor) -> None:
     """(a): batches of tokens already in memory (float16 from the cache, as fit gets them)."""
-    trainer.model.train()
-    for batch in trainer.batches():
-        trainer.step(tokens[batch], batch)
+    run.model.train()
+    for rows in run.epoch_batches(run.epoch_order()):
+        run.step(rows, tokens[rows])
 
 
-def tower_epoch(trainer: Variant, samples: list[Sample]) -> None:
+def tower_epoch(run: TrainingRun, samples: list[Sample]) -> None:
     """(b): decode, preprocess and encode each batch's images with the frozen tower, then the same step.
 
     Decoding is ``decoded_batches``' (as feature extraction does it): the next batch is decoded
     in background threads while the tower and the step run on this one, in the same batch order.
     """
-    trainer.model.train()  # the towers stay in eval mode (CLIPDecoder.train)
-    tower = trainer.model.image_tower
-    order = trainer.epoch_order()
+    run.model.train()  # the towers stay in eval mode (CLIPDecoder.train)
+    tower = run.model.image_tower
+    order = torch.cat(list(run.epoch_batches(run.epoch_order())))
     sources = [samples[i].image for i in order.tolist()]
-    for decoded in decoded_batches(sources, tower.preprocess, trainer.config.batch_size):
+    for decoded in decoded_batches(sources, tower.preprocess, run.config.batch_size):
         if decoded.failed:  # cannot happen: only images that decoded for the cache are used
             raise RuntimeError(f"images failed to decode: {decoded.failed}")
         with torch.no_grad():  # not inference_mode: its tensors could not be saved for the head's backward
             # The tower at its fastest batch size (decoding.DEFAULT_BATCH_SIZE), as extraction runs it.
             tokens = torch.cat([tower(pixels).tokens for pixels in decoded.pixels.split(DEFAULT_BATCH_SIZE)])
-        trainer.step(tokens, order[decoded.indices])
+        run.step(order[decoded.indices], tokens)
 
 
-def new_model(config: TrainConfig) -> CLIPDecoder:
-    torch.manual_seed(config.seed)  # as train_model
-    return CLIPDecoder.create(backbone=BACKBONE, templates=TEMPLATE_SETS[config.templates], **config.head_options)
+def training_run(model: CLIPDecoder, config: TrainConfig, features: FeatureSet, seen: tuple[str, ...]) -> TrainingRun:
+    """fit's run state (Trainer, batch order, step) without validation: no val part."""
+    return TrainingRun(model, features, None, seen, config)
 
 
 def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_size: int, cache_dir: str) -> float:
@@ -104,43 +73,36 @@ def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_s
     The cached case reads the features from the already filled cache (no extraction here); the
     tower case never touches the cache. Both hold the whole model, towers included, as training does.
     """
-    config = TrainConfig(batch_size=batch_size)
-    model = new_model(config)
-    trainer = Variant(model, config, samples, seen, epochs=1)
+    config = TrainConfig(batch_size=batch_size, epochs=1)
+    model = new_model(config, BACKBONE)
     if variant == "cached":
-        tokens = FeatureSet.build(samples, FeatureCache(model.image_tower, cache_dir), progress=False).tokens
+        features = FeatureSet.build(samples, FeatureCache(model.image_tower, cache_dir), progress=False)
+        run = training_run(model, config, features, seen)
         start = time.perf_counter()
-        cached_epoch(trainer, tokens)
+        cached_epoch(run, features.tokens)
     else:
+        run = training_run(model, config, FeatureSet(torch.empty(0), torch.empty(0), samples), seen)
         start = time.perf_counter()
-        tower_epoch(trainer, samples)
+        tower_epoch(run, samples)
     return time.perf_counter() - start
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: data/openclipart)")
-    parser.add_argument("--split", type=Path, default=None, help="label split JSON (default: DATA/splits/default.json)")
+    parser = bench_parser(__doc__, split=True)  # --data, --split, --no-write
     parser.add_argument("--images", type=int, default=256, help="the first N training images (default: 256)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--repeats", type=int, default=3, help="epochs per variant; the median is reported")
-    parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
-    split_path = args.split or args.data / "splits" / "default.json"
-    if not (args.data / "train.csv").is_file():
-        sys.exit(f"error: no benchmark folder at {args.data}; build it with `make demo` or "
-                 f"`clip-decoder data openclipart --out {args.data}`")
-    if not split_path.is_file():
-        sys.exit(f"error: no label split {split_path}; `make demo` (or `clip-decoder data openclipart`) writes it")
-    if min(args.images, args.batch_size, args.repeats) < 1:
-        sys.exit("error: --images, --batch-size and --repeats must be positive")
+    split_path = split_of(args)
+    check_inputs(args.data, part="train", split=split_path)
+    check_positive(args, "images", "batch_size", "repeats")
 
     config = TrainConfig(batch_size=args.batch_size)
     seen = read_split(split_path).seen
     train_samples, _ = training_parts(args.data, config.val_fraction)
     requested = train_samples[: args.images]
 
-    model = new_model(config)
+    model = new_model(config, BACKBONE)
     # A temporary cache: the features of exactly these images, extracted in this run; the user's
     # cache is neither read (a warm entry would hide nothing from (a), but would skip the one-time
     # extraction reported below) nor filled with a benchmark's leftovers.
@@ -155,10 +117,10 @@ def main() -> None:
         _, cached_rss = isolated(one_case, "cached", samples, seen, args.batch_size, cache_dir)
         _, tower_rss = isolated(one_case, "tower", samples, seen, args.batch_size, cache_dir)
 
-    # Two trainers with identical starting heads and batch orders; each schedule spans warm-up + repeats.
-    epochs = args.repeats + 1
-    cached = Variant(model, config, samples, seen, epochs)
-    tower = Variant(copy.deepcopy(model), config, samples, seen, epochs)
+    # Two runs with identical starting heads and batch orders; each schedule spans warm-up + repeats.
+    config = replace(config, epochs=args.repeats + 1)
+    cached = training_run(model, config, features, seen)
+    tower = training_run(copy.deepcopy(model), config, features, seen)
     print(f"timing: {args.repeats} epochs per variant (after one warm-up each), interleaved ...", file=sys.stderr)
     seconds = interleaved_medians(
         {"cached": lambda: cached_epoch(cached, tokens), "tower": lambda: tower_epoch(tower, samples)}, args.repeats
@@ -169,18 +131,18 @@ def main() -> None:
     margin = 100 * (speedup / TARGET - 1)
     verdict = (f"met: {speedup:.1f}x >= {TARGET:.0f}x ({margin:+.0f}% over the target)" if speedup >= TARGET
                else f"NOT met: {speedup:.1f}x < {TARGET:.0f}x ({-margin:.0f}% short of the target)")
-    command = (f"python bench/training_epoch.py --data {shown(args.data)} --split {shown(split_path)}"
-               f" --images {args.images} --batch-size {args.batch_size} --repeats {args.repeats}")
+    rerun = command("training_epoch", f"--data {shown(args.data)} --split {shown(split_path)}"
+                                      f" --images {args.images} --batch-size {args.batch_size} --repeats {args.repeats}")
     table = "\n".join([
         f"## Training epoch: cached features vs through the frozen image tower, `{BACKBONE}` backbone (CPU)",
         "",
-        (f"Command: `{command}`; {machine()}; medians of {args.repeats} epoch(s) per variant (interleaved,"
+        (f"Command: `{rerun}`; {machine()}; medians of {args.repeats} epoch(s) per variant (interleaved,"
          " after one warm-up epoch each)."),
         "",
         (f"Same data for both: the first {len(samples)} training images of `{shown(args.data)}`, {len(seen)} seen labels,"
          f" batch {args.batch_size}, {cached.steps_per_epoch} step(s) per epoch ({trained_images} images; the last partial"
          f" batch is dropped, as `fit` does), `TrainConfig()` head and `{config.templates}` templates. Same step"
-         " (`model.loss`, backward, AdamW, OneCycle, EMA); an epoch here is the training steps only, no validation."
+         " (`TrainingRun.step`: the objective, backward, AdamW, OneCycle, EMA); an epoch here is the training steps only, no validation."
          f" (b) decodes with `clip_decoder.decoding.decoded_batches` ({DEFAULT_WORKERS} threads, the next batch decoded"
          f" while the tower and the step run on this one) and runs the tower {DEFAULT_BATCH_SIZE} images at a time,"
          " its fastest batch size on CPU."),
@@ -198,9 +160,7 @@ def main() -> None:
         (f"| one-time feature extraction into an empty cache (decode + tower + write; NOT in (a)'s epoch time)"
          f" | {extract_s:.2f} s ({len(samples) / extract_s:.1f} images/s) |"),
     ])
-    print(table)
-    if not args.no_write:
-        write_section("training_epoch", table)
+    publish(table, section="training_epoch", no_write=args.no_write)
 
 
 if __name__ == "__main__":

@@ -4,28 +4,25 @@ The seen labels of a split are split again: a quarter become pseudo-unseen. Each
 on the training images with the pseudo-seen labels only (model selection on a part carved from
 them) and is scored, ZSL and GZSL, on the validation images with pseudo-seen + pseudo-unseen
 labels. The real unseen labels and the test part are never read.
-Run: python bench/tune.py --data DIR --split JSON [--seeds 0 1] [--variants NAME ...]
+Run: python -m bench.tune [--data DIR] [--split JSON] [--seeds 0 1] [--variants NAME ...] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine  # noqa: E402
-
-from clip_decoder.benchmark import fresh_model, run_method  # noqa: E402
-from clip_decoder.data.folder import LabelSplit, carve_validation, read_split, training_parts  # noqa: E402
-from clip_decoder.features import FeatureCache  # noqa: E402
-from clip_decoder.model import CLIPDecoder  # noqa: E402
-from clip_decoder.train import FeatureSet, TrainConfig  # noqa: E402
+from bench.report import ROOT, bench_parser, check_inputs, command, machine, publish, shown, split_of
+from clip_decoder.benchmark import run_method
+from clip_decoder.data.folder import LabelSplit, carve_validation, read_split, training_parts
+from clip_decoder.features import FeatureCache
+from clip_decoder.model import CLIPDecoder
+from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.data import FeatureSet
+from clip_decoder.training.methods import get_method
 
 # name -> (method, TrainConfig changes against the base)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -34,7 +31,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "linear": ("linear", {}),
     "conse": ("conse", {}),
 }
-DOC = Path(__file__).resolve().parent.parent / "docs" / "EXPERIMENTS.md"
+DOC = ROOT / "docs" / "EXPERIMENTS.md"
+HEADER = ("# Experiments\n\nDefaults are picked here on seen labels only (bench/tune.py); test images and unseen"
+          " labels are never used.\n")
 
 
 def nested_split(split: LabelSplit, fraction: float = 0.25, seed: int = 0) -> LabelSplit:
@@ -55,9 +54,7 @@ def parse_value(text: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--split", required=True)
+    parser = bench_parser(__doc__, split=True, target="docs/EXPERIMENTS.md")  # --data, --split, --no-write
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="names from VARIANTS, or"
                         " NAME:method:key=value,key=value for an ad-hoc variant")
@@ -65,6 +62,8 @@ def main() -> None:
     parser.add_argument("--cache")
     parser.add_argument("--title", default="Tuning run")
     args = parser.parse_args()
+    split_path = split_of(args)
+    check_inputs(args.data, part="train", split=split_path)  # the training part only: validation is carved from it
 
     def changes(text: str) -> dict:
         """'lr=1e-3,head.dim=384' -> {"lr": 0.001, "head": {"dim": 384}}."""
@@ -74,7 +73,7 @@ def main() -> None:
         return {**out, "head": head} if head else out
 
     base = replace(TrainConfig(), **changes(args.base))
-    split = nested_split(read_split(args.split))
+    split = nested_split(read_split(split_path))
     towers = CLIPDecoder.create(backbone="offline")
     cache = FeatureCache(towers.image_tower, args.cache)
     train_samples, val_samples = training_parts(args.data, base.val_fraction)
@@ -91,9 +90,8 @@ def main() -> None:
         config = replace(base, **{**extra, "head": {**base.head, **extra.get("head", {})}})
         runs = []
         started = time.perf_counter()
-        for seed in args.seeds if method != "conse" else args.seeds[:1]:
-            model = fresh_model(towers, replace(config, seed=seed), method)
-            runs.append(run_method(method, model, parts, split, replace(config, seed=seed), progress=False))
+        for seed in args.seeds if get_method(method).seeded else args.seeds[:1]:
+            runs.append(run_method(method, towers, parts, split, replace(config, seed=seed)))
         seconds = (time.perf_counter() - started) / len(runs)
         cells = [statistics.mean(r[p]["mAP"] for r in runs) for p in ("zsl", "gzsl")]
         row = f"| {name} | {method} | {text if ':' in variant else extra or '-'} | {cells[0]:.1f} | {cells[1]:.1f} | {seconds:.0f} s |"
@@ -101,15 +99,12 @@ def main() -> None:
         rows.append(row)
     table = "\n".join([
         f"## {args.title}", "",
-        f"Command: `python bench/tune.py {' '.join(sys.argv[1:])}`; {machine()}.",
-        f"Base config: {base}. Nested split of `{args.split}`: {len(split.seen)} pseudo-seen /"
+        f"Command: `{command('tune', sys.argv[1:])}`; {machine()}.",
+        f"Base config: {base}. Nested split of `{shown(split_path)}`: {len(split.seen)} pseudo-seen /"
         f" {len(split.unseen)} pseudo-unseen labels; scored on the validation part ({len(parts['test'].samples)}"
         f" images); means over seeds {args.seeds}.", "",
         "| variant | method | changes | ZSL mAP | GZSL mAP | s / run |", "|---|---|---|---|---|---|", *rows])
-    DOC.write_text((DOC.read_text() if DOC.exists() else "# Experiments\n\nDefaults are picked here on"
-                    " seen labels only (bench/tune.py); test images and unseen labels are never used.\n")
-                   + "\n" + table + "\n")
-    print(table)
+    publish(table, section=None, no_write=args.no_write, doc=DOC, header=HEADER)  # appended: a log of runs
 
 
 if __name__ == "__main__":
