@@ -6,21 +6,13 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
-from . import __version__
 from .calibrate import THRESHOLDS_FILE
+from .cli_parser import build_parser, training_config
 from .errors import ClipDecoderError
-from .head import HeadConfig
 from .model import CLIPDecoder
-from .predict import DEFAULT_THRESHOLD, FORMATS
 from .prompts import TEMPLATE_SETS
-from .training.config import TrainConfig
-from .training.loop import CHECKPOINT_EVERY
-from .training.methods import decoder_methods, get_method, method_names
-
-HEAD_OPTIONS = tuple(item for item in fields(HeadConfig) if item.default is not MISSING)  # not the towers' dims
 
 
 def read_labels(args: argparse.Namespace) -> list[str]:
@@ -99,52 +91,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> dict:
-    """One option per TrainConfig field and HeadConfig option, with their defaults and help;
-    returns the argument groups by name."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for item in fields(TrainConfig):
-        if "help" not in item.metadata or item.name in exclude:
-            continue
-        metadata = dict(item.metadata)
-        group = groups.setdefault(metadata["group"], parser.add_argument_group(metadata.pop("group")))
-        flag, help_text = "--" + item.name.replace("_", "-"), metadata.pop("help")
-        if item.name == "method":
-            metadata["choices"] = decoder_methods()
-        if item.name == "epochs":
-            help_text += " (" + ", ".join(f"{name} {get_method(name).epochs}" for name in decoder_methods()) + ")"
-        if isinstance(item.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
-            continue
-        if item.default is not None:
-            metadata.setdefault("type", type(item.default))
-            help_text += " (default %(default)s)"
-        group.add_argument(flag, default=item.default, help=help_text, **metadata)
-    head = parser.add_argument_group("head", "HeadConfig options; a method may fix some (ml-decoder: no cosine skip)")
-    for item in HEAD_OPTIONS:
-        flag, help_text = "--" + item.name.replace("_", "-"), f"{item.metadata['help']} (default {item.default})"
-        if isinstance(item.default, bool):
-            head.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            head.add_argument(flag, type=type(item.default), help=help_text)
-    return groups
-
-
-def training_config(args: argparse.Namespace, **fixed) -> TrainConfig:
-    """The TrainConfig of the parsed options; ``fixed`` sets the fields that were not options."""
-    values = {item.name: getattr(args, item.name) for item in fields(TrainConfig) if hasattr(args, item.name)}
-    head = {item.name: getattr(args, item.name) for item in HEAD_OPTIONS if getattr(args, item.name) is not None}
-    return TrainConfig(**{**values, **fixed}, head=head)
-
-
-def add_backbone_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
-
-
-def add_cache_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Train CLIP-Decoder on the seen labels and write a model folder."""
     from .data.folder import read_split
@@ -205,7 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Build a benchmark dataset folder."""
+    """Build the OpenClipart benchmark, or convert COCO / NUS-WIDE annotations to a dataset folder."""
+    if args.builder != "openclipart":
+        return convert(args)
     from .data.openclipart import build_openclipart
 
     stats = build_openclipart(Path(args.out), Path(args.source) if args.source else None,
@@ -214,7 +162,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def convert(args: argparse.Namespace) -> int:
     """Convert COCO or NUS-WIDE annotations to a dataset folder with a label split."""
     from .data.coco import convert_coco
     from .data.folder import read_split
@@ -251,217 +199,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_predict(commands) -> None:
-    """clip-decoder predict"""
-    predict = commands.add_parser(
-        "predict",
-        help="score labels for images",
-        description="Score every label for each image. Images: files, folders (searched recursively),"
-        " glob patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one JSON"
-        " line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when a decision rule"
-        " (--top-k, --threshold, --thresholds) is given; or CSV, or a readable table. Bad images are reported"
-        " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.",
-    )
-    source = predict.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a model folder written by train or save_pretrained")
-    source.add_argument(
-        "--backbone", default="offline", help="with no --model: an untrained head on this backbone (smoke test)"
-    )
-    labels = predict.add_mutually_exclusive_group(required=True)
-    labels.add_argument("--labels", help="comma-separated label names")
-    labels.add_argument("--labels-file", metavar="FILE", help="a text file with one label per line")
-    predict.add_argument("--templates", choices=["model", *TEMPLATE_SETS], default="model",
-                         help="prompt templates: the model's own (default), or a named set")
-    predict.add_argument("--format", choices=FORMATS, default="jsonl",
-                         help="jsonl (default: one JSON object per image), csv (a column per label) or table (readable)")
-    predict.add_argument("--top-k", type=int, metavar="K", help="decide: keep each image's K best labels")
-    predict.add_argument("--threshold", type=float, metavar="T",
-                         help=f"decide: keep labels scoring at least T (default {DEFAULT_THRESHOLD} when --thresholds is given)")
-    decide = predict.add_mutually_exclusive_group()
-    decide.add_argument("--thresholds", metavar="FILE", help="decide: per-label thresholds, a JSON object {label: T}")
-    decide.add_argument("--calibrated", action="store_true",
-                        help="decide: the thresholds `clip-decoder calibrate` stored with the model")
-    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU)")
-    predict.add_argument("--shortlist", type=int, metavar="K",
-                         help="approximate, for large vocabularies: decode only each image's K most likely labels"
-                         " (ranked by the alignment space); the others score below them (default: off, exact)")
-    predict.add_argument("--images-from", metavar="FILE", help="also read image paths from FILE, one per line")
-    predict.add_argument("--heatmaps", metavar="DIR",
-                         help="write a PNG per image and decided label (no decision rule: its 3 best) showing where"
-                         " the label's cross-attention looked, over the image as the tower saw it")
-    predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
-    predict.set_defaults(run=cmd_predict)
-
-def add_train(commands) -> None:
-    """clip-decoder train"""
-    train = commands.add_parser("train", help="train on the seen labels of a dataset folder",
-                                description="Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
-                                " or end to end with --finetune-image-tower) and write a model folder with"
-                                " train_log.jsonl, training.json and curves.png. The run's state is checkpointed in"
-                                " OUT/checkpoint.safetensors until it ends; --resume continues from it. Under"
-                                " `torchrun --nproc_per_node N -m clip_decoder train ...` the same arguments train"
-                                " on N processes (see README, Scaling out).")
-    train.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
-    train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
-    train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
-    add_backbone_option(train)
-    add_cache_option(train)
-    groups = add_config_options(train)
-    groups["long runs"].add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (same options), e.g. after"
-        " the process was killed; the result equals an uninterrupted run's")
-    groups["long runs"].add_argument(
-        "--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="STEPS",
-        help="optimizer steps between checkpoints, besides one after each epoch (default %(default)s)")
-    train.set_defaults(run=cmd_train)
-
-def add_calibrate(commands) -> None:
-    """clip-decoder calibrate"""
-    calibrate = commands.add_parser(
-        "calibrate",
-        help="choose per-label decision thresholds and store them with the model",
-        description="Choose each seen label's threshold (best F1 on the validation images, labels with at least"
-        " 5 positives) and a default for every other label (best micro-F1 over all validation labels);"
-        " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.",
-    )
-    calibrate.add_argument("--model", required=True, metavar="DIR")
-    calibrate.add_argument("--data", required=True, metavar="DIR", help="dataset folder: val.csv or a part carved from train.csv, and test.csv")
-    calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
-    calibrate.add_argument("--val-fraction", type=float, default=0.1,
-                           help="with no val.csv: the part of train.csv carved out for validation, as in train (default 0.1)")
-    add_cache_option(calibrate)
-    calibrate.set_defaults(run=cmd_calibrate)
-
-def add_serve(commands) -> None:
-    """clip-decoder serve"""
-    serve = commands.add_parser(
-        "serve",
-        help="HTTP API (POST /v1/predict, GET /health) and a web page at /",
-        description="Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
-        " OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, pixels, labels and time"
-        " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.",
-    )
-    serve.add_argument("--model", required=True, metavar="DIR")
-    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="default 8000")
-
-    def mebibytes(text: str) -> int:
-        return round(float(text) * 2**20)
-
-    limit = serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them at /health")
-    limit.add_argument("--max-request-seconds", dest="max_request_seconds", type=float, default=argparse.SUPPRESS,
-                       metavar="S", help="from arrival to answer, waiting for the model included: 408, or 429 if spent"
-                       " waiting (default 30)")
-    limit.add_argument("--max-queue", dest="max_queue", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="requests that may wait for the model while one runs; more get 429 (default 16)")
-    limit.add_argument("--max-body-mb", dest="max_body_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
-                       help="the whole request body: 413 (default 64)")
-    limit.add_argument("--max-upload-mb", dest="max_upload_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
-                       help="each image file: 413 (default 20)")
-    limit.add_argument("--max-images", dest="max_images", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="images per request: 413 (default 32)")
-    limit.add_argument("--max-image-pixels", dest="max_image_pixels", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="pixels per image, read from its header: 413 (default and most 64000000)")
-    limit.add_argument("--max-labels", dest="max_labels", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="labels per request: 422 (default 1000)")
-    serve.set_defaults(run=cmd_serve)
-
-def add_evaluate(commands) -> None:
-    """clip-decoder evaluate"""
-    evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
-                                   description="Score the test part's images for all labels of the split and print"
-                                   " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
-    evaluate.add_argument("--model", required=True, metavar="DIR")
-    evaluate.add_argument("--data", required=True, metavar="DIR")
-    evaluate.add_argument("--split", required=True, metavar="JSON")
-    evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
-    add_cache_option(evaluate)
-    evaluate.set_defaults(run=cmd_evaluate)
-
-def add_data(commands) -> None:
-    """clip-decoder data (builders and converters)"""
-    data = commands.add_parser("data", help="build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders")
-    builders = data.add_subparsers(dest="builder", required=True, metavar="DATASET")
-    openclipart = builders.add_parser(
-        "openclipart", help="multi-label clip art from Debian's openclipart-svg",
-        description="Render Debian's openclipart-svg to PNG, clean the SVGs' tags into labels, split 70/30 and"
-        " write a dataset folder with two seen/unseen label splits (see docs/DATASET.md).")
-    openclipart.add_argument("--out", required=True, metavar="DIR")
-    openclipart.add_argument("--source", metavar="DIR", help="an extracted openclipart svg folder"
-                             " (default /usr/share/openclipart/svg, from Debian's openclipart-svg package:"
-                             " `make system-packages`)")
-    openclipart.add_argument("--image-size", type=int, default=256, help="longest side of the PNGs (default 256)")
-    openclipart.add_argument("--min-images", type=int, default=15, help="keep labels with at least this many images (default 15)")
-    openclipart.set_defaults(run=cmd_data)
-
-    coco = builders.add_parser(
-        "coco", help="convert COCO instances JSON (labels: the categories annotated in each image)",
-        description="Write OUT/train.csv and test.csv (image paths relative to OUT; the images stay where they are)"
-        " and OUT/split.json from COCO instances files, e.g. instances_train2017.json and instances_val2017.json.")
-    coco.add_argument("--train-json", required=True, metavar="FILE")
-    coco.add_argument("--train-images", required=True, metavar="DIR", help="folder of the training images (train2017/)")
-    coco.add_argument("--test-json", required=True, metavar="FILE")
-    coco.add_argument("--test-images", required=True, metavar="DIR", help="folder of the test images (val2017/)")
-    coco.add_argument("--split", default="48/17", metavar="NAME_OR_JSON",
-                      help="label split: 48/17 (the open-vocabulary split, default), a split JSON file, or none")
-    coco.add_argument("--out", required=True, metavar="DIR")
-    coco.set_defaults(run=cmd_convert)
-
-    nuswide = builders.add_parser(
-        "nuswide", help="convert NUS-WIDE as distributed (image lists, 1k tags, 81 concept labels)",
-        description="Write OUT/train.csv, test.csv and split.json for the NUS-WIDE zero-shot protocol: training"
-        " images labelled with their tags minus the 81 concepts (925 seen labels), test images with those tags"
-        " plus their 81-concept ground truth (the unseen labels).")
-    nuswide.add_argument("--root", required=True, metavar="DIR",
-                         help="folder holding ImageList/, NUS_WID_Tags/, Groundtruth/ and Concepts81.txt")
-    nuswide.add_argument("--images", metavar="DIR", help="the Flickr image folder (default ROOT/Flickr)")
-    nuswide.add_argument("--out", required=True, metavar="DIR")
-    nuswide.set_defaults(run=cmd_convert)
-
-    nuswide_csv = builders.add_parser(
-        "nuswide-csv", help="convert the single-CSV NUS-WIDE form ML-Decoder's users have",
-        description="Read a CSV of image path, label list and split (train / val; val is the test part) and write"
-        " OUT/train.csv, test.csv and split.json (unseen: the 81 concepts, unless --split is given).")
-    nuswide_csv.add_argument("--csv", required=True, metavar="FILE")
-    nuswide_csv.add_argument("--images", metavar="DIR", help="folder the CSV's image paths are relative to"
-                             " (default: the CSV's folder)")
-    nuswide_csv.add_argument("--split", metavar="JSON", help="a label split JSON (default: the 81 concepts unseen)")
-    nuswide_csv.add_argument("--out", required=True, metavar="DIR")
-    nuswide_csv.set_defaults(run=cmd_convert)
-
-def add_bench(commands) -> None:
-    """clip-decoder bench"""
-    bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
-                                description="Train and evaluate each method for each seed and label split on one"
-                                " dataset folder; print mean ± std of the ZSL / GZSL metrics.")
-    bench.add_argument("--data", required=True, metavar="DIR")
-    bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
-    bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    bench.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()),
-                       help="; ".join(f"{name}: {get_method(name).summary}" for name in method_names()))
-    bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
-    bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
-    add_backbone_option(bench)
-    add_cache_option(bench)
-    add_config_options(bench, exclude=("method", "seed"))
-    bench.set_defaults(run=cmd_bench)
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clip-decoder",
-        description="Zero-shot multi-label image classification: a probability for any label name.",
-    )
-    parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_data, add_bench):
-        add(commands)
-    return parser
+COMMANDS = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
+            "evaluate": cmd_evaluate, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return COMMANDS[args.command](args)
     except (ClipDecoderError, OSError) as error:  # one line, no traceback, even for messages that quote several
         # OSError: a path the user gave that cannot be written or read (its message names it).
         print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)
