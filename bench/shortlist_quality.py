@@ -14,7 +14,6 @@ from __future__ import annotations
 import statistics
 
 import numpy as np
-import torch
 
 from bench.report import bench_parser, check_inputs, command, machine, publish, shown, split_of
 from bench.vocabulary import large_vocabulary
