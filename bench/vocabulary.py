@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clip_decoder.training.baselines import imagenet_class_names
+from clip_decoder.prior import imagenet_class_names
 
 # Eleven forms of each of the 1,000 class names give over 10,000 distinct, plausible label names;
 # forms like "toy dog" are deliberately close to real labels, so a shortlist has to earn its hits.

@@ -9,6 +9,7 @@ from clip_decoder.metrics import (
     average_precision,
     mean_average_precision,
     multilabel_metrics,
+    per_image_metrics,
     precision_recall_f1_at_k,
     zsl_gzsl_metrics,
 )
@@ -133,3 +134,12 @@ def test_zsl_gzsl_errors(scores, targets, names, unseen, match):
 def test_bad_k_raises():
     with pytest.raises(ClipDecoderError, match="k must be"):
         precision_recall_f1_at_k(SCORES, TARGETS, 0)
+
+
+def test_per_image_metrics_hand_computed():
+    scores = np.array([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7], [0.3, 0.2, 0.1]])
+    targets = np.array([[1, 0, 1], [1, 0, 1], [0, 0, 0]])
+    result = per_image_metrics(scores, targets)
+    # image 1: best label right, AP (1/1 + 2/3) / 2; image 2: best label wrong, AP (1/2 + 2/3) / 2; image 3: no label
+    assert result["top1_correct"] == 1 and result["images"] == 3
+    assert result["per_image_AP"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 3) / 2) / 2)

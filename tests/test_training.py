@@ -106,24 +106,32 @@ def test_feature_cache_reports_and_skips_unreadable_images(tiny_clip_dir, tiny_d
 
 
 def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
-    results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    results_path, markdown, photos = tmp_path / "results.json", tmp_path / "RESULTS.md", tmp_path / "photos"
     split = str(tiny_dataset / "split.json")
+    # A photo check: four test images, each ranking every colour name
+    photos.mkdir()
+    rows = (tiny_dataset / "test.csv").read_text().splitlines(keepends=True)[:5]  # the header and four images
+    (photos / "photos.csv").write_text("".join(rows).replace("images/", f"{tiny_dataset}/images/"))
+    (photos / "vocabulary.txt").write_text("\n".join(TINY_SPLIT["seen"] + TINY_SPLIT["unseen"]))
     assert main(["bench", "--data", str(tiny_dataset), "--splits", split, "--seeds", "0", "1",
                  "--methods", "clip-decoder", "ml-decoder", "linear", "--backbone", f"hf:{tiny_clip_dir}",
                  "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--cache", str(tmp_path / "cache"),
-                 "--json", str(results_path), "--markdown", str(markdown), *HEAD]) == 0
+                 "--json", str(results_path), "--markdown", str(markdown), "--photos", str(photos), *HEAD]) == 0
     results = json.loads(results_path.read_text())["split"]
     assert {method: len(runs) for method, runs in results.items()} == {"clip-decoder": 2, "ml-decoder": 2, "linear": 2}
+    for runs in results.values():
+        assert all(run["photos"]["images"] == 4 and 0 <= run["photos"]["top1_correct"] <= 4 for run in runs)
     page = markdown.read_text()
+    assert "Real photos (`--photos`)" in page and "| linear | 2 |" in page.split("Real photos")[1]
     assert "| clip-decoder | 2 |" in page and "Label split `split`" in capsys.readouterr().out
     assert "- **clip-decoder**: head d 32, FFN 64, dropout 0.05, with cosine skip; ASL + 0.1 x alignment; 2 epochs" in page
     assert "- **ml-decoder**: head d 32, FFN 64, dropout 0.05, without cosine skip; ASL; 2 epochs" in page
 
 
 def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):
-    from clip_decoder.training.baselines import ConSE, imagenet_class_names
+    from clip_decoder.training.baselines import ConSE
 
-    conse = ConSE(offline_model.image_tower, offline_model.embed_labels(imagenet_class_names()))
+    conse = ConSE(offline_model.prior)
     pooled = offline_model.encode_images([cat_photo]).pooled
     scores = conse.score(pooled, offline_model.embed_labels(["cat", "airplane", "guitar", "pizza"]))
     assert scores.argmax() == 0
@@ -146,15 +154,19 @@ def test_a_new_method_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_pat
     """A toy method, declared only through the registry, runs in the benchmark harness and the CLI."""
     monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registry as it was, after the test
 
-    def nearest_label_text(run: methods.MethodRun) -> np.ndarray:
+    def random_projection(run: methods.MethodRun) -> methods.ScoreFunction:
         embed = run.embedder()
         generator = torch.Generator().manual_seed(run.config.seed)
-        projection = torch.randn(run.parts["test"].pooled.shape[1], run.towers.text_tower.dim, generator=generator)
-        images = torch.nn.functional.normalize(run.parts["test"].pooled.float() @ projection, dim=-1)
-        return (images @ embed(list(run.split.all), run.config.template_set).T).numpy()
+        projection = torch.randn(run.parts["train"].pooled.shape[1], run.towers.text_tower.dim, generator=generator)
+
+        def score(features, labels) -> np.ndarray:
+            images = torch.nn.functional.normalize(features.pooled.float() @ projection, dim=-1)
+            return (images @ embed(labels, run.config.template_set).T).numpy()
+
+        return score
 
     methods.register_method(methods.Method(
-        "toy", "a random projection of the pooled image against the label texts", nearest_label_text,
+        "toy", "a random projection of the pooled image against the label texts", random_projection,
         lambda config: f"random projection, {config.templates} prompts"))
     results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
     assert main(["bench", "--data", str(tiny_dataset), "--splits", str(tiny_dataset / "split.json"), "--seeds", "0", "1",

@@ -10,42 +10,78 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .data.folder import LabelSplit, read_part, read_split, training_parts
+from .errors import ClipDecoderError
 from .features import FeatureCache
-from .metrics import zsl_gzsl_metrics
+from .metrics import per_image_metrics, zsl_gzsl_metrics
 from .model import CLIPDecoder
+from .prompts import check_labels
 from .training.config import TrainConfig
 from .training.data import FeatureSet
 from .training.methods import MethodRun, get_method, method_names
+
+PHOTOS_PART, VOCABULARY_FILE = "photos", "vocabulary.txt"
+
+
+@dataclass
+class PhotoCheck:
+    """Labelled images outside the benchmark, each ranked against one free vocabulary."""
+
+    features: FeatureSet
+    labels: tuple[str, ...]
+
+    @classmethod
+    def load(cls, folder: str | Path, cache: FeatureCache, progress: bool = True) -> PhotoCheck:
+        """``folder/photos.csv`` (image,labels, as a dataset part) and ``folder/vocabulary.txt`` (a label a line)."""
+        path = Path(folder) / VOCABULARY_FILE
+        try:
+            labels = tuple(check_labels([line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                                         if line.strip()]))
+        except OSError as error:
+            raise ClipDecoderError(f"cannot read the photo vocabulary {path}: {error}") from error
+        samples = read_part(folder, PHOTOS_PART)
+        outside = sorted({label for sample in samples for label in sample.labels} - set(labels))
+        if outside:
+            raise ClipDecoderError(f"{Path(folder) / (PHOTOS_PART + '.csv')}: labels not in {path}: {', '.join(outside)}")
+        return cls(FeatureSet.build(samples, cache, progress), labels)
+
 
 SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
 
 
 def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
-               progress: bool = False) -> dict:
+               photos: PhotoCheck | None = None, progress: bool = False) -> dict:
     """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
-    then the metrics JSON of the test part, with the run's ``seconds``."""
+    then the metrics JSON of the test part, with the run's ``seconds`` and, with ``photos``,
+    ``per_image_metrics`` of the photo check."""
     started, method = time.perf_counter(), get_method(name)
     run_config = replace(config, method=name) if method.epochs else config
-    scores = method.test_scores(MethodRun(towers, parts, split, run_config, progress))
-    metrics = zsl_gzsl_metrics(scores, parts["test"].targets(split.all).numpy(), list(split.all), list(split.unseen))
+    score = method.train(MethodRun(towers, parts, split, run_config, progress))
+    test = parts["test"]
+    metrics = zsl_gzsl_metrics(score(test, list(split.all)), test.targets(split.all).numpy(), list(split.all),
+                               list(split.unseen))
+    if photos is not None:
+        metrics["photos"] = per_image_metrics(score(photos.features, list(photos.labels)),
+                                              photos.features.targets(photos.labels).numpy())
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return metrics
 
 
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
                   backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
-                  progress: bool = True) -> dict:
-    """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded methods)."""
+                  progress: bool = True, photos: str | Path | None = None) -> dict:
+    """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded
+    methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks."""
     config = config or TrainConfig()
-    methods = [get_method(name) for name in (methods or method_names())]
+    methods = [get_method(name) for name in (methods or method_names(ablations=False))]
     towers = CLIPDecoder.create(backbone=backbone)
     cache = FeatureCache(towers.image_tower, cache_dir)
+    photo_check = PhotoCheck.load(photos, cache, progress) if photos else None
     train_samples, val_samples = training_parts(data_dir, config.val_fraction)
     samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
     parts = {name: FeatureSet.build(items, cache, progress) for name, items in samples.items()}
@@ -55,11 +91,13 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
         results[Path(split_path).stem] = per_method = {}
         for method in methods:
             for seed in seeds if method.seeded else seeds[:1]:
-                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed))
+                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check)
                 per_method.setdefault(method.name, []).append(metrics)
                 if progress:
+                    on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"
+                                 f" AP {metrics['photos']['per_image_AP']:.1f}" if photo_check else "")
                     print(f"{Path(split_path).stem} {method.name} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
-                          f" GZSL mAP {metrics['gzsl']['mAP']:.1f} ({metrics['seconds']} s)", flush=True)
+                          f" GZSL mAP {metrics['gzsl']['mAP']:.1f}{on_photos} ({metrics['seconds']} s)", flush=True)
     return results
 
 
@@ -74,6 +112,21 @@ def summary_table(per_method: dict[str, list[dict]]) -> str:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def photos_table(per_method: dict[str, list[dict]]) -> str:
+    """Markdown: each method's photo check, mean ± standard deviation over seeds."""
+    lines = ["| method | runs | top-1 correct | per-image AP |", "|---|---|---|---|"]
+    for method, runs in per_method.items():
+        if "photos" not in runs[0]:
+            continue
+        cells = []
+        for key in ("top1_correct", "per_image_AP"):
+            values = [run["photos"][key] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        lines.append(f"| {method} | {len(runs)} | {cells[0]} of {runs[0]['photos']['images']} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -105,4 +158,7 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
         lines += ["", "Dataset: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))) + "."]
     for name, per_method in results.items():
         lines += ["", f"## Label split `{name}`", "", summary_table(per_method)]
+        if any("photos" in runs[0] for runs in per_method.values()):
+            lines += ["", f"Real photos (`--photos`), each ranking the photo check's own vocabulary with the models"
+                          f" trained on split `{name}`:", "", photos_table(per_method)]
     return "\n".join(lines) + "\n"

@@ -183,13 +183,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Train and evaluate CLIP-Decoder and the baselines over seeds and label splits."""
     import time
 
-    from .benchmark import results_markdown, run_benchmark, summary_table
+    from .benchmark import photos_table, results_markdown, run_benchmark, summary_table
 
     started = time.perf_counter()
     config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
-                            args.backbone, config, args.cache)
-    sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}" for name, per_method in results.items()]
+                            args.backbone, config, args.cache, photos=args.photos)
+    sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}"
+                + (f"\n\nPhotos:\n\n{photos_table(per_method)}" if args.photos else "")
+                for name, per_method in results.items()]
     print("\n\n".join(sections))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

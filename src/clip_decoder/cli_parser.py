@@ -246,8 +246,11 @@ def add_bench(commands) -> None:
     bench.add_argument("--data", required=True, metavar="DIR")
     bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    bench.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()),
-                       help="; ".join(f"{name}: {get_method(name).summary}" for name in method_names()))
+    bench.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names(ablations=False)),
+                       help="default: all but the ablations. " + "; ".join(f"{name}: {get_method(name).summary}"
+                                                                            for name in method_names()))
+    bench.add_argument("--photos", metavar="DIR", help="also rank a photo check with each trained model: DIR/photos.csv"
+                       " (image,labels) and DIR/vocabulary.txt (one label a line); `python -m bench.photos` builds one")
     bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
     bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
     add_backbone_option(bench)

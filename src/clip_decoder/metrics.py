@@ -62,6 +62,15 @@ def _map(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(aps)) if aps else float("nan")
 
 
+def per_image_metrics(scores: np.ndarray, targets: np.ndarray) -> dict:
+    """How images rank a free vocabulary: images whose best-scoring label is correct, and the mean
+    over images of the AP of their labels (percent); images without a label are skipped in the AP."""
+    scores, targets = _check(scores, targets, "per_image_metrics")
+    best = scores.argmax(axis=1)  # ties: the first label
+    return {"top1_correct": int(targets[np.arange(len(targets)), best].sum()), "images": int(len(targets)),
+            "per_image_AP": 100 * _map(scores.T, targets.T)}
+
+
 def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of each row's k highest scores; ties go to the lower label index (as a stable sort)."""
     kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # k-th largest score of each row

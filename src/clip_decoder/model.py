@@ -25,6 +25,7 @@ from .head import DecoderHead, HeadConfig
 from .images import load_image
 from .model_folder import ModelConfig, load_weights, read_model_config, write_model_folder
 from .prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, LabelEmbedder, check_labels, check_templates
+from .prior import ZeroShotPrior
 from .scoring import Scorer
 
 
@@ -57,7 +58,11 @@ class CLIPDecoder(nn.Module):
         self.text_tower.requires_grad_(False)
         self.head = DecoderHead(config.head)
         self.alignment = Alignment(config.head.dim, backbone.text.dim, config.align_dim)
-        self.scorer = Scorer(self.head, self.alignment, LabelEmbedder(self.text_tower), config.templates)
+        embed_labels = LabelEmbedder(self.text_tower)
+        self.prior = ZeroShotPrior(self.image_tower, self.text_tower.dim, lambda names: embed_labels(names, config.templates))
+        if config.prior_weight and not self.prior.available:
+            raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; set prior_weight to 0")
+        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior_weight)
         self.eval()
 
     @classmethod
@@ -66,6 +71,7 @@ class CLIPDecoder(nn.Module):
         backbone: str = "offline",
         templates: Sequence[str] = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET],
         align_dim: int = ModelConfig.align_dim,
+        prior_weight: float = ModelConfig.prior_weight,
         **head_options,
     ) -> CLIPDecoder:
         """An untrained model on the named backbone; ``head_options`` override HeadConfig's
@@ -75,9 +81,8 @@ class CLIPDecoder(nn.Module):
             head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **head_options)
         except (TypeError, ValueError) as error:
             raise ClipDecoderError(f"bad head option: {error}") from error
-        config = ModelConfig(
-            backbone=backbone, head=head, align_dim=align_dim, templates=check_templates(templates)
-        )
+        config = ModelConfig(backbone=backbone, head=head, align_dim=align_dim, templates=check_templates(templates),
+                             prior_weight=prior_weight)
         return cls(config, towers)
 
     @property
@@ -86,14 +91,19 @@ class CLIPDecoder(nn.Module):
         return self.scorer.embed_labels
 
     def saved_modules(self) -> dict[str, nn.Module]:
-        """What the model folder holds: frozen towers are rebuilt from their backbone name."""
+        """What the model folder holds: frozen towers are rebuilt from their backbone name; the
+        prior's class-name embeddings are kept when the prior is on."""
         modules = {"head": self.head, "alignment": self.alignment}
+        if self.config.prior_weight and self.prior.conse:
+            modules["prior"] = self.prior
         if self.config.image_tower_trained:
             modules["image_tower"] = self.image_tower
         return modules
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (created if needed)."""
+        if self.config.prior_weight:
+            self.prior.prepare()
         return write_model_folder(directory, self.config, self.saved_modules())
 
     @classmethod

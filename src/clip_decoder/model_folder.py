@@ -16,6 +16,7 @@ from torch import nn
 from .atomic import atomic_write
 from .errors import ClipDecoderError
 from .head import HeadConfig
+from .prior import DEFAULT_PRIOR_WEIGHT
 from .prompts import DEFAULT_TEMPLATES, check_labels, check_templates
 
 FORMAT_VERSION = 1
@@ -51,6 +52,8 @@ class ModelConfig:
     # True when training changed the image tower (train --finetune-image-tower): its weights
     # are then saved with the head instead of being rebuilt from the backbone name.
     image_tower_trained: bool = False
+    # Each logit gets prior_weight * cos(zero-shot prior of the image, label text); 0: off.
+    prior_weight: float = DEFAULT_PRIOR_WEIGHT
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -80,6 +83,7 @@ class ModelConfig:
                 templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
                 labels=check_labels(data.get("labels", [])),
                 image_tower_trained=bool(data.get("image_tower_trained", False)),
+                prior_weight=float(data.get("prior_weight", 0.0)),  # folders from before the prior: off
                 format_version=int(version),
             )
         except ClipDecoderError as error:

@@ -19,6 +19,7 @@ from .alignment import Alignment
 from .encoders import ImageFeatures
 from .errors import ClipDecoderError
 from .head import DecoderHead, LabelQueries
+from .prior import ZeroShotPrior
 from .prompts import LabelEmbedder, check_labels
 
 VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label work is kept
@@ -49,9 +50,10 @@ class Scorer:
     """Image features x a vocabulary -> independent probabilities, through one head and alignment."""
 
     def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
-                 templates: Sequence[str]) -> None:
+                 templates: Sequence[str], prior: ZeroShotPrior | None = None, prior_weight: float = 0.0) -> None:
         self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
         self.templates = tuple(templates)
+        self.prior, self.prior_weight = prior, prior_weight
         self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
 
     @property
@@ -92,19 +94,26 @@ class Scorer:
         """
         memory = self.head.memory(features.tokens.float())
         maps = self.head.attention_maps(memory, vocabulary.queries) if attention else None
-        return Scores(self._probabilities(memory, vocabulary, shortlist), maps)
+        prior = self.prior_logits(features.pooled, vocabulary) if self.prior_weight else 0.0
+        return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
-    def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None) -> torch.Tensor:
+    def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
+        """prior_weight * cos(the image's zero-shot prior vector, the label's text embedding): (B, L)."""
+        return self.prior_weight * (self.prior(pooled) @ vocabulary.queries.directions.T)
+
+    def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
+                       prior: torch.Tensor | float) -> torch.Tensor:
         if shortlist is None or shortlist >= len(vocabulary.labels):
             step = max(1, PAIRS_PER_CHUNK // len(memory))
             chunks = [self.head.decode(memory, vocabulary.queries.select(slice(start, start + step)))
                       for start in range(0, len(vocabulary.labels), step)]
-            return torch.sigmoid(torch.cat(chunks, dim=1).float())
+            return torch.sigmoid(torch.cat(chunks, dim=1).float() + prior)
         if shortlist < 1:
             raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
         cosine = (self.alignment.embed_images(memory.mean(dim=1)) @ vocabulary.aligned.T).float()
         top = cosine.topk(shortlist, dim=1).indices
-        decoded = torch.sigmoid(self.head.decode(memory, vocabulary.queries.select(top)).float())
+        decoded = self.head.decode(memory, vocabulary.queries.select(top)).float()
+        decoded = torch.sigmoid(decoded + prior.gather(1, top) if torch.is_tensor(prior) else decoded)
         floor = decoded.min(dim=1, keepdim=True).values
         return (floor * (1 + cosine) / 2).scatter_(1, top, decoded)
 

@@ -6,53 +6,33 @@ the ``ml-decoder`` entry of ``training.methods``.)
 
 from __future__ import annotations
 
-from collections import Counter
-from importlib import resources
-
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ClipDecoderError
+from ..prior import ZeroShotPrior
 from .losses import AsymmetricLoss
 
-CONSE_TOP = 10  # ImageNet classes averaged per image
 LINEAR_EPOCHS = 30
 
 
-def imagenet_class_names() -> list[str]:
-    """The 1,000 ImageNet classes in the classifier's order, by their first name, made unique
-    (two classes are called 'crane', two 'maillot'): the second becomes 'crane (2)'."""
-    text = resources.files("clip_decoder.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
-    names, counts = [], Counter()
-    for line in filter(str.strip, text.splitlines()):
-        name = line.split("\t", 1)[1].split(",")[0].strip()
-        counts[name] += 1
-        names.append(name if counts[name] == 1 else f"{name} ({counts[name]})")
-    return names
-
-
 class ConSE:
-    """Convex combination of semantic embeddings (Norouzi et al. 2014).
+    """Convex combination of semantic embeddings (Norouzi et al. 2014): the zero-shot prior alone.
 
-    An image's top-T ImageNet classes, weighted by their probabilities, average the text
+    An image's top ImageNet classes, weighted by their probabilities, average the text
     embeddings of those class names; a label scores by its cosine with that average.
     """
 
-    def __init__(self, image_tower, class_embeddings: torch.Tensor, top: int = CONSE_TOP) -> None:
-        if not hasattr(image_tower, "imagenet_logits"):
-            raise ClipDecoderError(f"CONSE needs an image tower with an ImageNet classifier; {image_tower.name} has none")
-        self.image_tower, self.class_embeddings, self.top = image_tower, class_embeddings.float(), top
+    def __init__(self, prior: ZeroShotPrior) -> None:
+        if not prior.conse:
+            raise ClipDecoderError(f"CONSE needs an image tower with an ImageNet classifier; {prior.tower_name} has none")
+        self.prior = prior
 
     @torch.inference_mode()
     def score(self, pooled: torch.Tensor, label_embeddings: torch.Tensor) -> np.ndarray:
-        probabilities = self.image_tower.imagenet_logits(pooled.float()).softmax(dim=-1)
-        top = probabilities.topk(self.top, dim=-1)
-        weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values)
-        weights = weights / weights.sum(dim=1, keepdim=True)
-        semantic = F.normalize(weights @ self.class_embeddings, dim=-1)
-        return (semantic @ label_embeddings.float().T).numpy()
+        return (self.prior(pooled) @ label_embeddings.float().T).numpy()
 
 
 class LinearMap(nn.Module):

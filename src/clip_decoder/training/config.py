@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ClipDecoderError
 from ..head import HeadConfig
+from ..prior import DEFAULT_PRIOR_WEIGHT
 from ..prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS
 from .losses import LossWeights
 from .methods import decoder_methods, get_method
@@ -36,6 +37,8 @@ class TrainConfig:
     pct_start: float = option(0.2, "share of the steps spent warming up (OneCycle)")
     ema_decay: float = option(0.99, "decay of the weights' moving average (the EMA weights are kept)")
     clip_weight: float = option(0.1, "weight of the alignment loss (methods that use it)")
+    prior_weight: float = option(DEFAULT_PRIOR_WEIGHT, "weight of the zero-shot prior in each logit: prior_weight x"
+                                 " cos(the towers' own view of the image, the label's text); 0: off (methods that use it)")
     templates: str = option(DEFAULT_TEMPLATE_SET, "prompt templates: one, or an ensemble of 7",
                             choices=tuple(TEMPLATE_SETS))
     val_fraction: float = option(0.1, "share of training images held out for model selection (when there is no val.csv)")
@@ -79,6 +82,11 @@ class TrainConfig:
     @property
     def loss_weights(self) -> LossWeights:
         return LossWeights(cls=1.0, clip=self.clip_weight if get_method(self.method).alignment else 0.0)
+
+    @property
+    def model_prior_weight(self) -> float:
+        """The prior weight of the model this trains: none for methods without the prior."""
+        return self.prior_weight if get_method(self.method).prior else 0.0
 
     @property
     def template_set(self) -> tuple[str, ...]:

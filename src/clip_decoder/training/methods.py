@@ -19,7 +19,8 @@ from ..encoders import Backbone
 from ..errors import ClipDecoderError
 from ..model import CLIPDecoder
 from ..prompts import LabelEmbedder
-from .baselines import CONSE_TOP, LINEAR_EPOCHS, ConSE, LinearMap, imagenet_class_names
+from ..prior import CONSE_TOP, ZeroShotPrior
+from .baselines import LINEAR_EPOCHS, ConSE, LinearMap
 from .data import FeatureSet
 from .loop import fit
 
@@ -27,9 +28,13 @@ if TYPE_CHECKING:
     from .config import TrainConfig
 
 
+# A trained method: stored features (tokens and pooled) and any label names -> scores (images, labels).
+ScoreFunction = Callable[[FeatureSet, list[str]], np.ndarray]
+
+
 @dataclass
 class MethodRun:
-    """One method, one seed, one label split: what a method gets to produce its test scores."""
+    """One method, one seed, one label split: what a method gets to train on."""
 
     towers: CLIPDecoder  # the loaded towers, shared by every run
     parts: dict[str, FeatureSet]  # "train", "val" and "test" features
@@ -48,12 +53,14 @@ class Method:
 
     name: str
     summary: str  # one line for --help
-    test_scores: Callable[[MethodRun], np.ndarray]  # train on seen labels; (test images, split.all) scores
+    train: Callable[[MethodRun], ScoreFunction]  # train on the split's seen labels only
     recipe: Callable[[TrainConfig], str]  # what it trains and how, for the results page
     epochs: int | None = None  # set for decoder methods: their tuned length (docs/EXPERIMENTS.md)
     head: dict = field(default_factory=dict)  # HeadConfig options the method fixes
     alignment: bool = True  # decoder methods: whether the alignment loss trains
+    prior: bool = True  # decoder methods: whether the zero-shot prior enters the logits (TrainConfig.prior_weight)
     seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
+    ablation: bool = False  # True: run by the benchmark only when asked for by name
 
 
 _METHODS: dict[str, Method] = {}
@@ -73,8 +80,9 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-def method_names() -> tuple[str, ...]:
-    return tuple(_METHODS)
+def method_names(ablations: bool = True) -> tuple[str, ...]:
+    """Registered methods; without ``ablations``, those the benchmark runs by default."""
+    return tuple(name for name, method in _METHODS.items() if ablations or not method.ablation)
 
 
 def decoder_methods() -> tuple[str, ...]:
@@ -86,15 +94,16 @@ def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
     """A new, seeded head for ``config.method`` on the already loaded towers of ``towers``."""
     torch.manual_seed(config.seed)
     head = replace(towers.config.head, **config.head_options)
-    model_config = replace(towers.config, head=head, templates=config.template_set)
+    model_config = replace(towers.config, head=head, templates=config.template_set,
+                           prior_weight=config.model_prior_weight)
     return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
 
 
-def _decoder_scores(run: MethodRun) -> np.ndarray:
+def _train_decoder(run: MethodRun) -> ScoreFunction:
     model = fresh_model(run.towers, run.config)
     fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
-    test = run.parts["test"]
-    return model.scorer.score_stored(test.tokens, test.pooled, model.scorer.vocabulary(run.split.all))
+    return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
+                                                              model.scorer.vocabulary(labels))
 
 
 def _decoder_recipe(config: TrainConfig) -> str:
@@ -102,40 +111,52 @@ def _decoder_recipe(config: TrainConfig) -> str:
     skip = "with" if head["cosine_skip"] else "without"
     clip = config.loss_weights.clip
     loss = "ASL" + (f" + {clip} x alignment" if clip else "")
+    prior = f"; + {config.model_prior_weight} x zero-shot prior" if config.model_prior_weight else ""
     return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
             f" {loss}; {config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
-            f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts")
+            f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts{prior}")
 
 
-def decoder_method(name: str, summary: str, epochs: int, head: dict | None = None, alignment: bool = True) -> Method:
+def decoder_method(name: str, summary: str, epochs: int, head: dict | None = None, alignment: bool = True,
+                   prior: bool = True, ablation: bool = False) -> Method:
     """A method that trains the decoder head (with ``head`` options fixed) for ``epochs``."""
-    return Method(name, summary, _decoder_scores, _decoder_recipe, epochs, head or {}, alignment)
+    return Method(name, summary, _train_decoder, _decoder_recipe, epochs, head or {}, alignment, prior,
+                  ablation=ablation)
 
 
-def _linear_scores(run: MethodRun) -> np.ndarray:
-    embed, templates, train, test = run.embedder(), run.config.template_set, run.parts["train"], run.parts["test"]
+def _train_linear(run: MethodRun) -> ScoreFunction:
+    embed, templates, train = run.embedder(), run.config.template_set, run.parts["train"]
     torch.manual_seed(run.config.seed)
     linear = LinearMap(train.pooled.shape[1], run.towers.text_tower.dim)
     linear.fit(train.pooled, train.targets(run.split.seen), embed(list(run.split.seen), templates), run.config.seed)
-    return linear.score(test.pooled, embed(list(run.split.all), templates))
+    return lambda features, labels: linear.score(features.pooled, embed(labels, templates))
 
 
-def _conse_scores(run: MethodRun) -> np.ndarray:
+def _train_conse(run: MethodRun) -> ScoreFunction:
     embed, templates = run.embedder(), run.config.template_set
-    conse = ConSE(run.towers.image_tower, embed(imagenet_class_names(), templates))
-    return conse.score(run.parts["test"].pooled, embed(list(run.split.all), templates))
+    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates))
+    conse = ConSE(prior)
+    prior.prepare()  # the class names first, as a fresh model embeds them
+    return lambda features, labels: conse.score(features.pooled, embed(labels, templates))
 
 
 register_method(decoder_method(
-    "clip-decoder", "CLIP-Decoder: the decoder head with the cosine skip, ASL + alignment loss", epochs=10))
+    "clip-decoder", "CLIP-Decoder: the decoder head with the cosine skip, ASL + alignment loss, zero-shot prior",
+    epochs=10))
 register_method(decoder_method(
-    "ml-decoder", "ML-Decoder's head (no cosine skip), ASL only", epochs=20, head={"cosine_skip": False},
-    alignment=False))
+    "clip-decoder-no-prior", "ablation: CLIP-Decoder without the zero-shot prior", epochs=10, prior=False,
+    ablation=True))
+register_method(decoder_method(
+    "clip-decoder-no-alignment", "ablation: CLIP-Decoder without the alignment loss", epochs=10, alignment=False,
+    ablation=True))
+register_method(decoder_method(
+    "ml-decoder", "ML-Decoder's head (no cosine skip), ASL only, no prior", epochs=20, head={"cosine_skip": False},
+    alignment=False, prior=False))
 register_method(Method(
-    "linear", "a linear map from the pooled image into the text space (DeViSE-style), ASL", _linear_scores,
+    "linear", "a linear map from the pooled image into the text space (DeViSE-style), ASL", _train_linear,
     lambda config: (f"linear map pooled image -> text space, cosine x learned scale, ASL, {LINEAR_EPOCHS} epochs;"
                     f" {config.templates} prompts")))
 register_method(Method(
-    "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _conse_scores,
+    "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _train_conse,
     lambda config: (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
                     f" {config.templates} prompts"), seeded=False))

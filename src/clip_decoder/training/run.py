@@ -71,7 +71,8 @@ def write_json(path: Path, data: dict) -> None:
 def new_model(config: TrainConfig, backbone: str) -> CLIPDecoder:
     """The seeded, untrained model that ``config`` trains."""
     torch.manual_seed(config.seed)
-    return CLIPDecoder.create(backbone=backbone, templates=config.template_set, **config.head_options)
+    return CLIPDecoder.create(backbone=backbone, templates=config.template_set, prior_weight=config.model_prior_weight,
+                              **config.head_options)
 
 
 def train_model(

@@ -1,0 +1,80 @@
+"""The zero-shot prior: what the towers already know of an image and a label, with no training.
+
+For an image it gives one unit vector in the text space; a label's prior is that vector's cosine
+with the label's text embedding. Towers with an ImageNet classifier (the offline tower) give
+CONSE's vector: the class-name embeddings of the image's top classes, weighted by their
+probabilities (Norouzi et al. 2014). Towers whose pooled vector already lives in the text space
+(CLIP) give that vector, so the prior is the model's own zero-shot score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from importlib import resources
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .encoders import ImageTower
+
+CONSE_TOP = 10  # ImageNet classes averaged per image
+# The prior's weight in each logit (w * cosine) of models created and trained by default.
+DEFAULT_PRIOR_WEIGHT = 0.0
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet classes in the classifier's order, by their first name, made unique
+    (two classes are called 'crane', two 'maillot'): the second becomes 'crane (2)'."""
+    text = resources.files("clip_decoder.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    names, counts = [], Counter()
+    for line in filter(str.strip, text.splitlines()):
+        name = line.split("\t", 1)[1].split(",")[0].strip()
+        counts[name] += 1
+        names.append(name if counts[name] == 1 else f"{name} ({counts[name]})")
+    return names
+
+
+class ZeroShotPrior(nn.Module):
+    """Pooled image features (B, image_dim) -> unit vectors (B, text_dim) in the text space.
+
+    ``embed_texts`` (label names -> embeddings) is called once, on first use, to embed the
+    ImageNet class names of a classifier tower; the embeddings are a buffer, so a saved model
+    keeps them and loading one never re-embeds them.
+    """
+
+    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[list[str]], torch.Tensor]) -> None:
+        super().__init__()
+        # Not submodules: the tower's weights belong to the model, not to the prior.
+        self.tower_name, self.embed_texts = image_tower.name, embed_texts
+        self.imagenet_logits = getattr(image_tower, "imagenet_logits", None)
+        self.conse = self.imagenet_logits is not None
+        self.available = self.conse or image_tower.dim == text_dim
+        self.register_buffer("class_embeddings", torch.zeros(len(imagenet_class_names()) if self.conse else 0, text_dim))
+        self.ready = not self.conse
+
+    def prepare(self) -> None:
+        """Embed the class names if that was not done (or loaded) yet."""
+        if not self.ready:
+            with torch.inference_mode():
+                embeddings = self.embed_texts(imagenet_class_names()).float()
+            self.class_embeddings.copy_(embeddings)
+            self.ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.ready = True
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if not self.available:
+            raise ValueError(f"image tower {self.tower_name} has neither an ImageNet classifier nor a pooled"
+                             " vector in the text space: it gives no zero-shot prior")
+        if not self.conse:
+            return F.normalize(pooled.float(), dim=-1)
+        self.prepare()
+        probabilities = self.imagenet_logits(pooled.float()).softmax(dim=-1)
+        top = probabilities.topk(CONSE_TOP, dim=-1)
+        weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        return F.normalize(weights @ self.class_embeddings, dim=-1)

@@ -1,0 +1,66 @@
+"""The zero-shot prior: what it adds to each logit, CONSE as the prior alone, and the model folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.encoders import ImageFeatures
+from clip_decoder.prior import imagenet_class_names
+from clip_decoder.training.baselines import ConSE
+
+LABELS = ["cat", "dog", "airplane", "pizza"]
+
+
+def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
+    torch.manual_seed(0)
+    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    with_prior = CLIPDecoder(replace(plain.config, prior_weight=3.0))
+    with_prior.head.load_state_dict(plain.head.state_dict())
+    with_prior.alignment.load_state_dict(plain.alignment.state_dict())
+    tokens = torch.randn(2, 17, plain.config.head.image_dim)
+    features = ImageFeatures(tokens, torch.randn(2, plain.config.head.image_dim))
+    p0 = plain.scorer.score(features, plain.scorer.vocabulary(LABELS)).probabilities
+    p1 = with_prior.scorer.score(features, with_prior.scorer.vocabulary(LABELS)).probabilities
+    # CLIP towers: the prior is the model's own zero-shot score, cos(image embedding, label text)
+    cosine = F.normalize(features.pooled, dim=-1) @ with_prior.embed_labels(LABELS, plain.config.templates).T
+    torch.testing.assert_close(torch.logit(p1.double()) - torch.logit(p0.double()), 3.0 * cosine.double(), atol=1e-4, rtol=0)
+
+
+def test_conse_is_the_offline_prior_alone_and_ranks_the_photos_class_first(offline_model, cat_photo):
+    pooled = offline_model.encode_images([cat_photo]).pooled
+    labels = offline_model.embed_labels(LABELS, offline_model.config.templates)
+    scores = ConSE(offline_model.prior).score(pooled, labels)
+    assert scores.argmax() == 0
+    np.testing.assert_allclose(scores, (offline_model.prior(pooled) @ labels.T).numpy(), atol=1e-6)
+    assert offline_model.prior.class_embeddings.shape == (len(imagenet_class_names()), 384)
+
+
+def test_a_model_with_the_prior_saves_the_class_embeddings_and_never_re_embeds_them(offline_model, tmp_path, cat_photo,
+                                                                                  monkeypatch):
+    model = CLIPDecoder.create(backbone="offline", prior_weight=5.0)
+    scores = model.predict([cat_photo], LABELS)
+    model.save_pretrained(tmp_path / "m")
+    loaded = CLIPDecoder.from_pretrained(tmp_path / "m")
+    embedded = []
+    original = type(loaded.text_tower).encode
+    monkeypatch.setattr(type(loaded.text_tower), "encode", lambda self, texts: (embedded.extend(texts), original(self, texts))[1])
+    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), scores, atol=1e-6)
+    assert len(embedded) == len(LABELS) * len(model.config.templates)  # the labels only, not 1,000 class names
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["prior_weight"] == 5.0
+
+
+def test_a_folder_from_before_the_prior_loads_with_the_prior_off(offline_model, tmp_path, cat_photo):
+    offline_model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["prior_weight"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
+    assert loaded.config.prior_weight == 0.0
+    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), offline_model.predict([cat_photo], LABELS), atol=1e-6)
+
