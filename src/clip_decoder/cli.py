@@ -12,6 +12,7 @@ from .calibrate import THRESHOLDS_FILE
 from .cli_parser import build_parser, training_config
 from .errors import ClipDecoderError
 from .model import CLIPDecoder
+from .model_folder import PACKAGED_MODELS, model_folder
 from .prompts import TEMPLATE_SETS
 
 
@@ -31,22 +32,9 @@ def read_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def load_model(args: argparse.Namespace) -> CLIPDecoder:
-    if args.model:
-        return CLIPDecoder.from_pretrained(args.model)
-    print(
-        f"warning: no --model given; using an UNTRAINED head on backbone {args.backbone!r}:"
-        " scores are not meaningful until the head is trained",
-        file=sys.stderr,
-    )
-    return CLIPDecoder.create(backbone=args.backbone)
-
-
 def calibrated_file(args: argparse.Namespace) -> Path:
     """The model folder's thresholds.json, for --calibrated."""
-    if not args.model:
-        raise ClipDecoderError("--calibrated needs --model (the thresholds are stored with the model)")
-    path = Path(args.model) / THRESHOLDS_FILE
+    path = model_folder(args.model) / THRESHOLDS_FILE
     if not path.is_file():
         raise ClipDecoderError(f"{path} does not exist; run `clip-decoder calibrate --model {args.model} ...` first")
     return path
@@ -67,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         per_label = dict(zip(labels, thresholds_for(read_calibration(calibrated_file(args)), labels).tolist()))
     threshold = args.threshold if args.threshold is not None else default
     writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, threshold, per_label))
-    model = load_model(args)
+    model = CLIPDecoder.from_pretrained(args.model)
     templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -125,6 +113,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_model, write_thresholds
     from .data.folder import read_split
 
+    if str(args.model) in PACKAGED_MODELS and not Path(args.model).is_dir():
+        raise ClipDecoderError(f"calibrate writes thresholds.json into the model folder; copy the packaged model"
+                               f" {args.model!r} into a folder of your own and calibrate that")
     model = CLIPDecoder.from_pretrained(args.model)
     table = calibrate_model(model, args.data, read_split(args.split), args.cache, args.val_fraction)
     path = write_thresholds(args.model, table)

@@ -8,6 +8,7 @@ from dataclasses import MISSING, fields
 
 from . import __version__
 from .head import HeadConfig
+from .model_folder import PACKAGED_MODELS
 from .predict import DEFAULT_THRESHOLD, FORMATS
 from .prompts import TEMPLATE_SETS
 from .training.config import TrainConfig
@@ -55,6 +56,16 @@ def training_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     return TrainConfig(**{**values, **fixed}, head=head)
 
 
+def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) -> None:
+    if packaged:
+        parser.add_argument("--model", metavar="DIR", default=PACKAGED_MODELS[0],
+                            help=f"a model folder, or a packaged model's name (default {PACKAGED_MODELS[0]}: the offline"
+                            " towers with a head trained on the whole OpenClipart benchmark)")
+    else:
+        parser.add_argument("--model", metavar="DIR", required=True,
+                            help="a model folder written by train or save_pretrained, or a packaged model's name")
+
+
 def add_backbone_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
 
@@ -74,11 +85,7 @@ def add_predict(commands) -> None:
         " (--top-k, --threshold, --thresholds) is given; or CSV, or a readable table. Bad images are reported"
         " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.",
     )
-    source = predict.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a model folder written by train or save_pretrained")
-    source.add_argument(
-        "--backbone", default="offline", help="with no --model: an untrained head on this backbone (smoke test)"
-    )
+    add_model_option(predict, packaged=True)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
     labels.add_argument("--labels-file", metavar="FILE", help="a text file with one label per line")
@@ -136,7 +143,7 @@ def add_calibrate(commands) -> None:
         " 5 positives) and a default for every other label (best micro-F1 over all validation labels);"
         " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.",
     )
-    calibrate.add_argument("--model", required=True, metavar="DIR")
+    add_model_option(calibrate)
     calibrate.add_argument("--data", required=True, metavar="DIR", help="dataset folder: val.csv or a part carved from train.csv, and test.csv")
     calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
     calibrate.add_argument("--val-fraction", type=float, default=0.1,
@@ -153,7 +160,7 @@ def add_serve(commands) -> None:
         " OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, pixels, labels and time"
         " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.",
     )
-    serve.add_argument("--model", required=True, metavar="DIR")
+    add_model_option(serve, packaged=True)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
 
@@ -183,7 +190,7 @@ def add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
                                    description="Score the test part's images for all labels of the split and print"
                                    " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
-    evaluate.add_argument("--model", required=True, metavar="DIR")
+    add_model_option(evaluate)
     evaluate.add_argument("--data", required=True, metavar="DIR")
     evaluate.add_argument("--split", required=True, metavar="JSON")
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")

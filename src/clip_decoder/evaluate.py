@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .data.folder import LabelSplit, read_part, target_matrix, warn_label_coverage
+from .errors import ClipDecoderError
 from .features import FeatureCache
 from .metrics import zsl_gzsl_metrics
 from .model import CLIPDecoder
@@ -12,6 +13,8 @@ METRIC_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")
 
 def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True) -> dict:
     """The metrics JSON (contract) of ``model`` on the folder's test part: ZSL and GZSL."""
+    if not split.unseen:
+        raise ClipDecoderError("the label split has no unseen labels: ZSL needs some to rank")
     samples = read_part(data_dir, "test")
     warn_label_coverage(samples, split, split.all, "test")
     features = FeatureCache(model.image_tower, cache_dir).get([s.image for s in samples], progress=progress)

@@ -23,7 +23,7 @@ from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig
 from .images import load_image
-from .model_folder import ModelConfig, load_weights, read_model_config, write_model_folder
+from .model_folder import ModelConfig, load_weights, model_folder, read_model_config, write_model_folder
 from .prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, LabelEmbedder, check_labels, check_templates
 from .prior import ZeroShotPrior
 from .scoring import Scorer
@@ -108,7 +108,9 @@ class CLIPDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> CLIPDecoder:
-        """Load a model folder written by save_pretrained; never unpickles anything."""
+        """Load a model folder written by save_pretrained, or a packaged model by name ("openclipart");
+        never unpickles anything."""
+        directory = model_folder(directory)
         config = read_model_config(directory)
         try:
             model = cls(config)

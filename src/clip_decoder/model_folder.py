@@ -6,6 +6,7 @@ import json
 import os
 import reprlib
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from .prior import DEFAULT_PRIOR_WEIGHT
 from .prompts import DEFAULT_TEMPLATES, check_labels, check_templates
 
 FORMAT_VERSION = 1
+# Model folders that ship inside the package, by name (`make model` rebuilds them).
+PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
@@ -118,12 +121,20 @@ def write_model_folder(directory: str | os.PathLike, config: ModelConfig, module
     return directory
 
 
+def model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A model folder's path: the folder itself, or a packaged model's (PACKAGED_MODELS) when no such folder exists."""
+    path = Path(name_or_path)
+    if path.is_dir() or str(name_or_path) not in PACKAGED_MODELS:
+        return path
+    return Path(str(resources.files("clip_decoder") / "models" / str(name_or_path)))
+
+
 def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     """The checked config.json of a model folder; a missing folder or file is named in the error."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
-        raise ClipDecoderError(f"model folder {directory} does not exist")
+        raise ClipDecoderError(f"model folder {directory} does not exist (packaged models: {', '.join(PACKAGED_MODELS)})")
     for path in (config_path, directory / WEIGHTS_FILE):
         if not path.is_file():
             raise ClipDecoderError(f"model folder {directory} has no {path.name}")

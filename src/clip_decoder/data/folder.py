@@ -120,10 +120,12 @@ def read_split(path: str | Path) -> LabelSplit:
     if not isinstance(data, dict):
         raise ClipDecoderError(f"label split {path}: expected an object with 'seen' and 'unseen' lists")
     parts = {}
-    for key in ("seen", "unseen"):
+    for key in ("seen", "unseen"):  # unseen may be empty: a model trained on every label
         names = data.get(key)
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ClipDecoderError(f"label split {path}: '{key}' must be a non-empty list of label names")
+        if not isinstance(names, list) or not (names or key == "unseen") or not all(
+                isinstance(n, str) and n.strip() for n in names):
+            raise ClipDecoderError(f"label split {path}: '{key}' must be a {'non-empty ' * (key == 'seen')}list"
+                                   " of label names")
         parts[key] = tuple(dict.fromkeys(n.strip() for n in names))
     overlap = sorted(set(parts["seen"]) & set(parts["unseen"]))
     if overlap:
