@@ -104,7 +104,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, cat_photo, capsys):
     assert main(["predict", "--labels", ",", str(cat_photo)]) == 2
     assert main(["predict", "--labels", "cat"]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert errors == [f"error: model folder {tmp_path / 'nope'} does not exist", "error: no labels given", "error: no images given"]
+    assert errors == [f"error: model folder {tmp_path / 'nope'} does not exist (packaged models: openclipart)", "error: no labels given", "error: no images given"]
 
 
 def test_an_unwritable_output_path_is_one_line_naming_it(trained, tiny_dataset, tmp_path, capsys):
