@@ -16,7 +16,9 @@ LABELS = [f"label {i}" for i in range(12)]
 @pytest.fixture(scope="module")
 def model(tiny_clip_dir):
     torch.manual_seed(0)
-    return CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, cosine_skip=True)
+    # The head's own path; tests/test_prior.py covers what the prior adds.
+    return CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, cosine_skip=True,
+                              prior_weight=0.0)
 
 
 def tokens(model, n=5):

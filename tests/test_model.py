@@ -48,7 +48,7 @@ def test_save_and_load_round_trip_gives_identical_predictions(offline_model, sav
     assert config["backbone"] == "offline" and config["templates"] == list(ENSEMBLE_TEMPLATES)
     assert config["head"]["dim"] == 256 and config["format_version"] == 1
     keys = load_file(saved_dir / "model.safetensors").keys()
-    assert keys and all(k.startswith(("head.", "alignment.")) for k in keys)
+    assert keys and all(k.startswith(("head.", "alignment.", "prior.")) for k in keys)
     assert "alignment.logit_scale" in keys and "alignment.text_proj.weight" in keys
     loaded = CLIPDecoder.from_pretrained(saved_dir)
     np.testing.assert_array_equal(loaded.predict([cat_photo], LABELS), offline_model.predict([cat_photo], LABELS))

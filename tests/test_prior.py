@@ -19,7 +19,7 @@ LABELS = ["cat", "dog", "airplane", "pizza"]
 
 def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
     torch.manual_seed(0)
-    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior_weight=0.0)
     with_prior = CLIPDecoder(replace(plain.config, prior_weight=3.0))
     with_prior.head.load_state_dict(plain.head.state_dict())
     with_prior.alignment.load_state_dict(plain.alignment.state_dict())
@@ -55,12 +55,13 @@ def test_a_model_with_the_prior_saves_the_class_embeddings_and_never_re_embeds_t
     assert json.loads((tmp_path / "m" / "config.json").read_text())["prior_weight"] == 5.0
 
 
-def test_a_folder_from_before_the_prior_loads_with_the_prior_off(offline_model, tmp_path, cat_photo):
-    offline_model.save_pretrained(tmp_path / "old")
+def test_a_folder_from_before_the_prior_loads_with_the_prior_off(tmp_path, cat_photo):
+    before = CLIPDecoder.create(backbone="offline", prior_weight=0.0)  # what such a folder holds
+    before.save_pretrained(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     del config["prior_weight"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
     assert loaded.config.prior_weight == 0.0
-    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), offline_model.predict([cat_photo], LABELS), atol=1e-6)
+    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
 
