@@ -21,7 +21,7 @@ from .encoders import ImageTower
 
 CONSE_TOP = 10  # ImageNet classes averaged per image
 # The prior's weight in each logit (w * cosine) of models created and trained by default.
-DEFAULT_PRIOR_WEIGHT = 5.0  # chosen on nested splits of the seen labels (docs/EXPERIMENTS.md)
+DEFAULT_PRIOR_WEIGHT = 10.0  # chosen on nested splits of the seen labels (docs/EXPERIMENTS.md)
 
 
 def imagenet_class_names() -> list[str]:
