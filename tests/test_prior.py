@@ -65,3 +65,19 @@ def test_a_folder_from_before_the_prior_loads_with_the_prior_off(tmp_path, cat_p
     assert loaded.config.prior_weight == 0.0
     np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
 
+
+
+def test_training_centres_the_prior_so_it_moves_no_score_on_average(trained, tiny_dataset):
+    from clip_decoder.data.folder import training_parts
+    from clip_decoder.features import FeatureCache
+
+    out, cache, _ = trained
+    model = CLIPDecoder.from_pretrained(out)
+    assert model.config.prior_weight == 10.0 and model.config.prior_offset != 0.0
+    train, _ = training_parts(tiny_dataset, 0.25)
+    features = FeatureCache(model.image_tower, cache).get([s.image for s in train], progress=False)
+    vocabulary = model.scorer.vocabulary(model.config.labels)
+    with torch.inference_mode():
+        shift = model.scorer.prior_logits(features.pooled, vocabulary)
+    assert abs(float(shift.mean())) < 1e-4  # over the training images and labels; per image and label it varies
+    assert float(shift.std()) > 0

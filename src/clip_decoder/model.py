@@ -62,7 +62,8 @@ class CLIPDecoder(nn.Module):
         self.prior = ZeroShotPrior(self.image_tower, self.text_tower.dim, lambda names: embed_labels(names, config.templates))
         if config.prior_weight and not self.prior.available:
             raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; set prior_weight to 0")
-        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior_weight)
+        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior_weight,
+                             config.prior_offset)
         self.eval()
 
     @classmethod
@@ -118,6 +119,18 @@ class CLIPDecoder(nn.Module):
             raise ClipDecoderError(f"{Path(directory) / 'config.json'}: {error}") from error
         load_weights(directory, model.saved_modules())
         return model
+
+    @torch.inference_mode()
+    def center_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> float:
+        """Set ``prior_offset`` to the prior's mean cosine over these images (pooled features) and
+        labels, so that the prior moves no probability on average; no ranking changes. Returns it."""
+        if not self.config.prior_weight:
+            return 0.0
+        directions = self.scorer.vocabulary(labels).queries.directions
+        total = sum(float((self.prior(pooled[start : start + rows_per_batch].to(self.device)) @ directions.T).sum())
+                    for start in range(0, len(pooled), rows_per_batch))
+        self.config.prior_offset = self.scorer.prior_offset = total / (len(pooled) * len(labels))
+        return self.config.prior_offset
 
     def train(self, mode: bool = True) -> CLIPDecoder:
         """Train mode for the head; the frozen towers stay in eval mode (BatchNorm, dropout)."""

@@ -57,6 +57,9 @@ class ModelConfig:
     image_tower_trained: bool = False
     # Each logit gets prior_weight * cos(zero-shot prior of the image, label text); 0: off.
     prior_weight: float = DEFAULT_PRIOR_WEIGHT
+    # The prior's mean cosine over the training images and labels, subtracted from every cosine so
+    # that the prior moves no probability on average (no ranking changes); set by training.
+    prior_offset: float = 0.0
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -87,6 +90,7 @@ class ModelConfig:
                 labels=check_labels(data.get("labels", [])),
                 image_tower_trained=bool(data.get("image_tower_trained", False)),
                 prior_weight=float(data.get("prior_weight", 0.0)),  # folders from before the prior: off
+                prior_offset=float(data.get("prior_offset", 0.0)),
                 format_version=int(version),
             )
         except ClipDecoderError as error:

@@ -50,10 +50,11 @@ class Scorer:
     """Image features x a vocabulary -> independent probabilities, through one head and alignment."""
 
     def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
-                 templates: Sequence[str], prior: ZeroShotPrior | None = None, prior_weight: float = 0.0) -> None:
+                 templates: Sequence[str], prior: ZeroShotPrior | None = None, prior_weight: float = 0.0,
+                 prior_offset: float = 0.0) -> None:
         self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
         self.templates = tuple(templates)
-        self.prior, self.prior_weight = prior, prior_weight
+        self.prior, self.prior_weight, self.prior_offset = prior, prior_weight, prior_offset
         self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
 
     @property
@@ -98,8 +99,8 @@ class Scorer:
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """prior_weight * cos(the image's zero-shot prior vector, the label's text embedding): (B, L)."""
-        return self.prior_weight * (self.prior(pooled) @ vocabulary.queries.directions.T)
+        """prior_weight * (cos(the image's zero-shot prior vector, the label's text embedding) - prior_offset): (B, L)."""
+        return self.prior_weight * (self.prior(pooled) @ vocabulary.queries.directions.T - self.prior_offset)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

@@ -195,4 +195,6 @@ def fit(
     bar.close()
     run.keep_best()
     model.eval()
+    if isinstance(train, FeatureSet):  # (a fine-tuned tower's pooled features are not at hand: offset stays 0)
+        model.center_prior(train.pooled, seen)
     return run.state.history
