@@ -96,7 +96,11 @@ def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
     head = replace(towers.config.head, **config.head_options)
     model_config = replace(towers.config, head=head, templates=config.template_set,
                            prior_weight=config.model_prior_weight)
-    return CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
+    model = CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
+    if model.prior.conse and model_config.prior_weight and model_config.templates == towers.config.templates:
+        towers.prior.prepare()  # the class names are embedded once for all runs, not once per model
+        model.prior.load_state_dict(towers.prior.state_dict())
+    return model
 
 
 def _train_decoder(run: MethodRun) -> ScoreFunction:
