@@ -60,8 +60,7 @@ def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], spl
     then the metrics JSON of the test part, with the run's ``seconds`` and, with ``photos``,
     ``per_image_metrics`` of the photo check."""
     started, method = time.perf_counter(), get_method(name)
-    run_config = replace(config, method=name) if method.epochs else config
-    score = method.train(MethodRun(towers, parts, split, run_config, progress))
+    score = method.train(MethodRun(towers, parts, split, method_config(name, config), progress))
     test = parts["test"]
     metrics = zsl_gzsl_metrics(score(test, list(split.all)), test.targets(split.all).numpy(), list(split.all),
                                list(split.unseen))
@@ -101,16 +100,18 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     return results
 
 
+def mean_and_spread(values: list[float]) -> str:
+    """'mean ± standard deviation' over seeds (0 spread for a single run)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
 def summary_table(per_method: dict[str, list[dict]]) -> str:
     """Markdown: mean ± standard deviation over seeds of the headline metrics, per method."""
     header = "| method | runs | " + " | ".join(f"{p.upper()} {c}" for p, c in SUMMARY_COLUMNS) + " |"
     lines = [header, "|---|---|" + "---|" * len(SUMMARY_COLUMNS)]
     for method, runs in per_method.items():
-        cells = []
-        for part, column in SUMMARY_COLUMNS:
-            values = [run[part][column] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        cells = [mean_and_spread([run[part][column] for run in runs]) for part, column in SUMMARY_COLUMNS]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -121,19 +122,19 @@ def photos_table(per_method: dict[str, list[dict]]) -> str:
     for method, runs in per_method.items():
         if "photos" not in runs[0]:
             continue
-        cells = []
-        for key in ("top1_correct", "per_image_AP"):
-            values = [run["photos"][key] for run in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        cells = [mean_and_spread([run["photos"][key] for run in runs]) for key in ("top1_correct", "per_image_AP")]
         lines.append(f"| {method} | {len(runs)} | {cells[0]} of {runs[0]['photos']['images']} | {cells[1]} |")
     return "\n".join(lines)
 
 
+def method_config(name: str, config: TrainConfig) -> TrainConfig:
+    """``config`` as method ``name`` trains with it (decoder methods set ``method``; the others ignore it)."""
+    return replace(config, method=name) if get_method(name).epochs else config
+
+
 def method_recipe(name: str, config: TrainConfig) -> str:
     """One line saying what method ``name`` trains and how, for the results page."""
-    method = get_method(name)
-    return method.recipe(replace(config, method=name) if method.epochs else config)
+    return get_method(name).recipe(method_config(name, config))
 
 
 def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float,
