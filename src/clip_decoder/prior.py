@@ -9,6 +9,7 @@ probabilities (Norouzi et al. 2014). Towers whose pooled vector already lives in
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from importlib import resources
@@ -24,16 +25,17 @@ CONSE_TOP = 10  # ImageNet classes averaged per image
 DEFAULT_PRIOR_WEIGHT = 10.0  # chosen on nested splits of the seen labels (docs/EXPERIMENTS.md)
 
 
-def imagenet_class_names() -> list[str]:
+@functools.cache
+def imagenet_class_names() -> tuple[str, ...]:
     """The 1,000 ImageNet classes in the classifier's order, by their first name, made unique
-    (two classes are called 'crane', two 'maillot'): the second becomes 'crane (2)'."""
+    (two classes are called 'crane', two 'maillot'): the second becomes 'crane (2)'. Read once."""
     text = resources.files("clip_decoder.data").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     names, counts = [], Counter()
     for line in filter(str.strip, text.splitlines()):
         name = line.split("\t", 1)[1].split(",")[0].strip()
         counts[name] += 1
         names.append(name if counts[name] == 1 else f"{name} ({counts[name]})")
-    return names
+    return tuple(names)
 
 
 class ZeroShotPrior(nn.Module):
@@ -44,7 +46,7 @@ class ZeroShotPrior(nn.Module):
     keeps them and loading one never re-embeds them.
     """
 
-    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[list[str]], torch.Tensor]) -> None:
+    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[tuple[str, ...]], torch.Tensor]) -> None:
         super().__init__()
         # Not submodules: the tower's weights belong to the model, not to the prior.
         self.tower_name, self.embed_texts = image_tower.name, embed_texts
