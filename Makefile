@@ -23,11 +23,13 @@ test: install
 	$(BIN)/python -m pytest
 
 # System packages for the benchmark (cairo renders the SVGs) and the demo photos (darknet's).
-APT_PACKAGES := libcairo2 openclipart-svg darknet
+APT_PACKAGES := libcairo2 openclipart-svg darknet plasma-workspace-wallpapers
 DATA := data/openclipart
 MODEL := models/openclipart-default
-# The photo check (bench/photos.py): darknet's and scikit-image's sample photos, labelled by eye.
+# The photo check (bench/photos.py): darknet's and scikit-image's sample photos, labelled by eye;
+# and the other photos that choices are made on (never the check's).
 PHOTO_CHECK := data/photos
+PHOTO_DEV := data/photos-dev
 # The model that ships in the package (`clip-decoder predict` with no --model): every label seen.
 PACKAGED := src/clip_decoder/models/openclipart
 
@@ -48,6 +50,7 @@ demo: install system-packages $(DATA)/stats.json photos
 
 photos: install system-packages
 	$(BIN)/python -m bench.photos --out $(PHOTO_CHECK)
+	$(BIN)/python -m bench.photos --set dev --out $(PHOTO_DEV)
 
 # Rebuilds the packaged model: the default recipe on every label of the benchmark (about 3 min).
 $(DATA)/splits/all.json: $(DATA)/stats.json

@@ -1,18 +1,25 @@
-"""The real-photo check: photos that installed packages ship, labelled by eye, each ranked against one free vocabulary.
+"""Real photos that installed packages ship, labelled by eye, each ranked against one free vocabulary.
 
-Builds a photo-check folder (``photos.csv`` and ``vocabulary.txt``; the images copied in) from
-darknet's sample photos (Debian package ``darknet``) and scikit-image's sample photos (PyPI
-``scikit-image``). Nothing of them is committed: they are read from the installed packages. With
-``--splits``, it also trains every method on each split (the benchmark harness) and prints how
+Two sets, never mixed:
+- ``check`` (``data/photos``): the photo check the results report (11 photos from darknet and
+  scikit-image).
+- ``dev`` (``data/photos-dev``): other photos (scikit-learn, matplotlib, scikit-image, Debian's
+  plasma-workspace-wallpapers), used with nested label splits to choose how the zero-shot prior
+  enters (bench/tune.py --photos); the check set is never used to choose.
+
+Each set becomes a folder with ``photos.csv`` and ``vocabulary.txt`` and the images copied in.
+Nothing of the photos is committed: they are read from the installed packages (licences below).
+With ``--splits``, it also trains every method on each split (the benchmark harness) and prints how
 each ranks the photos: how many photos have a correct best label, and the mean per-image AP.
 `clip-decoder bench --photos DIR` puts the same table into docs/RESULTS.md.
-Run: python -m bench.photos [--out data/photos] [--splits JSON ...] [--seeds 0 1 2] [--methods ...]
+Run: python -m bench.photos [--set check|dev] [--out DIR] [--splits JSON ...] [--seeds 0 1 2] [--methods ...]
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -21,67 +28,122 @@ from clip_decoder.benchmark import PHOTOS_PART, VOCABULARY_FILE, photos_table, r
 from clip_decoder.data.folder import write_part
 from clip_decoder.training.methods import method_names
 
-DARKNET = Path("/usr/share/darknet/data")
-# (package, file) -> its labels, by eye. The vocabulary adds labels no photo has.
-PHOTOS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("darknet", "dog.jpg"): ("dog", "bicycle", "truck", "tree"),
-    ("darknet", "giraffe.jpg"): ("giraffe", "zebra", "tree", "grass"),
-    ("darknet", "person.jpg"): ("person", "dog", "horse"),
-    ("darknet", "kite.jpg"): ("kite", "person", "beach", "water"),
-    ("darknet", "horses.jpg"): ("horse", "mountain"),
-    ("darknet", "eagle.jpg"): ("eagle", "bird", "water"),
-    ("scikit-image", "chelsea.png"): ("cat",),
-    ("scikit-image", "coffee.png"): ("cup", "coffee", "saucer", "spoon"),
-    ("scikit-image", "astronaut.png"): ("person", "astronaut", "flag", "space shuttle", "helmet"),
-    ("scikit-image", "rocket.jpg"): ("rocket",),
-    ("scikit-image", "motorcycle_left.png"): ("motorcycle",),
+# Where each source keeps its photos, and how to install it. Licences: darknet's sample photos ship
+# with darknet (Debian's copyright file); scikit-image's are CC0, public domain or "no known
+# copyright restrictions" (each in skimage.data's docstrings); scikit-learn's are CC-BY 2.0 (the
+# README beside them); matplotlib's Grace Hopper portrait is a US Navy photo (public domain); the
+# Plasma wallpapers are GPL-2+ (Debian's copyright file).
+SOURCES: dict[str, tuple[str, str]] = {
+    "darknet": ("/usr/share/darknet/data", "apt-get install darknet (or `make system-packages`)"),
+    "scikit-image": ("skimage:data", "pip install scikit-image (the [dev] extra has it)"),
+    "scikit-learn": ("sklearn:datasets/images", "pip install scikit-learn (the [dev] extra has it)"),
+    "matplotlib": ("matplotlib:mpl-data/sample_data", "pip install matplotlib"),
+    "plasma": ("/usr/share/wallpapers", "apt-get install plasma-workspace-wallpapers (or `make system-packages`)"),
 }
-VOCABULARY = ("dog", "cat", "horse", "giraffe", "zebra", "bird", "eagle", "person", "astronaut", "bicycle", "motorcycle",
-              "car", "truck", "kite", "rocket", "space shuttle", "flag", "helmet", "cup", "coffee", "saucer", "spoon",
-              "tree", "grass", "mountain", "beach", "water", "pizza", "guitar")
+
+
+@dataclass(frozen=True)
+class PhotoSet:
+    """Photos ((source, file) -> their labels, by eye) and the vocabulary each photo ranks
+    (their labels plus labels no photo has)."""
+
+    photos: dict[tuple[str, str], tuple[str, ...]]
+    distractors: tuple[str, ...]
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        labels = dict.fromkeys(label for labels in self.photos.values() for label in labels)
+        return tuple(labels) + tuple(label for label in self.distractors if label not in labels)
+
+
+CHECK = PhotoSet(
+    photos={
+        ("darknet", "dog.jpg"): ("dog", "bicycle", "truck", "tree"),
+        ("darknet", "giraffe.jpg"): ("giraffe", "zebra", "tree", "grass"),
+        ("darknet", "person.jpg"): ("person", "dog", "horse"),
+        ("darknet", "kite.jpg"): ("kite", "person", "beach", "water"),
+        ("darknet", "horses.jpg"): ("horse", "mountain"),
+        ("darknet", "eagle.jpg"): ("eagle", "bird", "water"),
+        ("scikit-image", "chelsea.png"): ("cat",),
+        ("scikit-image", "coffee.png"): ("cup", "coffee", "saucer", "spoon"),
+        ("scikit-image", "astronaut.png"): ("person", "astronaut", "flag", "space shuttle", "helmet"),
+        ("scikit-image", "rocket.jpg"): ("rocket",),
+        ("scikit-image", "motorcycle_left.png"): ("motorcycle",),
+    },
+    distractors=("car", "pizza", "guitar"),
+)
+DEV = PhotoSet(
+    photos={
+        ("scikit-learn", "china.jpg"): ("building", "temple", "tree", "water", "sky"),
+        ("scikit-learn", "flower.jpg"): ("flower", "plant"),
+        ("matplotlib", "grace_hopper.jpg"): ("person", "woman", "flag", "hat"),
+        ("scikit-image", "camera.png"): ("person", "man", "camera", "grass", "sky", "building"),
+        ("scikit-image", "hubble_deep_field.jpg"): ("galaxy", "star", "space"),
+        ("scikit-image", "coins.png"): ("coin",),
+        ("plasma", "BytheWater/contents/images/2560x1600.jpg"): ("water", "lake", "pier"),
+        ("plasma", "ColorfulCups/contents/images/2560x1600.jpg"): ("cup",),
+        ("plasma", "EveningGlow/contents/images/2560x1600.jpg"): ("boat", "lake", "water", "mountain", "sky", "cloud"),
+        ("plasma", "FallenLeaf/contents/images/2560x1600.jpg"): ("leaf",),
+        ("plasma", "Kite/contents/images/2560x1600.jpg"): ("kite", "sky", "cloud"),
+        ("plasma", "Path/contents/images/2560x1600.jpg"): ("forest", "tree", "path", "grass"),
+        ("plasma", "ColdRipple/contents/images/2560x1600.jpg"): ("pier", "water", "fog"),
+    },
+    distractors=("dog", "cat", "car", "bicycle", "bird", "food", "book", "clock", "guitar", "pizza"),
+)
+PHOTO_SETS = {"check": CHECK, "dev": DEV}
+DEFAULT_OUT = {"check": Path("data/photos"), "dev": Path("data/photos-dev")}
 
 
 def source(package: str, name: str) -> Path:
     """Where an installed package keeps the photo ``name``; exits with the install command if it is missing."""
-    if package == "darknet":
-        path, install = DARKNET / name, "apt-get install darknet (or `make system-packages`)"
-    else:
+    where, install = SOURCES[package]
+    if ":" in where:  # a Python package's folder
+        module, folder = where.split(":")
         try:
-            path = Path(str(resources.files("skimage") / "data" / name))
+            path = Path(str(resources.files(module))) / folder / name
         except ModuleNotFoundError:
             path = Path("/nonexistent") / name
-        install = "pip install scikit-image (the [dev] extra has it)"
+    else:
+        path = Path(where) / name
     if not path.is_file():
         sys.exit(f"error: no {path}: {install}")
     return path
 
 
-def build(out: Path) -> Path:
+def build(out: Path, photo_set: PhotoSet = CHECK) -> Path:
     """Copy the photos into ``out/images`` and write ``out/photos.csv`` and ``out/vocabulary.txt``."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
-    for (package, name), labels in PHOTOS.items():
-        target = out / "images" / f"{package}-{name}"
-        shutil.copyfile(source(package, name), target)
+    for (package, name), labels in photo_set.photos.items():
+        path = source(package, name)
+        # Plasma wallpapers are all named by their size: the folder names the photo.
+        stem = name.split("/")[0] + path.suffix if "/" in name else name
+        target = out / "images" / f"{package}-{stem}"
+        shutil.copyfile(path, target)
         rows.append((target.relative_to(out).as_posix(), labels))
     write_part(out, PHOTOS_PART, rows)
-    (out / VOCABULARY_FILE).write_text("\n".join(VOCABULARY) + "\n", encoding="utf-8")
+    (out / VOCABULARY_FILE).write_text("\n".join(photo_set.vocabulary) + "\n", encoding="utf-8")
     return out
 
 
 def main() -> None:
     parser = bench_parser(__doc__, target="nothing (it prints)")  # --data, --no-write
-    parser.add_argument("--out", type=Path, default=Path("data/photos"), help="the photo-check folder to write")
+    parser.add_argument("--set", choices=tuple(PHOTO_SETS), default="check",
+                        help="check: the photos the results report; dev: the photos choices are made on")
+    parser.add_argument("--out", type=Path, default=None, help="the folder to write (default: data/photos,"
+                        " or data/photos-dev for --set dev)")
     parser.add_argument("--splits", type=Path, nargs="*", default=[], metavar="JSON",
                         help="also train each method on these label splits and rank the photos")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()))
     args = parser.parse_args()
-    print(f"photo check written to {build(args.out)} ({len(PHOTOS)} photos, {len(VOCABULARY)} labels)")
+    photo_set, out = PHOTO_SETS[args.set], args.out or DEFAULT_OUT[args.set]
+    print(f"{args.set} photos written to {build(out, photo_set)} ({len(photo_set.photos)} photos,"
+          f" {len(photo_set.vocabulary)} labels)")
     if not args.splits:
         return
     check_inputs(args.data, part="train")
-    results = run_benchmark(args.data, args.splits, tuple(args.seeds), tuple(args.methods), photos=args.out)
+    results = run_benchmark(args.data, args.splits, tuple(args.seeds), tuple(args.methods), photos=out)
     for name, per_method in results.items():
         print(f"\n### Photos, models trained on split `{name}`\n\n{photos_table(per_method)}")
 
