@@ -9,6 +9,7 @@ from PIL import Image
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.encoders import ImageFeatures
+from clip_decoder.prior import PriorConfig
 
 LABELS = [f"label {i}" for i in range(12)]
 
@@ -18,7 +19,7 @@ def model(tiny_clip_dir):
     torch.manual_seed(0)
     # The head's own path; tests/test_prior.py covers what the prior adds.
     return CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, cosine_skip=True,
-                              prior_weight=0.0)
+                              prior=PriorConfig.off())
 
 
 def tokens(model, n=5):

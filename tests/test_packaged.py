@@ -10,7 +10,7 @@ from clip_decoder.cli import main
 
 def test_the_packaged_model_loads_by_name_and_holds_the_prior():
     model = CLIPDecoder.from_pretrained("openclipart")
-    assert model.config.backbone == "offline" and model.config.prior_weight > 0
+    assert model.config.backbone == "offline" and model.config.prior.on
     assert len(model.config.labels) == 68  # every label of the OpenClipart benchmark
     assert model.prior.ready  # the class-name embeddings came with it, none computed
 

@@ -6,12 +6,13 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from torch.nn import functional as F
 
 from clip_decoder import CLIPDecoder
 from clip_decoder.encoders import ImageFeatures
-from clip_decoder.prior import imagenet_class_names
+from clip_decoder.prior import PriorConfig, imagenet_class_names
 from clip_decoder.training.baselines import ConSE
 
 LABELS = ["cat", "dog", "airplane", "pizza"]
@@ -19,8 +20,8 @@ LABELS = ["cat", "dog", "airplane", "pizza"]
 
 def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
     torch.manual_seed(0)
-    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior_weight=0.0)
-    with_prior = CLIPDecoder(replace(plain.config, prior_weight=3.0))
+    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior=PriorConfig.off())
+    with_prior = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=3.0, seen_weight=3.0)))
     with_prior.head.load_state_dict(plain.head.state_dict())
     with_prior.alignment.load_state_dict(plain.alignment.state_dict())
     tokens = torch.randn(2, 17, plain.config.head.image_dim)
@@ -32,10 +33,71 @@ def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
     torch.testing.assert_close(torch.logit(p1.double()) - torch.logit(p0.double()), 3.0 * cosine.double(), atol=1e-4, rtol=0)
 
 
+def test_labels_the_head_was_trained_on_get_the_seen_weight_and_the_others_the_weight(tiny_clip_dir):
+    torch.manual_seed(0)
+    plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior=PriorConfig.off())
+    mixed = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=4.0, seen_weight=1.5, offset=0.1)))
+    for model in (plain, mixed):
+        model.head.load_state_dict(plain.head.state_dict())
+        model.set_trained_labels(["dog", "pizza"])
+    features = ImageFeatures(torch.randn(3, 17, plain.config.head.image_dim), torch.randn(3, plain.config.head.image_dim))
+    logit = {name: torch.logit(m.scorer.score(features, m.scorer.vocabulary(LABELS)).probabilities.double())
+             for name, m in (("plain", plain), ("mixed", mixed))}
+    cosine = F.normalize(features.pooled, dim=-1) @ mixed.embed_labels(LABELS, plain.config.templates).T
+    weights = torch.tensor([4.0, 1.5, 4.0, 1.5])  # cat, dog (trained), airplane, pizza (trained)
+    torch.testing.assert_close(logit["mixed"] - logit["plain"], (weights * (cosine - 0.1)).double(), atol=1e-4, rtol=0)
+    # the trained labels are saved with the model and keep their weight after loading
+    assert mixed.config.labels == ["dog", "pizza"]
+
+
+def test_the_temperature_softens_the_imagenet_distribution_before_conse_averages_its_top_classes(offline_model, cat_photo):
+    pooled = offline_model.encode_images([cat_photo]).pooled
+    prior = offline_model.prior
+    prior.prepare()
+    logits = prior.imagenet_logits(pooled)
+    vectors = {}
+    for temperature in (1.0, 3.0):
+        prior.temperature = temperature
+        probabilities = (logits / temperature).softmax(-1)
+        top = probabilities.topk(10, dim=-1)
+        expected = F.normalize(top.values @ prior.class_embeddings[top.indices[0]], dim=-1)
+        vectors[temperature] = prior(pooled)
+        torch.testing.assert_close(vectors[temperature], expected, atol=1e-5, rtol=0)
+    prior.temperature = offline_model.config.prior.temperature
+    assert not torch.allclose(vectors[1.0], vectors[3.0], atol=1e-3)  # a hotter softmax spreads the weight
+
+
+def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes_the_prior_temperature(
+        offline_model, cat_photo, monkeypatch):
+    from clip_decoder.prior import ZeroShotPrior
+    from clip_decoder.training import methods
+    from clip_decoder.training.config import TrainConfig
+    from clip_decoder.training.data import FeatureSet
+
+    offline_model.prior.prepare()
+
+    class Prepared(ZeroShotPrior):  # the model's class-name embeddings, not 7,000 prompts embedded again
+        def prepare(self) -> None:
+            self.class_embeddings.copy_(offline_model.prior.class_embeddings)
+            self.ready = True
+
+    monkeypatch.setattr(methods, "ZeroShotPrior", Prepared)
+    features = offline_model.encode_images([cat_photo])
+    stored = FeatureSet(features.tokens, features.pooled, [])
+    scores = {}
+    for temperature in (1.0, 4.0):
+        run = methods.MethodRun(offline_model, {}, None, TrainConfig(prior_temperature=temperature))
+        scores["conse", temperature] = methods.get_method("conse").train(run)(stored, LABELS)
+        scores["prior", temperature] = methods.get_method("zero-shot-prior").train(run)(stored, LABELS)
+    np.testing.assert_allclose(scores["conse", 1.0], scores["conse", 4.0], atol=1e-6)
+    np.testing.assert_allclose(scores["prior", 1.0], scores["conse", 1.0], atol=1e-5)
+    assert not np.allclose(scores["prior", 4.0], scores["prior", 1.0], atol=1e-3)
+
+
 def test_conse_is_the_offline_prior_alone_and_ranks_the_photos_class_first(offline_model, cat_photo):
     pooled = offline_model.encode_images([cat_photo]).pooled
     labels = offline_model.embed_labels(LABELS, offline_model.config.templates)
-    scores = ConSE(offline_model.prior).score(pooled, labels)
+    scores = ConSE(offline_model.prior).score(pooled, labels)  # the model's prior, at its own temperature
     assert scores.argmax() == 0
     np.testing.assert_allclose(scores, (offline_model.prior(pooled) @ labels.T).numpy(), atol=1e-6)
     assert offline_model.prior.class_embeddings.shape == (len(imagenet_class_names()), 384)
@@ -43,7 +105,7 @@ def test_conse_is_the_offline_prior_alone_and_ranks_the_photos_class_first(offli
 
 def test_a_model_with_the_prior_saves_the_class_embeddings_and_never_re_embeds_them(offline_model, tmp_path, cat_photo,
                                                                                   monkeypatch):
-    model = CLIPDecoder.create(backbone="offline", prior_weight=5.0)
+    model = CLIPDecoder.create(backbone="offline", prior=PriorConfig(weight=5.0))
     scores = model.predict([cat_photo], LABELS)
     model.save_pretrained(tmp_path / "m")
     loaded = CLIPDecoder.from_pretrained(tmp_path / "m")
@@ -52,18 +114,48 @@ def test_a_model_with_the_prior_saves_the_class_embeddings_and_never_re_embeds_t
     monkeypatch.setattr(type(loaded.text_tower), "encode", lambda self, texts: (embedded.extend(texts), original(self, texts))[1])
     np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), scores, atol=1e-6)
     assert len(embedded) == len(LABELS) * len(model.config.templates)  # the labels only, not 1,000 class names
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["prior_weight"] == 5.0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["prior"]["weight"] == 5.0
 
 
 def test_a_folder_from_before_the_prior_loads_with_the_prior_off(tmp_path, cat_photo):
-    before = CLIPDecoder.create(backbone="offline", prior_weight=0.0)  # what such a folder holds
+    before = CLIPDecoder.create(backbone="offline", prior=PriorConfig.off())  # what such a folder holds
     before.save_pretrained(tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
-    del config["prior_weight"]
+    del config["prior"]
+    config["format_version"] = 1
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
-    assert loaded.config.prior_weight == 0.0
+    assert not loaded.config.prior.on
     np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
+
+
+def test_a_folder_with_one_prior_weight_keeps_its_scores(tmp_path, cat_photo):
+    # format 1: one weight for every label and the classifier's own probabilities (temperature 1)
+    legacy = PriorConfig(weight=10.0, seen_weight=10.0, temperature=1.0, offset=0.25)
+    before = CLIPDecoder.create(backbone="offline", prior=legacy)
+    before.set_trained_labels(["cat"])
+    before.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["prior"]
+    config.update(format_version=1, prior_weight=10.0, prior_offset=0.25)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
+    assert loaded.config.prior == legacy
+    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
+
+
+def test_bad_prior_settings_in_a_config_name_the_field(tmp_path):
+    from clip_decoder.errors import ClipDecoderError
+
+    CLIPDecoder.create(backbone="offline", prior=PriorConfig.off()).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    for bad, message in (({"weight": "lots"}, "'prior.weight' must be a number"),
+                         ({"temperature": 0.0}, "temperature > 0"),
+                         ({"colour": 1.0}, "not a valid clip-decoder config")):
+        path.write_text(json.dumps({**config, "prior": {**config["prior"], **bad}}))
+        with pytest.raises(ClipDecoderError, match=message):
+            CLIPDecoder.from_pretrained(tmp_path / "m")
 
 
 
@@ -73,7 +165,7 @@ def test_training_centres_the_prior_so_it_moves_no_score_on_average(trained, tin
 
     out, cache, _ = trained
     model = CLIPDecoder.from_pretrained(out)
-    assert model.config.prior_weight == 10.0 and model.config.prior_offset != 0.0
+    assert model.config.prior == replace(PriorConfig(), offset=model.config.prior.offset) and model.config.prior.offset != 0
     train, _ = training_parts(tiny_dataset, 0.25)
     features = FeatureCache(model.image_tower, cache).get([s.image for s in train], progress=False)
     vocabulary = model.scorer.vocabulary(model.config.labels)

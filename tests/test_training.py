@@ -128,6 +128,29 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
     assert "- **ml-decoder**: head d 32, FFN 64, dropout 0.05, without cosine skip; ASL; 2 epochs" in page
 
 
+def test_methods_that_differ_only_in_how_the_prior_scores_share_one_training(tiny_dataset, tiny_clip_dir, tmp_path,
+                                                                            monkeypatch):
+    from clip_decoder.benchmark import run_benchmark
+
+    trainings = []
+    original = methods.fit
+    monkeypatch.setattr(methods, "fit", lambda *args, **kwargs: (trainings.append(args[4].method), original(*args, **kwargs))[1])
+    config = TrainConfig(epochs=2, batch_size=8, val_fraction=0.25, head={"dim": 32, "heads": 4, "ffn_dim": 64})
+
+    def bench(*names: str) -> dict:
+        results = run_benchmark(tiny_dataset, [tiny_dataset / "split.json"], (0,), names, f"hf:{tiny_clip_dir}", config,
+                                tmp_path / "cache", progress=False)["split"]
+        return {name: {part: runs[0][part] for part in ("zsl", "gzsl")} for name, runs in results.items()}
+
+    together = bench("clip-decoder", "clip-decoder-no-prior", "clip-decoder-one-prior-weight", "ml-decoder")
+    assert trainings == ["clip-decoder", "ml-decoder"]  # the two prior ablations scored clip-decoder's head
+    assert together["clip-decoder-no-prior"] != together["clip-decoder"]
+    alone = bench("clip-decoder-no-prior")
+    assert trainings[2:] == ["clip-decoder-no-prior"]
+    for part in ("zsl", "gzsl"):  # (labels embedded in other batches may differ in the last bit)
+        assert alone["clip-decoder-no-prior"][part] == pytest.approx(together["clip-decoder-no-prior"][part], abs=1e-3)
+
+
 def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):
     from clip_decoder.training.baselines import ConSE
 

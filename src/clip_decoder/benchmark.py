@@ -55,12 +55,16 @@ SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "m
 
 
 def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
-               photos: PhotoCheck | None = None, progress: bool = False) -> dict:
+               photos: PhotoCheck | None = None, progress: bool = False, trained: dict | None = None) -> dict:
     """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
     then the metrics JSON of the test part, with the run's ``seconds`` and, with ``photos``,
-    ``per_image_metrics`` of the photo check."""
+    ``per_image_metrics`` of the photo check. ``trained`` (one dict for runs on the same parts)
+    lets methods that differ only in how the prior scores share one training."""
     started, method = time.perf_counter(), get_method(name)
-    score = method.train(MethodRun(towers, parts, split, method_config(name, config), progress))
+    run = MethodRun(towers, parts, split, method_config(name, config), progress)
+    if trained is not None:
+        run.trained = trained
+    score = method.train(run)
     test = parts["test"]
     metrics = zsl_gzsl_metrics(score(test, list(split.all)), test.targets(split.all).numpy(), list(split.all),
                                list(split.unseen))
@@ -85,12 +89,14 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
     parts = {name: FeatureSet.build(items, cache, progress) for name, items in samples.items()}
     results: dict[str, dict[str, list[dict]]] = {}
+    trained: dict = {}  # heads shared by the methods that train alike (clip-decoder and its prior ablations)
     for split_path in split_paths:
         split = read_split(split_path)
         results[Path(split_path).stem] = per_method = {}
         for method in methods:
             for seed in seeds if method.seeded else seeds[:1]:
-                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check)
+                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check,
+                                     trained=trained)
                 per_method.setdefault(method.name, []).append(metrics)
                 if progress:
                     on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from .head import DecoderHead, HeadConfig
 from .images import load_image
 from .model_folder import ModelConfig, load_weights, model_folder, read_model_config, write_model_folder
 from .prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, LabelEmbedder, check_labels, check_templates
-from .prior import ZeroShotPrior
+from .prior import PriorConfig, ZeroShotPrior
 from .scoring import Scorer
 
 
@@ -51,7 +51,7 @@ class CLIPDecoder(nn.Module):
                 f" {backbone.text.dim}/{backbone.image.dim}, but the head expects"
                 f" {config.head.text_dim}/{config.head.image_dim}"
             )
-        self.config = config
+        self.config = config = replace(config, prior=replace(config.prior))  # its own prior settings: training sets the offset
         self.image_tower = backbone.image
         self.text_tower = backbone.text
         self.image_tower.requires_grad_(False)
@@ -59,11 +59,13 @@ class CLIPDecoder(nn.Module):
         self.head = DecoderHead(config.head)
         self.alignment = Alignment(config.head.dim, backbone.text.dim, config.align_dim)
         embed_labels = LabelEmbedder(self.text_tower)
-        self.prior = ZeroShotPrior(self.image_tower, self.text_tower.dim, lambda names: embed_labels(names, config.templates))
-        if config.prior_weight and not self.prior.available:
-            raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; set prior_weight to 0")
-        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior_weight,
-                             config.prior_offset)
+        self.prior = ZeroShotPrior(self.image_tower, self.text_tower.dim, lambda names: embed_labels(names, config.templates),
+                                   config.prior.temperature)
+        if config.prior.on and not self.prior.available:
+            raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; turn the prior off"
+                                   " (weights 0)")
+        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior,
+                             config.labels)
         self.eval()
 
     @classmethod
@@ -72,18 +74,19 @@ class CLIPDecoder(nn.Module):
         backbone: str = "offline",
         templates: Sequence[str] = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET],
         align_dim: int = ModelConfig.align_dim,
-        prior_weight: float = ModelConfig.prior_weight,
+        prior: PriorConfig | None = None,
         **head_options,
     ) -> CLIPDecoder:
         """An untrained model on the named backbone; ``head_options`` override HeadConfig's
-        defaults, which are the head ``clip-decoder train`` trains."""
+        defaults, which are the head ``clip-decoder train`` trains; ``prior`` defaults to
+        PriorConfig() (``PriorConfig.off()`` turns it off)."""
         towers = create_backbone(backbone)
         try:
             head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **head_options)
         except (TypeError, ValueError) as error:
             raise ClipDecoderError(f"bad head option: {error}") from error
         config = ModelConfig(backbone=backbone, head=head, align_dim=align_dim, templates=check_templates(templates),
-                             prior_weight=prior_weight)
+                             prior=prior or PriorConfig())
         return cls(config, towers)
 
     @property
@@ -95,7 +98,7 @@ class CLIPDecoder(nn.Module):
         """What the model folder holds: frozen towers are rebuilt from their backbone name; the
         prior's class-name embeddings are kept when the prior is on."""
         modules = {"head": self.head, "alignment": self.alignment}
-        if self.config.prior_weight and self.prior.conse:
+        if self.config.prior.on and self.prior.conse:
             modules["prior"] = self.prior
         if self.config.image_tower_trained:
             modules["image_tower"] = self.image_tower
@@ -103,7 +106,7 @@ class CLIPDecoder(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (created if needed)."""
-        if self.config.prior_weight:
+        if self.config.prior.on:
             self.prior.prepare()
         return write_model_folder(directory, self.config, self.saved_modules())
 
@@ -120,17 +123,23 @@ class CLIPDecoder(nn.Module):
         load_weights(directory, model.saved_modules())
         return model
 
+    def set_trained_labels(self, labels: Sequence[str]) -> None:
+        """Record the labels the head was trained on (config.json's ``labels``; their prior weight is
+        ``PriorConfig.seen_weight``)."""
+        self.config.labels = list(labels)
+        self.scorer.seen = frozenset(labels)
+
     @torch.inference_mode()
     def center_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> float:
-        """Set ``prior_offset`` to the prior's mean cosine over these images (pooled features) and
+        """Set the prior's offset to its mean cosine over these images (pooled features) and
         labels, so that the prior moves no probability on average; no ranking changes. Returns it."""
-        if not self.config.prior_weight:
+        if not self.config.prior.on:
             return 0.0
         directions = self.scorer.vocabulary(labels).queries.directions
         total = sum(float((self.prior(pooled[start : start + rows_per_batch].to(self.device)) @ directions.T).sum())
                     for start in range(0, len(pooled), rows_per_batch))
-        self.config.prior_offset = self.scorer.prior_offset = total / (len(pooled) * len(labels))
-        return self.config.prior_offset
+        self.config.prior.offset = total / (len(pooled) * len(labels))  # the scorer shares config.prior
+        return self.config.prior.offset
 
     def train(self, mode: bool = True) -> CLIPDecoder:
         """Train mode for the head; the frozen towers stay in eval mode (BatchNorm, dropout)."""

@@ -17,10 +17,10 @@ from torch import nn
 from .atomic import atomic_write
 from .errors import ClipDecoderError
 from .head import HeadConfig
-from .prior import DEFAULT_PRIOR_WEIGHT
+from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, check_labels, check_templates
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"
@@ -28,7 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 # What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
 # versions, so positive); a field of a type missing here is left to the dataclass.
 _JSON_TYPES = {"str": ((str,), "a string"), "int": ((int,), "a positive integer"), "float": ((int, float), "a number"),
-               "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"),
+               "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"), "PriorConfig": ((dict,), "an object"),
                "tuple[str, ...]": ((list,), "a list"), "list[str]": ((list,), "a list")}
 
 
@@ -55,11 +55,8 @@ class ModelConfig:
     # True when training changed the image tower (train --finetune-image-tower): its weights
     # are then saved with the head instead of being rebuilt from the backbone name.
     image_tower_trained: bool = False
-    # Each logit gets prior_weight * cos(zero-shot prior of the image, label text); 0: off.
-    prior_weight: float = DEFAULT_PRIOR_WEIGHT
-    # The prior's mean cosine over the training images and labels, subtracted from every cosine so
-    # that the prior moves no probability on average (no ranking changes); set by training.
-    prior_offset: float = 0.0
+    # How the zero-shot prior enters each logit (prior.PriorConfig); its offset is set by training.
+    prior: PriorConfig = field(default_factory=PriorConfig)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -73,8 +70,9 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ClipDecoderError(f"{source}: expected a JSON object, got {type(data).__name__}")
         _check_json_types(data, cls, source)
-        if isinstance(data.get("head"), dict):
-            _check_json_types(data["head"], HeadConfig, source, prefix="head.")
+        for name, config_class in (("head", HeadConfig), ("prior", PriorConfig)):
+            if isinstance(data.get(name), dict):
+                _check_json_types(data[name], config_class, source, prefix=f"{name}.")
         version = data.get("format_version", 0)
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ClipDecoderError(
@@ -89,14 +87,22 @@ class ModelConfig:
                 templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
                 labels=check_labels(data.get("labels", [])),
                 image_tower_trained=bool(data.get("image_tower_trained", False)),
-                prior_weight=float(data.get("prior_weight", 0.0)),  # folders from before the prior: off
-                prior_offset=float(data.get("prior_offset", 0.0)),
+                prior=_prior_config(data),
                 format_version=int(version),
             )
         except ClipDecoderError as error:
             raise ClipDecoderError(f"{source}: {error}") from error
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ClipDecoderError(f"{source}: not a valid clip-decoder config ({error!r})") from error
+
+
+def _prior_config(data: dict) -> PriorConfig:
+    """The prior's settings; a folder from before them (format 1: one weight for every label, the
+    classifier's own probabilities) keeps its scores, and one from before the prior has it off."""
+    if "prior" in data:
+        return PriorConfig(**data["prior"])
+    weight = float(data.get("prior_weight", 0.0))
+    return PriorConfig(weight=weight, seen_weight=weight, temperature=1.0, offset=float(data.get("prior_offset", 0.0)))
 
 
 def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:

@@ -3,8 +3,9 @@
 For an image it gives one unit vector in the text space; a label's prior is that vector's cosine
 with the label's text embedding. Towers with an ImageNet classifier (the offline tower) give
 CONSE's vector: the class-name embeddings of the image's top classes, weighted by their
-probabilities (Norouzi et al. 2014). Towers whose pooled vector already lives in the text space
-(CLIP) give that vector, so the prior is the model's own zero-shot score.
+probabilities (Norouzi et al. 2014), here softened by a temperature. Towers whose pooled vector
+already lives in the text space (CLIP) give that vector, so the prior is the model's own zero-shot
+score. ``PriorConfig`` says how much of it each logit gets.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from importlib import resources
 
 import torch
@@ -21,8 +23,41 @@ from torch.nn import functional as F
 from .encoders import ImageTower
 
 CONSE_TOP = 10  # ImageNet classes averaged per image
-# The prior's weight in each logit (w * cosine) of models created and trained by default.
-DEFAULT_PRIOR_WEIGHT = 10.0  # chosen on nested splits of the seen labels (docs/EXPERIMENTS.md)
+CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabilities
+
+
+@dataclass
+class PriorConfig:
+    """How the prior enters each logit: + weight x (cos(the image's prior vector, the label's text) - offset).
+
+    Labels the head was trained on get ``seen_weight``: the head learned them from examples and
+    knows them better than the prior does. Every other label gets ``weight``: there the head only
+    transfers, and the prior carries what the towers know. ``temperature`` softens the ImageNet
+    classifier's distribution before CONSE's top classes are averaged (classifier towers only).
+    ``offset`` is the prior's mean cosine over the training images and labels (set by training),
+    so that the prior moves no probability on average. The defaults were chosen on nested splits
+    of the seen labels and the dev photos (docs/EXPERIMENTS.md); 0 and 0 turn the prior off.
+    """
+
+    weight: float = 20.0
+    seen_weight: float = 5.0
+    temperature: float = 3.0
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0:
+            raise ValueError(f"prior weights must be >= 0 and its temperature > 0, got {self}")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.weight or self.seen_weight)
+
+    @classmethod
+    def off(cls) -> PriorConfig:
+        return cls(weight=0.0, seen_weight=0.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @functools.cache
@@ -46,10 +81,11 @@ class ZeroShotPrior(nn.Module):
     keeps them and loading one never re-embeds them.
     """
 
-    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[tuple[str, ...]], torch.Tensor]) -> None:
+    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[tuple[str, ...]], torch.Tensor],
+                 temperature: float = PriorConfig.temperature) -> None:
         super().__init__()
         # Not submodules: the tower's weights belong to the model, not to the prior.
-        self.tower_name, self.embed_texts = image_tower.name, embed_texts
+        self.tower_name, self.embed_texts, self.temperature = image_tower.name, embed_texts, temperature
         self.imagenet_logits = getattr(image_tower, "imagenet_logits", None)
         self.conse = self.imagenet_logits is not None
         self.available = self.conse or image_tower.dim == text_dim
@@ -75,7 +111,7 @@ class ZeroShotPrior(nn.Module):
         if not self.conse:
             return F.normalize(pooled.float(), dim=-1)
         self.prepare()
-        probabilities = self.imagenet_logits(pooled.float()).softmax(dim=-1)
+        probabilities = (self.imagenet_logits(pooled.float()) / self.temperature).softmax(dim=-1)
         top = probabilities.topk(CONSE_TOP, dim=-1)
         weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values)
         weights = weights / weights.sum(dim=1, keepdim=True)

@@ -9,7 +9,7 @@ likely labels. A change to how a label is scored is a change here.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,7 @@ from .alignment import Alignment
 from .encoders import ImageFeatures
 from .errors import ClipDecoderError
 from .head import DecoderHead, LabelQueries
-from .prior import ZeroShotPrior
+from .prior import PriorConfig, ZeroShotPrior
 from .prompts import LabelEmbedder, check_labels
 
 VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label work is kept
@@ -36,6 +36,7 @@ class Vocabulary:
     labels: tuple[str, ...]
     queries: LabelQueries  # the head's per-label work
     aligned: torch.Tensor  # (L, align_dim) unit label texts in the alignment space: the shortlist's first stage
+    seen: torch.Tensor  # (L,) bool: the labels the head was trained on (their prior weight is PriorConfig.seen_weight)
 
 
 @dataclass
@@ -50,11 +51,14 @@ class Scorer:
     """Image features x a vocabulary -> independent probabilities, through one head and alignment."""
 
     def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
-                 templates: Sequence[str], prior: ZeroShotPrior | None = None, prior_weight: float = 0.0,
-                 prior_offset: float = 0.0) -> None:
+                 templates: Sequence[str], prior: ZeroShotPrior | None = None, mix: PriorConfig | None = None,
+                 seen: Collection[str] = ()) -> None:
+        """``prior`` and ``mix`` (how its cosine enters each logit; shared with the model's config,
+        so training's changes to it show here) add the zero-shot prior; ``seen`` are the labels the
+        head was trained on."""
         self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
         self.templates = tuple(templates)
-        self.prior, self.prior_weight, self.prior_offset = prior, prior_weight, prior_offset
+        self.prior, self.mix, self.seen = prior, mix or PriorConfig.off(), frozenset(seen)
         self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
 
     @property
@@ -72,10 +76,12 @@ class Scorer:
         and projection), cached for the most recent vocabularies until the weights change."""
         labels = tuple(check_labels(labels))
         templates = tuple(templates or self.templates)
-        key = (labels, templates, self._weights_key())
+        key = (labels, templates, self.seen, self._weights_key())
         if key not in self._vocabularies:
             embeddings = self.embed_labels(labels, templates).to(self.device)
-            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings))
+            seen = torch.tensor([label in self.seen for label in labels], device=self.device)
+            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings),
+                                                 seen)
             while len(self._vocabularies) > VOCABULARY_CACHE_SIZE:
                 self._vocabularies.popitem(last=False)
         self._vocabularies.move_to_end(key)
@@ -95,12 +101,15 @@ class Scorer:
         """
         memory = self.head.memory(features.tokens.float())
         maps = self.head.attention_maps(memory, vocabulary.queries) if attention else None
-        prior = self.prior_logits(features.pooled, vocabulary) if self.prior_weight else 0.0
+        prior = self.prior_logits(features.pooled, vocabulary) if self.mix.on else 0.0
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """prior_weight * (cos(the image's zero-shot prior vector, the label's text embedding) - prior_offset): (B, L)."""
-        return self.prior_weight * (self.prior(pooled) @ vocabulary.queries.directions.T - self.prior_offset)
+        """weight * (cos(the image's zero-shot prior vector, the label's text embedding) - offset): (B, L);
+        the weight is ``mix.seen_weight`` for labels the head was trained on, ``mix.weight`` for the others."""
+        mix = self.mix
+        weights = torch.where(vocabulary.seen, mix.seen_weight, mix.weight)
+        return weights * (self.prior(pooled) @ vocabulary.queries.directions.T - mix.offset)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

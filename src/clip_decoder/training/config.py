@@ -8,10 +8,10 @@ import torch
 
 from ..errors import ClipDecoderError
 from ..head import HeadConfig
-from ..prior import DEFAULT_PRIOR_WEIGHT
+from ..prior import PriorConfig
 from ..prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS
 from .losses import LossWeights
-from .methods import decoder_methods, get_method
+from .methods import PRIOR_OPTIONS, decoder_methods, get_method
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -37,8 +37,13 @@ class TrainConfig:
     pct_start: float = option(0.2, "share of the steps spent warming up (OneCycle)")
     ema_decay: float = option(0.99, "decay of the weights' moving average (the EMA weights are kept)")
     clip_weight: float = option(0.1, "weight of the alignment loss (methods that use it)")
-    prior_weight: float = option(DEFAULT_PRIOR_WEIGHT, "weight of the zero-shot prior in each logit: prior_weight x"
-                                 " cos(the towers' own view of the image, the label's text); 0: off (methods that use it)")
+    prior_weight: float = option(PriorConfig.weight, "weight of the zero-shot prior in the logit of a label not trained"
+                                 " on: prior_weight x cos(the towers' own view of the image, the label's text)"
+                                 " (methods that use the prior)")
+    seen_prior_weight: float = option(PriorConfig.seen_weight, "the same for the labels trained on, which the head"
+                                      " knows from examples; both 0: the prior is off")
+    prior_temperature: float = option(PriorConfig.temperature, "softens the ImageNet classifier's distribution before"
+                                      " CONSE's top classes make the prior (offline towers)")
     templates: str = option(DEFAULT_TEMPLATE_SET, "prompt templates: one, or an ensemble of 7",
                             choices=tuple(TEMPLATE_SETS))
     val_fraction: float = option(0.1, "share of training images held out for model selection (when there is no val.csv)")
@@ -61,6 +66,8 @@ class TrainConfig:
             raise ClipDecoderError(f"unknown template set {self.templates!r}; choose from {', '.join(TEMPLATE_SETS)}")
         if (self.epochs is not None and self.epochs < 1) or self.batch_size < 1 or self.lr <= 0 or self.tower_lr <= 0:
             raise ClipDecoderError("epochs, batch size and learning rates must be positive")
+        if self.prior_weight < 0 or self.seen_prior_weight < 0 or self.prior_temperature <= 0:
+            raise ClipDecoderError("prior weights must be at least 0 and the prior temperature positive")
         if self.precision not in PRECISIONS:
             raise ClipDecoderError(f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         if self.accumulate < 1 or self.batch_size % self.accumulate:
@@ -84,9 +91,14 @@ class TrainConfig:
         return LossWeights(cls=1.0, clip=self.clip_weight if get_method(self.method).alignment else 0.0)
 
     @property
-    def model_prior_weight(self) -> float:
-        """The prior weight of the model this trains: none for methods without the prior."""
-        return self.prior_weight if get_method(self.method).prior else 0.0
+    def model_prior(self) -> PriorConfig:
+        """The prior settings of the model this trains: off for methods without the prior."""
+        method = get_method(self.method)
+        if not method.prior:
+            return PriorConfig.off()
+        options = {name: getattr(self, name) for name in PRIOR_OPTIONS} | method.prior_options
+        return PriorConfig(weight=options["prior_weight"], seen_weight=options["seen_prior_weight"],
+                           temperature=options["prior_temperature"])
 
     @property
     def template_set(self) -> tuple[str, ...]:

@@ -194,7 +194,13 @@ def fit(
         save(run.generator.get_state())
     bar.close()
     run.keep_best()
+    finish_training(model, train, seen)
+    return run.state.history
+
+
+def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, seen: tuple[str, ...]) -> None:
+    """What a trained model records of its training: the labels it was trained on and the prior's offset."""
     model.eval()
+    model.set_trained_labels(seen)
     if isinstance(train, FeatureSet):  # (a fine-tuned tower's pooled features are not at hand: offset stays 0)
         model.center_prior(train.pooled, seen)
-    return run.state.history

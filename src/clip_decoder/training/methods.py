@@ -7,8 +7,10 @@ Adding a method touches nothing else.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,15 +21,17 @@ from ..encoders import Backbone
 from ..errors import ClipDecoderError
 from ..model import CLIPDecoder
 from ..prompts import LabelEmbedder
-from ..prior import CONSE_TOP, ZeroShotPrior
+from ..prior import CONSE_TEMPERATURE, CONSE_TOP, ZeroShotPrior
 from .baselines import LINEAR_EPOCHS, ConSE, LinearMap
 from .data import FeatureSet
-from .loop import fit
+from .loop import finish_training, fit
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
 
+# TrainConfig's options that say how the prior enters the scores; training does not depend on them.
+PRIOR_OPTIONS = ("prior_weight", "seen_prior_weight", "prior_temperature")
 # A trained method: stored features (tokens and pooled) and any label names -> scores (images, labels).
 ScoreFunction = Callable[[FeatureSet, list[str]], np.ndarray]
 
@@ -41,6 +45,9 @@ class MethodRun:
     split: LabelSplit
     config: TrainConfig  # the training options, with this run's method and seed
     progress: bool = False
+    # Decoder heads trained so far on these parts, by what their training depends on: methods that
+    # differ only in how the prior enters their scores share one training (the harness passes one dict).
+    trained: dict = field(default_factory=dict)
 
     def embedder(self) -> LabelEmbedder:
         """A label embedder of its own, so every run embeds its labels as a fresh model would."""
@@ -58,7 +65,8 @@ class Method:
     epochs: int | None = None  # set for decoder methods: their tuned length (docs/EXPERIMENTS.md)
     head: dict = field(default_factory=dict)  # HeadConfig options the method fixes
     alignment: bool = True  # decoder methods: whether the alignment loss trains
-    prior: bool = True  # decoder methods: whether the zero-shot prior enters the logits (TrainConfig.prior_weight)
+    prior: bool = True  # decoder methods: whether the zero-shot prior enters the logits (TrainConfig.model_prior)
+    prior_options: dict = field(default_factory=dict)  # TrainConfig prior options the method fixes
     seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
     ablation: bool = False  # True: run by the benchmark only when asked for by name
 
@@ -94,18 +102,31 @@ def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
     """A new, seeded head for ``config.method`` on the already loaded towers of ``towers``."""
     torch.manual_seed(config.seed)
     head = replace(towers.config.head, **config.head_options)
-    model_config = replace(towers.config, head=head, templates=config.template_set,
-                           prior_weight=config.model_prior_weight)
+    model_config = replace(towers.config, head=head, templates=config.template_set, prior=config.model_prior)
     model = CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
-    if model.prior.conse and model_config.prior_weight and model_config.templates == towers.config.templates:
+    if model.prior.conse and model_config.prior.on and model_config.templates == towers.config.templates:
         towers.prior.prepare()  # the class names are embedded once for all runs, not once per model
         model.prior.load_state_dict(towers.prior.state_dict())
     return model
 
 
+def _training_key(run: MethodRun) -> tuple:
+    """What a decoder head's training depends on; the prior enters at scoring, so not its settings."""
+    config = run.config
+    options = {k: v for k, v in asdict(config).items() if k not in ("method", "head", *PRIOR_OPTIONS)}
+    return (run.split.seen, json.dumps(options, sort_keys=True), json.dumps(config.head_options, sort_keys=True),
+            config.loss_weights, config.num_epochs)
+
+
 def _train_decoder(run: MethodRun) -> ScoreFunction:
-    model = fresh_model(run.towers, run.config)
-    fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
+    model, key = fresh_model(run.towers, run.config), _training_key(run)
+    if key in run.trained:
+        model.head.load_state_dict(run.trained[key]["head"])
+        model.alignment.load_state_dict(run.trained[key]["alignment"])
+        finish_training(model, run.parts["train"], run.split.seen)
+    else:
+        fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
+        run.trained[key] = copy.deepcopy({"head": model.head.state_dict(), "alignment": model.alignment.state_dict()})
     return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
                                                               model.scorer.vocabulary(labels))
 
@@ -115,17 +136,20 @@ def _decoder_recipe(config: TrainConfig) -> str:
     skip = "with" if head["cosine_skip"] else "without"
     clip = config.loss_weights.clip
     loss = "ASL" + (f" + {clip} x alignment" if clip else "")
-    prior = f"; + {config.model_prior_weight} x zero-shot prior" if config.model_prior_weight else ""
+    mix = config.model_prior
+    prior = (f"; + zero-shot prior (weight {mix.weight}, {mix.seen_weight} on trained labels, temperature"
+             f" {mix.temperature})" if mix.on else "")
     return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
             f" {loss}; {config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
             f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts{prior}")
 
 
 def decoder_method(name: str, summary: str, epochs: int, head: dict | None = None, alignment: bool = True,
-                   prior: bool = True, ablation: bool = False) -> Method:
-    """A method that trains the decoder head (with ``head`` options fixed) for ``epochs``."""
+                   prior: bool = True, prior_options: dict | None = None, ablation: bool = False) -> Method:
+    """A method that trains the decoder head (with ``head`` options fixed) for ``epochs``; ``prior_options``
+    fix TrainConfig's prior options (how the prior enters its scores)."""
     return Method(name, summary, _train_decoder, _decoder_recipe, epochs, head or {}, alignment, prior,
-                  ablation=ablation)
+                  prior_options or {}, ablation=ablation)
 
 
 def _train_linear(run: MethodRun) -> ScoreFunction:
@@ -138,10 +162,23 @@ def _train_linear(run: MethodRun) -> ScoreFunction:
 
 def _train_conse(run: MethodRun) -> ScoreFunction:
     embed, templates = run.embedder(), run.config.template_set
-    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates))
+    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates),
+                          CONSE_TEMPERATURE)
     conse = ConSE(prior)
     prior.prepare()  # the class names first, as a fresh model embeds them
     return lambda features, labels: conse.score(features.pooled, embed(labels, templates))
+
+
+def _train_prior_alone(run: MethodRun) -> ScoreFunction:
+    embed, templates = run.embedder(), run.config.template_set
+    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates),
+                          run.config.prior_temperature)
+    prior.prepare()
+
+    @torch.inference_mode()
+    def score(features: FeatureSet, labels: list[str]) -> np.ndarray:
+        return (prior(features.pooled) @ embed(labels, templates).float().T).numpy()
+    return score
 
 
 register_method(decoder_method(
@@ -150,6 +187,10 @@ register_method(decoder_method(
 register_method(decoder_method(
     "clip-decoder-no-prior", "ablation: CLIP-Decoder without the zero-shot prior", epochs=10, prior=False,
     ablation=True))
+register_method(decoder_method(
+    "clip-decoder-one-prior-weight", "ablation: CLIP-Decoder with the prior as it was: one weight (10) for every"
+    " label, the ImageNet classifier's own probabilities (temperature 1)", epochs=10,
+    prior_options={"prior_weight": 10.0, "seen_prior_weight": 10.0, "prior_temperature": 1.0}, ablation=True))
 register_method(decoder_method(
     "clip-decoder-no-alignment", "ablation: CLIP-Decoder without the alignment loss", epochs=10, alignment=False,
     ablation=True))
@@ -164,3 +205,7 @@ register_method(Method(
     "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _train_conse,
     lambda config: (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
                     f" {config.templates} prompts"), seeded=False))
+register_method(Method(
+    "zero-shot-prior", "CLIP-Decoder's zero-shot prior alone (CONSE at the prior's temperature), no training",
+    _train_prior_alone, lambda config: (f"the prior alone: CONSE's top-{CONSE_TOP} classes at temperature"
+                                        f" {config.prior_temperature}; {config.templates} prompts"), seeded=False))

@@ -71,7 +71,7 @@ def write_json(path: Path, data: dict) -> None:
 def new_model(config: TrainConfig, backbone: str) -> CLIPDecoder:
     """The seeded, untrained model that ``config`` trains."""
     torch.manual_seed(config.seed)
-    return CLIPDecoder.create(backbone=backbone, templates=config.template_set, prior_weight=config.model_prior_weight,
+    return CLIPDecoder.create(backbone=backbone, templates=config.template_set, prior=config.model_prior,
                               **config.head_options)
 
 
@@ -102,7 +102,6 @@ def train_model(
 def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: TrainConfig, cache_dir, progress: bool,
                  resume: bool, checkpoint_every: int, world: World) -> CLIPDecoder:
     model = new_model(config, backbone)
-    model.config.labels = list(split.seen)
     model.config.image_tower_trained = config.finetune_image_tower
     model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     checkpoint, state = out / CHECKPOINT_FILE, None
