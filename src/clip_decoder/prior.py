@@ -40,7 +40,7 @@ class PriorConfig:
     """
 
     weight: float = 20.0
-    seen_weight: float = 5.0
+    seen_weight: float = 10.0
     temperature: float = 3.0
     offset: float = 0.0
 
