@@ -116,9 +116,17 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
     assert main(["bench", "--data", str(tiny_dataset), "--splits", split, "--seeds", "0", "1",
                  "--methods", "clip-decoder", "ml-decoder", "linear", "--backbone", f"hf:{tiny_clip_dir}",
                  "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.25", "--cache", str(tmp_path / "cache"),
-                 "--json", str(results_path), "--markdown", str(markdown), "--photos", str(photos), *HEAD]) == 0
+                 "--json", str(results_path), "--markdown", str(markdown), "--photos", str(photos), *HEAD,
+                 "--save-models", str(tmp_path / "models")]) == 0
     results = json.loads(results_path.read_text())["split"]
     assert {method: len(runs) for method, runs in results.items()} == {"clip-decoder": 2, "ml-decoder": 2, "linear": 2}
+    # the decoder models are kept: each evaluates to its benchmark row
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        f"split-{method}-seed{seed}" for method in ("clip-decoder", "ml-decoder") for seed in (0, 1)]
+    kept = CLIPDecoder.from_pretrained(tmp_path / "models" / "split-clip-decoder-seed1")
+    assert kept.config.labels == TINY_SPLIT["seen"] and kept.config.prior.on
+    again = evaluate_model(kept, tiny_dataset, read_split(split), tmp_path / "cache", progress=False)
+    assert again["zsl"]["mAP"] == pytest.approx(results["clip-decoder"][1]["zsl"]["mAP"], abs=0.01)
     for runs in results.values():
         assert all(run["photos"]["images"] == 4 and 0 <= run["photos"]["top1_correct"] <= 4 for run in runs)
     page = markdown.read_text()

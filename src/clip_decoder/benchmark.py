@@ -55,13 +55,15 @@ SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "m
 
 
 def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
-               photos: PhotoCheck | None = None, progress: bool = False, trained: dict | None = None) -> dict:
+               photos: PhotoCheck | None = None, progress: bool = False, trained: dict | None = None,
+               save_to: Path | None = None) -> dict:
     """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
     then the metrics JSON of the test part, with the run's ``seconds`` and, with ``photos``,
     ``per_image_metrics`` of the photo check. ``trained`` (one dict for runs on the same parts)
-    lets methods that differ only in how the prior scores share one training."""
+    lets methods that differ only in how the prior scores share one training; a decoder method
+    writes its model folder to ``save_to``."""
     started, method = time.perf_counter(), get_method(name)
-    run = MethodRun(towers, parts, split, method_config(name, config), progress)
+    run = MethodRun(towers, parts, split, method_config(name, config), progress, save_to=save_to)
     if trained is not None:
         run.trained = trained
     score = method.train(run)
@@ -77,9 +79,10 @@ def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], spl
 
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
                   backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
-                  progress: bool = True, photos: str | Path | None = None) -> dict:
+                  progress: bool = True, photos: str | Path | None = None, save_models: str | Path | None = None) -> dict:
     """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded
-    methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks."""
+    methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks;
+    ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``."""
     config = config or TrainConfig()
     methods = [get_method(name) for name in (methods or method_names(ablations=False))]
     towers = CLIPDecoder.create(backbone=backbone)
@@ -95,8 +98,10 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
         results[Path(split_path).stem] = per_method = {}
         for method in methods:
             for seed in seeds if method.seeded else seeds[:1]:
+                save_to = (Path(save_models) / f"{Path(split_path).stem}-{method.name}-seed{seed}"
+                           if save_models and method.epochs else None)
                 metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check,
-                                     trained=trained)
+                                     trained=trained, save_to=save_to)
                 per_method.setdefault(method.name, []).append(metrics)
                 if progress:
                     on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"

@@ -179,7 +179,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
-                            args.backbone, config, args.cache, photos=args.photos)
+                            args.backbone, config, args.cache, photos=args.photos, save_models=args.save_models)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}"
                 + (f"\n\nPhotos:\n\n{photos_table(per_method)}" if args.photos else "")
                 for name, per_method in results.items()]

@@ -260,6 +260,8 @@ def add_bench(commands) -> None:
                        " (image,labels) and DIR/vocabulary.txt (one label a line); `python -m bench.photos` builds one")
     bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
     bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
+    bench.add_argument("--save-models", metavar="DIR", help="write each trained decoder model to"
+                       " DIR/<split>-<method>-seed<N> (a model folder, for predict and evaluate)")
     add_backbone_option(bench)
     add_cache_option(bench)
     # The harness trains heads on cached features: no fine-tuning of the tower here.

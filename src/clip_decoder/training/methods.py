@@ -11,6 +11,7 @@ import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,6 +49,7 @@ class MethodRun:
     # Decoder heads trained so far on these parts, by what their training depends on: methods that
     # differ only in how the prior enters their scores share one training (the harness passes one dict).
     trained: dict = field(default_factory=dict)
+    save_to: Path | None = None  # decoder methods write their trained model folder here
 
     def embedder(self) -> LabelEmbedder:
         """A label embedder of its own, so every run embeds its labels as a fresh model would."""
@@ -127,6 +129,8 @@ def _train_decoder(run: MethodRun) -> ScoreFunction:
     else:
         fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
         run.trained[key] = copy.deepcopy({"head": model.head.state_dict(), "alignment": model.alignment.state_dict()})
+    if run.save_to is not None:
+        model.save_pretrained(run.save_to)
     return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
                                                               model.scorer.vocabulary(labels))
 
