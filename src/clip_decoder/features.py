@@ -78,7 +78,7 @@ class FeatureCache:
             with safe_open(str(entry), framework="pt") as f:
                 source = (f.metadata() or {}).get("source_sha256")
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError):
+        except (SafetensorError, OSError, ValueError, RuntimeError):  # RuntimeError: replaced while being opened
             tensors, source = {}, None
         if source == entry.stem and self._sound(tensors):
             return tensors

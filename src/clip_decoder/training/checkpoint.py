@@ -64,6 +64,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             skeleton = json.loads((f.metadata() or {})["state"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    # RuntimeError: safetensors' answer when the file is replaced while it is being opened.
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
         raise ClipDecoderError(f"checkpoint {path} is not readable ({error}); delete it to start again") from error
     return _join(skeleton, tensors)
