@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .atomic import write_file
 from .calibrate import THRESHOLDS_FILE
 from .cli_parser import build_parser, training_config
 from .errors import ClipDecoderError
@@ -104,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"ZSL: {metrics['zsl']['n_images']} images, {metrics['zsl']['n_labels']} labels;"
           f" GZSL: {metrics['gzsl']['n_images']} images, {metrics['gzsl']['n_labels']} labels")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_file(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
