@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,7 @@ def serving(app) -> Iterator[str]:
 
 
 class DiskFault:
-    """Fault injection at the system calls: writes of the files named ``name`` fail with ``code``.
+    """Fault injection at the system calls: writes of the files whose name matches ``name`` (a glob) fail with ``code``.
 
     ENOSPC and EIO come part way through a file's data (os.write writes half of it, then fails),
     EACCES when the file is created (os.open). The first ``skip`` writes of such a file succeed.
@@ -185,7 +186,8 @@ class DiskFault:
             return OSError(self.code, os.strerror(self.code))
 
         def opening(path, flags, *args, **kwargs):
-            hit = self.armed and Path(path).name.startswith(f".{self.name}.") and Path(path).name.endswith(".tmp")
+            written = Path(path).name  # the temporary .NAME.PID.tmp
+            hit = self.armed and written.endswith(".tmp") and fnmatch(written[1:].rsplit(".", 2)[0], self.name)
             if hit and self.skip > 0:
                 self.skip -= 1
                 hit = False

@@ -137,23 +137,23 @@ class FeatureCache:
                 first.setdefault(e, i)
         missing = list(first.values())
         device = next(self.tower.parameters()).device
-        bar = tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing)
-        # The next batch is decoded in background thread(s) while the tower runs on this one.
-        sources = [paths[index] for index in missing]
-        for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
-            failed.update({missing[k]: message for k, message in batch.failed.items()})
-            if batch.indices:
-                features = self.tower(batch.pixels.to(device))
-                # Converted once per batch, not per image: on 2 busy cores each small torch op
-                # costs milliseconds. Contiguous, so that each row is an entry as it stands.
-                tokens = features.tokens.to("cpu", torch.float16).contiguous()
-                pooled = features.pooled.to("cpu", torch.float32).contiguous()
-                for row, k in enumerate(batch.indices):
-                    self._write(entries[missing[k]], tokens[row], pooled[row])
-                    results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
-                self.encoded += len(batch.indices)
-            bar.update(len(batch.indices) + len(batch.failed))
-        bar.close()
+        # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
+        with tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing) as bar:
+            # The next batch is decoded in background thread(s) while the tower runs on this one.
+            sources = [paths[index] for index in missing]
+            for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
+                failed.update({missing[k]: message for k, message in batch.failed.items()})
+                if batch.indices:
+                    features = self.tower(batch.pixels.to(device))
+                    # Converted once per batch, not per image: on 2 busy cores each small torch op
+                    # costs milliseconds. Contiguous, so that each row is an entry as it stands.
+                    tokens = features.tokens.to("cpu", torch.float16).contiguous()
+                    pooled = features.pooled.to("cpu", torch.float32).contiguous()
+                    for row, k in enumerate(batch.indices):
+                        self._write(entries[missing[k]], tokens[row], pooled[row])
+                        results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
+                    self.encoded += len(batch.indices)
+                bar.update(len(batch.indices) + len(batch.failed))
         for i, e in entries.items():  # the other copies of content encoded (or failed) above
             if i not in results and i not in failed:
                 if first[e] in results:

@@ -176,22 +176,22 @@ def fit(
         if world.is_main:
             save_checkpoint(checkpoint, state)
 
-    bar = tqdm(total=config.num_epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {config.method}",
-               unit="step", disable=not progress or not world.is_main)
-    for _ in range(run.state.epoch, config.num_epochs + 1):
-        model.train()
-        started, epoch_generator = time.perf_counter(), run.generator.get_state()
-        for rows, inputs in train.batches(run.epoch_batches(run.epoch_order(), run.state.step)):
-            run.step(rows, inputs)
-            bar.update()
-            if run.state.step % checkpoint_every == 0 and run.state.step < run.steps_per_epoch:
-                save(epoch_generator)
-        record = run.end_epoch(time.perf_counter() - started)
-        if on_epoch is not None:
-            on_epoch(run.state.history)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP_seen']:.1f}")
-        save(run.generator.get_state())
-    bar.close()
+    # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
+    with tqdm(total=config.num_epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {config.method}",
+              unit="step", disable=not progress or not world.is_main) as bar:
+        for _ in range(run.state.epoch, config.num_epochs + 1):
+            model.train()
+            started, epoch_generator = time.perf_counter(), run.generator.get_state()
+            for rows, inputs in train.batches(run.epoch_batches(run.epoch_order(), run.state.step)):
+                run.step(rows, inputs)
+                bar.update()
+                if run.state.step % checkpoint_every == 0 and run.state.step < run.steps_per_epoch:
+                    save(epoch_generator)
+            record = run.end_epoch(time.perf_counter() - started)
+            if on_epoch is not None:
+                on_epoch(run.state.history)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP_seen']:.1f}")
+            save(run.generator.get_state())
     run.keep_best()
     model.eval()
     if isinstance(train, FeatureSet):  # (a fine-tuned tower's pooled features are not at hand: offset stays 0)
