@@ -146,13 +146,17 @@ def trained(tiny_dataset, tiny_clip_dir, tmp_path_factory):
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port, in a thread; yield its base URL."""
+    """Run ``app`` as ``clip-decoder serve`` does (uvicorn, its connection limits) on a free loopback
+    port, in a thread; yield its base URL."""
     import uvicorn
+
+    from clip_decoder.serve import server_options
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **server_options(app.state.limits)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):

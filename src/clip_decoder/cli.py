@@ -133,12 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API and the web page around one model."""
     import uvicorn
 
-    from .serve import Limits, create_app
+    from .serve import Limits, create_app, fit_file_limit, server_options
 
     limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
+    fit_file_limit(limits)
     app = create_app(CLIPDecoder.from_pretrained(args.model), limits)
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(limits))
     return 0
 
 

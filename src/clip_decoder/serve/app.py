@@ -3,6 +3,7 @@
 Requests never name a server-side path: images arrive as uploads, the model is fixed when the
 app is built. Each request is bounded (body, uploads, images, pixels, labels, time) and so is the
 number of requests waiting for the model; each excess is answered with a 4xx naming its limit.
+(Open connections and the time to send a request head are bounded in ``connections``.)
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class Limits:
     max_labels: int = 1000
     max_label_chars: int = 200
     max_heatmaps: int = 20  # per image, when no decision rule picks the labels
-    max_request_seconds: float = 30.0  # from arrival to answer: upload, waiting for the model, inference
+    max_request_seconds: float = 30.0  # from the request head to the answer: body, waiting, embedding labels, inference
     max_queue: int = 16  # requests waiting for the model while one runs
+    max_connections: int = 512  # open connections; one more is answered 429 and closed
+    max_header_seconds: float = 10.0  # to send a request head, from connecting or from the first byte of the next
 
     def __post_init__(self) -> None:
         """Refuse limits that would refuse every request, or pixels above what load_image accepts."""
@@ -87,6 +90,27 @@ def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
     return name, data
 
 
+LABELS_PER_STEP = 8  # new labels embedded between two looks at the deadline (56 prompts with 7 templates)
+
+
+def out_of_time(limits: Limits) -> HTTPException:
+    return HTTPException(408, f"not finished within {limits.max_request_seconds} s (max_request_seconds):"
+                              " send fewer images or labels")
+
+
+def embed_new_labels(model, labels: list[str], deadline: float, limits: Limits) -> None:
+    """Embed the labels not cached yet, a few at a time, and answer 408 once the deadline has passed.
+
+    Those embedded stay cached, so the same request sent again goes on where this one stopped.
+    """
+    templates = model.scorer.templates
+    new = model.embed_labels.missing(labels, templates)
+    for start in range(0, len(new), LABELS_PER_STEP):
+        model.embed_labels(new[start : start + LABELS_PER_STEP], templates)
+        if time.monotonic() > deadline:
+            raise out_of_time(limits)
+
+
 def png_data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -94,7 +118,13 @@ def png_data_url(image) -> str:
 
 
 class RequestGuard:
-    """ASGI middleware: stamps each request's deadline and bounds its body's size and arrival time."""
+    """ASGI middleware: stamps each request's deadline and bounds its body's size and arrival time.
+
+    An answer given before the whole body is in (413 for a body over the limit) is sent at once, but
+    the connection closes only after the rest of the body is read and dropped, until the deadline: a
+    client that sends its whole body before reading (Python's urllib does) then reads the answer
+    instead of meeting a reset connection.
+    """
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:
         self.app, self.limits = app, limits
@@ -107,16 +137,20 @@ class RequestGuard:
         deadline = time.monotonic() + limits.max_request_seconds
         scope.setdefault("state", {})["deadline"] = deadline
         too_large = f"request body larger than {limits.max_body_bytes} bytes (max_body_bytes)"
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before the body is read
-            await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
-            return
-        received = 0
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        received, body_left = 0, declared not in ("", "0") or "transfer-encoding" in headers
+
+        async def next_message() -> Message:
+            nonlocal body_left
+            message = await receive()
+            body_left = message["type"] == "http.request" and message.get("more_body", False)
+            return message
 
         async def bounded_receive() -> Message:
             nonlocal received
             with anyio.move_on_after(deadline - time.monotonic()) as timer:
-                message = await receive()
+                message = await next_message()
             if timer.cancelled_caught:
                 raise HTTPException(408, f"request body not received within {limits.max_request_seconds} s (max_request_seconds)")
             received += len(message.get("body", b""))
@@ -124,7 +158,21 @@ class RequestGuard:
                 raise HTTPException(413, too_large)
             return message
 
-        await self.app(scope, bounded_receive, send)
+        async def draining_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and body_left:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") and body_left:
+                await send({**message, "more_body": True})  # the whole answer, as its length says
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    while body_left:
+                        await next_message()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before the body is read
+            await JSONResponse({"detail": too_large}, 413)(scope, receive, draining_send)
+            return
+        await self.app(scope, bounded_receive, draining_send)
 
 
 class ModelGate:
@@ -172,6 +220,7 @@ class ModelGate:
 def create_app(model, limits: Limits = Limits()) -> FastAPI:
     """The service around one loaded CLIPDecoder."""
     app = FastAPI(title="clip-decoder", summary="Zero-shot multi-label image tagging: a probability for any label name.")
+    app.state.limits = limits  # for the server's connection limits (connections.server_options)
     app.add_middleware(RequestGuard, limits=limits)
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
@@ -206,6 +255,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
             results: list[dict] = [{"image": name} for name, _ in uploads]
             with gate.model(deadline, limits), \
                     closing(model.predict_batches([data for _, data in uploads], names, attention=heatmaps)) as batches:
+                embed_new_labels(model, names, deadline, limits)
                 for batch in batches:
                     for index, message in batch.failed.items():
                         results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
@@ -222,8 +272,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
                                                                               model.image_tower.preprocess))
                                                   for label in drawn}
                     if time.monotonic() > deadline:  # closing() stops the decoding of the batches left
-                        raise HTTPException(408, f"not finished within {limits.max_request_seconds} s (max_request_seconds):"
-                                                 " send fewer images or labels")
+                        raise out_of_time(limits)
         return {"results": results}
 
     @app.exception_handler(ClipDecoderError)
