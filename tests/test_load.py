@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,3 +156,88 @@ def test_slow_and_huge_bodies_are_cut_off_early(model):
         seconds, reply = raw_reply(port, head(1000) + b"--b\r\n")  # then stalls
         assert reply.startswith(b"HTTP/1.1 408") and b"max_request_seconds" in reply and 0.9 < seconds < 5
         assert httpx.get(base + "/health").json()["status"] == "ok"  # still serving
+
+
+def idle_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that send nothing."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def read_to_end(connection: socket.socket) -> bytes:
+    """What the server sends on ``connection`` until it closes it."""
+    reply = b""
+    while chunk := connection.recv(65536):
+        reply += chunk
+    return reply
+
+
+def health_seconds(client: httpx.Client, times: int = 20) -> list[float]:
+    """Seconds each of ``times`` GET /health took."""
+    seconds = []
+    for _ in range(times):
+        start = time.perf_counter()
+        assert client.get("/health").json()["status"] == "ok"
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def test_200_idle_connections_stop_neither_health_nor_a_request(model, pictures):
+    name, data = pictures[0]
+    with serving(create_app(model)) as base, pooled(base, 1) as client:
+        alone = health_seconds(client)
+        idle = idle_connections(httpx.URL(base).port, 200)
+        try:
+            crowded = health_seconds(client)
+            start = time.perf_counter()
+            response = client.post("/v1/predict", files=[("images", (name, data, "image/png"))], data={"labels": "red,cat"})
+            predict = time.perf_counter() - start
+            assert response.status_code == 200
+            assert max(crowded) < 1 and predict < 1, (crowded, predict)
+            for connection in idle:  # still open, nothing sent back: under both limits
+                connection.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    connection.recv(1)
+        finally:
+            for connection in idle:
+                connection.close()
+    print(f"\n/health median {np.median(alone) * 1000:.1f} ms alone, {np.median(crowded) * 1000:.1f} ms"
+          f" (max {max(crowded) * 1000:.1f} ms) with 200 idle connections open; a predict request {predict * 1000:.0f} ms")
+
+
+def test_connections_past_the_cap_get_429_and_heads_too_slow_get_408(model):
+    limits = Limits(max_connections=8, max_header_seconds=1.0)
+    with serving(create_app(model, limits)) as base:
+        port = httpx.URL(base).port
+        start = time.monotonic()
+        idle = idle_connections(port, 8)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            refused = read_to_end(extra)
+        assert refused.startswith(b"HTTP/1.1 429") and b"max_connections" in refused and b"retry-after: 1" in refused
+        for connection in idle:
+            reply = read_to_end(connection)
+            assert reply.startswith(b"HTTP/1.1 408") and b"max_header_seconds" in reply, reply
+            connection.close()
+        assert 0.9 < time.monotonic() - start < 5
+
+        # A head sent a byte every 0.25 s: the bytes do not restart the clock.
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
+            for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":
+                trickle.sendall(bytes([byte]))
+                if select.select([trickle], [], [], 0.25)[0]:
+                    break
+            reply = read_to_end(trickle)
+        assert reply.startswith(b"HTTP/1.1 408") and 0.9 < time.monotonic() - start < 5
+        assert httpx.get(base + "/health").json()["limits"]["max_connections"] == 8  # slots free again
+
+
+def test_an_oversized_body_sent_whole_before_reading_the_answer_gets_413(model):
+    """urllib sends the whole body before it reads the answer: it must read a 413, not a reset."""
+    with serving(create_app(model, Limits(max_body_bytes=100_000))) as base:
+        for size in (200_000, 5_000_000):
+            request = urllib.request.Request(base + "/v1/predict", data=bytes(size),
+                                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 413 and b"max_body_bytes" in refused.value.read()
+        assert httpx.get(base + "/health").json()["status"] == "ok"
