@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,9 +33,9 @@ def pooled(base: str, connections: int) -> httpx.Client:
     return httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=connections, keepalive_expiry=2))
 
 
-def rss_mb(key: str = "VmRSS") -> float:
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+def rss_mb(key: str = "VmRSS", pid: int | str = "self") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM), in MiB (this one's by default)."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -47,10 +50,13 @@ def pictures(tiny_dataset, cat_photo) -> list[tuple[str, bytes]]:
         (path.name, path.read_bytes()) for path in sorted((tiny_dataset / "images").glob("test-*.png"))[:3]]
 
 
-def planned(i: int, pictures: list[tuple[str, bytes]]) -> dict:
-    """Request ``i`` of the load: 7 in 10 good, then too many labels, an oversized upload, a broken image."""
+def planned(i: int, pictures: list[tuple[str, bytes]], new_vocabularies: bool = False) -> dict:
+    """Request ``i`` of the load: 7 in 10 good, then too many labels, an oversized upload, a broken image.
+    With ``new_vocabularies``, every other request asks for 5 labels never asked before."""
     name, data = pictures[i % len(pictures)]
     labels = LABEL_SETS[i % len(LABEL_SETS)]
+    if new_vocabularies and i % 2:
+        labels = [f"thing {i} {n}" for n in range(5)]
     kind = {7: "labels", 8: "upload", 9: "broken"}.get(i % 10, "good")
     files = [("images", (name, data, "application/octet-stream"))]
     if kind == "labels":
@@ -101,6 +107,48 @@ def test_500_requests_16_at_a_time(model, pictures):
     p50, p90, p99 = (np.percentile([latency for latency, _ in answers], q) * 1000 for q in (50, 90, 99))
     print(f"\n{REQUESTS} requests, {CONCURRENCY} at a time: p50 {p50:.0f} ms, p90 {p90:.0f} ms, p99 {p99:.0f} ms,"
           f" {REQUESTS / seconds:.0f} requests/s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB (peak {rss_mb('VmHWM'):.0f})")
+
+
+MEMORY_REQUESTS = 2000
+# The service's own RSS (its own process): growth from the first request to the last, and over the
+# last half (the caches are bounded: label embeddings by max_cached_labels, vocabularies by 8).
+RSS_GROWTH_MB, RSS_LAST_HALF_MB = 64, 16
+
+
+def test_2000_requests_in_the_service_s_own_process_keep_its_memory_bounded(trained, pictures, tmp_path):
+    """``clip-decoder serve`` in its own process, as deployed: 2,000 requests, 16 at a time, good and bad, new and
+    repeated vocabularies. Its memory grows while it warms up (threads, allocator), then levels off."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # OMP_WAIT_POLICY=PASSIVE: the clients share this machine's cores (README, "The service").
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "clip_decoder", "serve", "--model", str(trained[0]), "--port", str(port),
+               "--max-labels", str(LIMITS.max_labels), "--max-upload-mb", str(LIMITS.max_upload_bytes / 2**20)]
+    server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    plans = [planned(i, pictures, new_vocabularies=True) for i in range(MEMORY_REQUESTS)]
+    try:
+        with pooled(f"http://127.0.0.1:{port}", CONCURRENCY) as client, ThreadPoolExecutor(CONCURRENCY) as pool:
+            for _ in range(600):  # the server loads its model first
+                try:
+                    client.get("/health")
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None, "the server exited"
+                    time.sleep(0.1)
+            rss = [rss_mb(pid=server.pid)]
+            statuses = []
+            for half in (plans[: MEMORY_REQUESTS // 2], plans[MEMORY_REQUESTS // 2 :]):
+                statuses += pool.map(lambda plan: client.post("/v1/predict", files=plan["files"],
+                                                              data={"labels": ",".join(plan["labels"])}).status_code, half)
+                rss.append(rss_mb(pid=server.pid))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = {"good": 200, "broken": 200, "labels": 422, "upload": 413}
+    assert statuses == [expected[plan["kind"]] for plan in plans]
+    print(f"\nservice RSS over {MEMORY_REQUESTS} requests: {rss[0]:.0f} -> {rss[1]:.0f} -> {rss[2]:.0f} MiB")
+    assert rss[2] - rss[0] < RSS_GROWTH_MB and rss[2] - rss[1] < RSS_LAST_HALF_MB
 
 
 class Slow:

@@ -188,6 +188,9 @@ def add_serve(commands) -> None:
                        help="pixels per image, read from its header: 413 (default and most 64000000)")
     limit.add_argument("--max-labels", dest="max_labels", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="labels per request: 422 (default 1000)")
+    limit.add_argument("--max-cached-labels", dest="max_cached_labels", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="label embeddings kept between requests, least recently used dropped first; bounds the"
+                       " service's memory (default 20000, at least --max-labels)")
 
 
 def add_evaluate(commands) -> None:
