@@ -79,8 +79,9 @@ def test_an_io_error_while_checkpointing_keeps_the_previous_checkpoint_and_resum
     state = load_checkpoint(checkpoint)
     assert (state["epoch"], state["step"]) == (2, 2) and no_temporary_files(out)
     fault.stop()
+    (out / ".checkpoint.safetensors.4242.tmp").write_bytes(b"what a process killed while writing left")
     assert main(train_args(tiny_dataset, tiny_clip_dir, out, reference[1])) == 0
-    assert not checkpoint.exists()
+    assert not checkpoint.exists() and no_temporary_files(out)  # the leftover is deleted too
     assert_same_model(out, reference[0])
 
 
