@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TypeVar
 from importlib import resources
+from typing import TypeVar
 
 import anyio
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -48,8 +48,8 @@ class Limits:
     max_heatmaps: int = 20  # per image, when no decision rule picks the labels
     max_request_seconds: float = 30.0  # from the request head to the answer: body, waiting, embedding labels, inference
     max_queue: int = 16  # requests waiting for the model while one runs
-    max_connections: int = 512  # open connections; one more is answered 429 and closed
     max_cached_labels: int = 20_000  # label embeddings kept between requests (least recently used go first)
+    max_connections: int = 512  # open connections; one more is answered 429 and closed
     max_header_seconds: float = 10.0  # to send a request head, from connecting or from the first byte of the next
 
     def __post_init__(self) -> None:
