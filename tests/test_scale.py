@@ -93,22 +93,23 @@ def torchrun_workers(torchrun: subprocess.Popen) -> dict[int, int]:
     return workers
 
 
-def wait_for_checkpoint(path: Path, torchrun: subprocess.Popen, done: int, deadline: float) -> int:
-    """Wait until the checkpoint at ``path`` is past ``done`` steps and part way through an epoch; its steps done."""
+def wait_for_checkpoint(path: Path, torchrun: subprocess.Popen, done: int, deadline: float, log: Path) -> None:
+    """Wait until the checkpoint at ``path`` is past ``done`` steps and part way through an epoch."""
     while torchrun.poll() is None and time.monotonic() < deadline:
         try:
             state = load_checkpoint(path)
         except ClipDecoderError:  # not written yet, or replaced while being read
             state = None
         if state is not None:
-            steps = (state["epoch"] - 1) * RESTART_STEPS + state["step"]
+            steps = (state["epoch"] - 1) * (state["train_images"] // RESTART_BATCH) + state["step"]
             if steps > done and state["step"] >= 1:
-                return steps
+                return
         time.sleep(0.005)
-    raise AssertionError(f"training ended or stalled before its checkpoint passed {done} steps")
+    raise AssertionError(f"torchrun ended (code {torchrun.poll()}) or stalled before its checkpoint passed {done}"
+                         f" steps:\n{log.read_text()[-3000:]}")
 
 
-RESTART_STEPS = 6  # 24 training images in steps of 4
+RESTART_BATCH = 4
 
 
 def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_ends_with_the_uninterrupted_model(
@@ -118,26 +119,30 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_ends_with_the_
     random state is in the checkpoint): the model is the uninterrupted run's, bit for bit."""
     def args(out: Path) -> list[str]:
         return ["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"), "--out", str(out),
-                "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "6", "--batch-size", "4", "--val-fraction", "0.25",
+                "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "10", "--batch-size", str(RESTART_BATCH), "--val-fraction", "0.25",
                 "--cache", str(tmp_path / "cache"), "--checkpoint-every", "1", "--resume", *HEAD]
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     torchrun(args(straight))
-    log = (tmp_path / "torchrun.log").open("w")
+    log_path = tmp_path / "torchrun.log"
+    log = log_path.open("w")
     process = start_torchrun(args(killed), restarts=2, stdout=log, stderr=subprocess.STDOUT)
     checkpoint, deadline, restarts = killed / "checkpoint.safetensors", time.monotonic() + 300, []
     try:
-        done, victims = 0, set()
-        for rank, after_epochs in ((0, 1), (1, 3)):
-            done = wait_for_checkpoint(checkpoint, process, after_epochs * RESTART_STEPS, deadline)
-            victim = torchrun_workers(process)[rank]
-            assert victim not in victims  # a worker of the restarted group
-            victims.add(victim)
-            os.kill(victim, signal.SIGKILL)
+        for rank, after in ((0, 6), (1, 16)):  # steps done, of 50 (5 per epoch)
+            wait_for_checkpoint(checkpoint, process, after, deadline, log_path)
+            group = torchrun_workers(process)
+            os.kill(group[rank], signal.SIGKILL)
             killed_at = time.monotonic()
-            wait_for_checkpoint(checkpoint, process, done, deadline)  # the restarted group trains again
+            while not (set(torchrun_workers(process).values()) - set(group.values())):  # torchrun starts a new group
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            written = checkpoint.stat().st_mtime_ns
+            while checkpoint.stat().st_mtime_ns == written:  # which resumes and writes its first checkpoint
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.01)
             restarts.append(time.monotonic() - killed_at)
-        assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+        assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log_path.read_text()[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
