@@ -1,13 +1,15 @@
-"""Shared fixtures: the real offline model, tiny random hf CLIP / SigLIP folders, a photo."""
+"""Shared fixtures: the real offline model, tiny random hf CLIP / SigLIP folders, a photo; disk faults."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -144,13 +146,17 @@ def trained(tiny_dataset, tiny_clip_dir, tmp_path_factory):
 
 @contextmanager
 def serving(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on a free loopback port, in a thread; yield its base URL."""
+    """Run ``app`` as ``clip-decoder serve`` does (uvicorn, its connection limits) on a free loopback
+    port, in a thread; yield its base URL."""
     import uvicorn
+
+    from clip_decoder.serve import server_options
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           **server_options(app.state.limits)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -162,3 +168,50 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+class DiskFault:
+    """Fault injection at the system calls: writes of the files whose name matches ``name`` (a glob) fail with ``code``.
+
+    ENOSPC and EIO come part way through a file's data (os.write writes half of it, then fails),
+    EACCES when the file is created (os.open). The first ``skip`` writes of such a file succeed.
+    Only files written through ``clip_decoder.atomic`` (a temporary ``.NAME.PID.tmp``) are hit.
+    """
+
+    def __init__(self, monkeypatch, name: str, code: int, skip: int = 0) -> None:
+        import os
+
+        self.name, self.code, self.skip, self.failures = name, code, skip, 0
+        self.armed, self.descriptors = True, set()
+        real_open, real_write = os.open, os.write
+
+        def fault() -> OSError:
+            self.failures += 1
+            return OSError(self.code, os.strerror(self.code))
+
+        def opening(path, flags, *args, **kwargs):
+            written = Path(path).name  # the temporary .NAME.PID.tmp
+            hit = self.armed and written.endswith(".tmp") and fnmatch(written[1:].rsplit(".", 2)[0], self.name)
+            if hit and self.skip > 0:
+                self.skip -= 1
+                hit = False
+            if hit and self.code == errno.EACCES:
+                raise fault()
+            descriptor = real_open(path, flags, *args, **kwargs)
+            if hit:
+                self.descriptors.add(descriptor)
+            return descriptor
+
+        def writing(descriptor, data):
+            if descriptor in self.descriptors:
+                self.descriptors.discard(descriptor)
+                real_write(descriptor, bytes(data[: len(data) // 2]))
+                raise fault()
+            return real_write(descriptor, data)
+
+        monkeypatch.setattr(os, "open", opening)
+        monkeypatch.setattr(os, "write", writing)
+
+    def stop(self) -> None:
+        """Space is back: writes succeed again."""
+        self.armed = False

@@ -114,7 +114,7 @@ def test_an_unwritable_output_path_is_one_line_naming_it(trained, tiny_dataset, 
     assert main(["evaluate", "--model", str(out), "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"),
                  "--json", str(blocker / "metrics.json"), "--cache", str(cache)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == [f"error: [Errno 20] Not a directory: '{blocker / 'metrics.json'}'"]
+    assert errors == [f"error: cannot write {blocker / 'metrics.json'}: Not a directory (ENOTDIR); nothing was written"]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])

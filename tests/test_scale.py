@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ from safetensors.torch import load_file
 from clip_decoder import CLIPDecoder
 from clip_decoder.cli import main
 from clip_decoder.data.folder import read_split
+from clip_decoder.errors import ClipDecoderError
 from clip_decoder.evaluate import evaluate_model
+from clip_decoder.training.checkpoint import load_checkpoint
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.trainer import Trainer
 
@@ -31,14 +35,18 @@ def train_args(data, clip_dir, out, cache, *extra) -> list[str]:
             "--cache", str(cache), "--dropout", "0", *HEAD, *extra]
 
 
-def torchrun(args: list[str], processes: int = 2) -> None:
-    """``torchrun --standalone --nproc_per_node N -m clip_decoder ARGS`` in its own process group,
-    so that a hang kills torchrun's workers too, not only torchrun."""
+def start_torchrun(args: list[str], processes: int = 2, restarts: int = 0, **popen) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node N --max-restarts R -m clip_decoder ARGS`` in its own
+    process group, so that a hang kills torchrun's workers too, not only torchrun."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "clip_decoder", *args]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+               "--max-restarts", str(restarts), "-m", "clip_decoder", *args]
+    return subprocess.Popen(command, env=env, start_new_session=True, **popen)
+
+
+def torchrun(args: list[str], processes: int = 2) -> None:
+    """Run ``start_torchrun``'s command to the end; it must succeed."""
+    process = start_torchrun(args, processes, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -70,6 +78,81 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
     assert sum(summary_two["images_encoded_per_process"]) == len(entries) == sum(summary_one["images_encoded_per_process"])
     assert min(summary_two["images_encoded_per_process"]) > 0
     assert not (two / "checkpoint.safetensors").exists()
+
+
+def torchrun_workers(torchrun: subprocess.Popen) -> dict[int, int]:
+    """RANK -> pid of torchrun's live workers (its child processes, read from /proc)."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == torchrun.pid:
+                env = dict(item.split("=", 1) for item in (entry / "environ").read_text().split("\0") if "=" in item)
+                workers[int(env["RANK"])] = int(entry.name)
+        except (OSError, KeyError, ValueError):  # a process that ended meanwhile
+            continue
+    return workers
+
+
+def wait_for_checkpoint(path: Path, torchrun: subprocess.Popen, done: int, deadline: float, log: Path) -> None:
+    """Wait until the checkpoint at ``path`` is past ``done`` steps and part way through an epoch."""
+    while torchrun.poll() is None and time.monotonic() < deadline:
+        try:
+            state = load_checkpoint(path)
+        except ClipDecoderError:  # not written yet, or replaced while being read
+            state = None
+        if state is not None:
+            steps = (state["epoch"] - 1) * (state["train_images"] // RESTART_BATCH) + state["step"]
+            if steps > done and state["step"] >= 1:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"torchrun ended (code {torchrun.poll()}) or stalled before its checkpoint passed {done}"
+                         f" steps:\n{log.read_text()[-3000:]}")
+
+
+RESTART_BATCH = 4
+
+
+def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_ends_with_the_uninterrupted_model(
+        tiny_dataset, tiny_clip_dir, tmp_path):
+    """``torchrun --max-restarts 2 ... train --resume``: SIGKILL rank 0 mid-epoch, then rank 1 of the restarted
+    group; each time torchrun restarts the group, which resumes from the checkpoint. Dropout stays on (each rank's
+    random state is in the checkpoint): the model is the uninterrupted run's, bit for bit."""
+    def args(out: Path) -> list[str]:
+        return ["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"), "--out", str(out),
+                "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "10", "--batch-size", str(RESTART_BATCH), "--val-fraction", "0.25",
+                "--cache", str(tmp_path / "cache"), "--checkpoint-every", "1", "--resume", *HEAD]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    torchrun(args(straight))
+    log_path = tmp_path / "torchrun.log"
+    log = log_path.open("w")
+    process = start_torchrun(args(killed), restarts=2, stdout=log, stderr=subprocess.STDOUT)
+    checkpoint, deadline, restarts = killed / "checkpoint.safetensors", time.monotonic() + 300, []
+    try:
+        for rank, after in ((0, 6), (1, 16)):  # steps done, of 50 (5 per epoch)
+            wait_for_checkpoint(checkpoint, process, after, deadline, log_path)
+            group = torchrun_workers(process)
+            os.kill(group[rank], signal.SIGKILL)
+            killed_at = time.monotonic()
+            while not (set(torchrun_workers(process).values()) - set(group.values())):  # torchrun starts a new group
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            written = checkpoint.stat().st_mtime_ns
+            while checkpoint.stat().st_mtime_ns == written:  # which resumes and writes its first checkpoint
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.01)
+            restarts.append(time.monotonic() - killed_at)
+        assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    for key, value in load_file(straight / "model.safetensors").items():
+        assert torch.equal(load_file(killed / "model.safetensors")[key], value), key
+    logs = [[json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] for out in (straight, killed)]
+    assert logs[1] == [{**record, "seconds": logs[1][i]["seconds"]} for i, record in enumerate(logs[0])]
+    assert not checkpoint.exists()
+    print(f"\nkilled rank 0, then rank 1: training resumed {restarts[0]:.1f} s and {restarts[1]:.1f} s after each kill")
 
 
 def test_torchrun_fine_tuning_the_tower_matches_one_process(tiny_dataset, tiny_clip_dir, tmp_path):

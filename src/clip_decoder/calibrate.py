@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_file
 from .errors import ClipDecoderError
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -82,8 +83,9 @@ def read_calibration(path: str | Path) -> dict:
 
 
 def write_thresholds(model_dir: str | Path, table: dict) -> Path:
+    """Write the model folder's thresholds.json atomically (a failed write leaves the previous one)."""
     path = Path(model_dir) / THRESHOLDS_FILE
-    path.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(table, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

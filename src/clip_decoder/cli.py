@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .atomic import write_file
 from .calibrate import THRESHOLDS_FILE
 from .cli_parser import build_parser, training_config
 from .errors import ClipDecoderError
@@ -104,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"ZSL: {metrics['zsl']['n_images']} images, {metrics['zsl']['n_labels']} labels;"
           f" GZSL: {metrics['gzsl']['n_images']} images, {metrics['gzsl']['n_labels']} labels")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_file(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -132,12 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP API and the web page around one model."""
     import uvicorn
 
-    from .serve import Limits, create_app
+    from .serve import Limits, create_app, fit_file_limit, server_options
 
     limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
+    fit_file_limit(limits)
     app = create_app(CLIPDecoder.from_pretrained(args.model), limits)
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(limits))
     return 0
 
 

@@ -169,8 +169,13 @@ def add_serve(commands) -> None:
 
     limit = serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them at /health")
     limit.add_argument("--max-request-seconds", dest="max_request_seconds", type=float, default=argparse.SUPPRESS,
-                       metavar="S", help="from arrival to answer, waiting for the model included: 408, or 429 if spent"
-                       " waiting (default 30)")
+                       metavar="S", help="from the request head to the answer (body, waiting for the model, embedding new"
+                       " labels, inference): 408, or 429 if spent waiting (default 30)")
+    limit.add_argument("--max-connections", dest="max_connections", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="open connections; one more is answered 429 and closed (default 512)")
+    limit.add_argument("--max-header-seconds", dest="max_header_seconds", type=float, default=argparse.SUPPRESS,
+                       metavar="S", help="to send a request head, from connecting or from its first byte: 408 and"
+                       " closed (default 10)")
     limit.add_argument("--max-queue", dest="max_queue", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="requests that may wait for the model while one runs; more get 429 (default 16)")
     limit.add_argument("--max-body-mb", dest="max_body_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
@@ -183,6 +188,9 @@ def add_serve(commands) -> None:
                        help="pixels per image, read from its header: 413 (default and most 64000000)")
     limit.add_argument("--max-labels", dest="max_labels", type=int, default=argparse.SUPPRESS, metavar="N",
                        help="labels per request: 422 (default 1000)")
+    limit.add_argument("--max-cached-labels", dest="max_cached_labels", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="label embeddings kept between requests, least recently used dropped first; bounds the"
+                       " service's memory (default 20000, at least --max-labels)")
 
 
 def add_evaluate(commands) -> None:

@@ -4,7 +4,7 @@ Entries live under ``<root>/<tower key>/<sha256 of the file>.safetensors`` where
 hashes the tower's name, preprocessing and weights, so a changed backbone, preprocessing or
 fine-tuned tower never reuses stale features. Tokens are stored in float16 (half the disk, scores
 move by ~1e-3), the pooled vector in float32. Entries are written atomically (temporary file,
-rename). An entry that is unreadable, has the wrong keys, shapes or dtypes, non-finite values,
+rename): a kill or a full disk leaves no half entry, and a failed write is one error naming it. An entry that is unreadable, has the wrong keys, shapes or dtypes, non-finite values,
 or was written for other file content is reported and recomputed, never used.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write
+from .atomic import write_file
 from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
 from .encoders import ImageTower
 from .errors import ClipDecoderError
@@ -66,7 +66,8 @@ class FeatureCache:
                            "weights": weights_fingerprint(tower)}, sort_keys=True)
         self.folder = Path(root or default_cache_dir()) / "features" / hashlib.sha256(spec.encode()).hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "tower.json").write_text(spec + "\n")
+        if not (self.folder / "tower.json").is_file():  # what the folder's name hashes, for people
+            write_file(self.folder / "tower.json", spec + "\n", fsync=False)
         self.encoded = 0  # images run through the tower by this cache object
         self.rebuilt = 0  # entries found corrupt or stale and recomputed
 
@@ -78,7 +79,7 @@ class FeatureCache:
             with safe_open(str(entry), framework="pt") as f:
                 source = (f.metadata() or {}).get("source_sha256")
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError):
+        except (SafetensorError, OSError, ValueError, RuntimeError):  # RuntimeError: replaced while being opened
             tensors, source = {}, None
         if source == entry.stem and self._sound(tensors):
             return tensors
@@ -98,9 +99,9 @@ class FeatureCache:
         )
 
     def _write(self, entry: Path, tokens: torch.Tensor, pooled: torch.Tensor) -> None:
-        with atomic_write(entry) as temporary:
-            save_file({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()}, temporary,
-                      metadata={"source_sha256": entry.stem})
+        # No fsync: an entry lost in a power cut is found corrupt and recomputed.
+        write_file(entry, save({"tokens": tokens.half().contiguous(), "pooled": pooled.float().contiguous()},
+                               metadata={"source_sha256": entry.stem}), fsync=False)
 
     def entry(self, path: str | Path) -> Path:
         """Where the features of the file at ``path`` live: named by its content's sha256."""
@@ -136,23 +137,23 @@ class FeatureCache:
                 first.setdefault(e, i)
         missing = list(first.values())
         device = next(self.tower.parameters()).device
-        bar = tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing)
-        # The next batch is decoded in background thread(s) while the tower runs on this one.
-        sources = [paths[index] for index in missing]
-        for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
-            failed.update({missing[k]: message for k, message in batch.failed.items()})
-            if batch.indices:
-                features = self.tower(batch.pixels.to(device))
-                # Converted once per batch, not per image: on 2 busy cores each small torch op
-                # costs milliseconds. Contiguous, so that each row is an entry as it stands.
-                tokens = features.tokens.to("cpu", torch.float16).contiguous()
-                pooled = features.pooled.to("cpu", torch.float32).contiguous()
-                for row, k in enumerate(batch.indices):
-                    self._write(entries[missing[k]], tokens[row], pooled[row])
-                    results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
-                self.encoded += len(batch.indices)
-            bar.update(len(batch.indices) + len(batch.failed))
-        bar.close()
+        # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
+        with tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing) as bar:
+            # The next batch is decoded in background thread(s) while the tower runs on this one.
+            sources = [paths[index] for index in missing]
+            for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
+                failed.update({missing[k]: message for k, message in batch.failed.items()})
+                if batch.indices:
+                    features = self.tower(batch.pixels.to(device))
+                    # Converted once per batch, not per image: on 2 busy cores each small torch op
+                    # costs milliseconds. Contiguous, so that each row is an entry as it stands.
+                    tokens = features.tokens.to("cpu", torch.float16).contiguous()
+                    pooled = features.pooled.to("cpu", torch.float32).contiguous()
+                    for row, k in enumerate(batch.indices):
+                        self._write(entries[missing[k]], tokens[row], pooled[row])
+                        results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
+                    self.encoded += len(batch.indices)
+                bar.update(len(batch.indices) + len(batch.failed))
         for i, e in entries.items():  # the other copies of content encoded (or failed) above
             if i not in results and i not in failed:
                 if first[e] in results:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import write_files
 from .errors import ClipDecoderError
 from .head import HeadConfig
 from .prior import PriorConfig
@@ -123,11 +123,10 @@ def write_model_folder(directory: str | os.PathLike, config: ModelConfig, module
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {key: value.detach().cpu().contiguous() for key, value in _flat_state(modules).items()}
-    # A crash never leaves a half-written file where a reader looks; the weights are
-    # renamed into place first (the inner block ends first).
-    with atomic_write(directory / CONFIG_FILE) as config_file, atomic_write(directory / WEIGHTS_FILE) as weights:
-        save_file(tensors, weights, metadata={"format": "pt"})
-        config_file.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Both files are written in full before either replaces the old one (a crash or a full disk
+    # leaves the old folder); the weights are renamed into place first.
+    write_files({directory / WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),
+                 directory / CONFIG_FILE: json.dumps(config.to_dict(), indent=2) + "\n"})
     return directory
 
 

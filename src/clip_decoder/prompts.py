@@ -83,7 +83,7 @@ class LabelEmbedder:
         labels = check_labels(labels)
         templates = check_templates(templates)
         keys = [(self.tower.name, templates, label) for label in labels]
-        missing = list(dict.fromkeys(key[2] for key in keys if key not in self._cache))
+        missing = self.missing(labels, templates)
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
             encoded = self.tower.encode(prompts).float().cpu()
@@ -97,6 +97,11 @@ class LabelEmbedder:
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return torch.stack(rows) if rows else torch.empty(0, self.tower.dim)
+
+    def missing(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+        """The labels among ``labels`` whose embedding through ``templates`` is not cached yet, in order."""
+        templates = check_templates(templates)
+        return list(dict.fromkeys(label for label in labels if (self.tower.name, templates, label) not in self._cache))
 
     def __len__(self) -> int:
         return len(self._cache)

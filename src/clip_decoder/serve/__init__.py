@@ -1,5 +1,7 @@
-"""The HTTP service: ``create_app(model)`` (FastAPI) and the web page it serves at ``/``."""
+"""The HTTP service: ``create_app(model)`` (FastAPI), the web page it serves at ``/``, and the
+uvicorn options that bound its connections (``server_options``)."""
 
 from .app import Limits, create_app
+from .connections import fit_file_limit, server_options
 
-__all__ = ["Limits", "create_app"]
+__all__ = ["Limits", "create_app", "fit_file_limit", "server_options"]

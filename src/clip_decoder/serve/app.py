@@ -3,6 +3,7 @@
 Requests never name a server-side path: images arrive as uploads, the model is fixed when the
 app is built. Each request is bounded (body, uploads, images, pixels, labels, time) and so is the
 number of requests waiting for the model; each excess is answered with a 4xx naming its limit.
+(Open connections and the time to send a request head are bounded in ``connections``.)
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import io
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib import resources
+from typing import TypeVar
 
 import anyio
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -27,6 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import ClipDecoderError
 from ..images import MAX_IMAGE_PIXELS, load_image
 from ..predict import Decider, heatmap
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,14 +46,19 @@ class Limits:
     max_labels: int = 1000
     max_label_chars: int = 200
     max_heatmaps: int = 20  # per image, when no decision rule picks the labels
-    max_request_seconds: float = 30.0  # from arrival to answer: upload, waiting for the model, inference
+    max_request_seconds: float = 30.0  # from the request head to the answer: body, waiting, embedding labels, inference
     max_queue: int = 16  # requests waiting for the model while one runs
+    max_cached_labels: int = 20_000  # label embeddings kept between requests (least recently used go first)
+    max_connections: int = 512  # open connections; one more is answered 429 and closed
+    max_header_seconds: float = 10.0  # to send a request head, from connecting or from the first byte of the next
 
     def __post_init__(self) -> None:
         """Refuse limits that would refuse every request, or pixels above what load_image accepts."""
         values = asdict(self)
         if bad := [f"{name}={value}" for name, value in values.items() if value < 0 or (value == 0 and name != "max_queue")]:
             raise ClipDecoderError(f"service limits must be positive (max_queue may be 0): {', '.join(bad)}")
+        if self.max_cached_labels < self.max_labels:  # a request's labels must stay cached while it is scored
+            raise ClipDecoderError(f"max_cached_labels={self.max_cached_labels} must be at least max_labels={self.max_labels}")
         if self.max_image_pixels > MAX_IMAGE_PIXELS:
             raise ClipDecoderError(f"max_image_pixels={self.max_image_pixels}: images are decoded up to"
                                    f" {MAX_IMAGE_PIXELS} pixels")
@@ -87,6 +98,53 @@ def read_upload(upload: UploadFile, limits: Limits) -> tuple[str, bytes]:
     return name, data
 
 
+LABELS_PER_STEP = 8  # new labels embedded between two looks at the deadline (56 prompts with 7 templates)
+
+
+def out_of_time(limits: Limits) -> HTTPException:
+    return HTTPException(408, f"not finished within {limits.max_request_seconds} s (max_request_seconds):"
+                              " send fewer images or labels")
+
+
+def embed_new_labels(model, labels: list[str], deadline: float, limits: Limits) -> None:
+    """Embed the labels not cached yet, a few at a time, and answer 408 once the deadline has passed.
+
+    Those embedded stay cached, so the same request sent again goes on where this one stopped.
+    """
+    templates = model.scorer.templates
+    new = model.embed_labels.missing(labels, templates)
+    for start in range(0, len(new), LABELS_PER_STEP):
+        model.embed_labels(new[start : start + LABELS_PER_STEP], templates)
+        if time.monotonic() > deadline:
+            raise out_of_time(limits)
+
+
+def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], decider: Decider, heatmaps: bool,
+                  deadline: float, limits: Limits) -> list[dict]:
+    """One result per upload: its name and scores (or its error), decided labels, heatmaps; 408 past the deadline."""
+    results: list[dict] = [{"image": name} for name, _ in uploads]
+    with closing(model.predict_batches([data for _, data in uploads], names, attention=heatmaps)) as batches:
+        embed_new_labels(model, names, deadline, limits)
+        for batch in batches:
+            for index, message in batch.failed.items():
+                results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
+            for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
+                result = results[index]
+                result["scores"] = {label: round(float(s), 6) for label, s in zip(names, scores)}
+                chosen = decider(names, scores) if decider.active else None
+                if chosen is not None:
+                    result["labels"] = chosen
+                if heatmaps:
+                    drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
+                    image = load_image(uploads[index][1], limits.max_image_pixels)
+                    result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
+                                                                      model.image_tower.preprocess))
+                                          for label in drawn}
+            if time.monotonic() > deadline:  # closing() stops the decoding of the batches left
+                raise out_of_time(limits)
+    return results
+
+
 def png_data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -94,7 +152,13 @@ def png_data_url(image) -> str:
 
 
 class RequestGuard:
-    """ASGI middleware: stamps each request's deadline and bounds its body's size and arrival time."""
+    """ASGI middleware: stamps each request's deadline and bounds its body's size and arrival time.
+
+    An answer given before the whole body is in (413 for a body over the limit) is sent at once, but
+    the connection closes only after the rest of the body is read and dropped, until the deadline: a
+    client that sends its whole body before reading (Python's urllib does) then reads the answer
+    instead of meeting a reset connection.
+    """
 
     def __init__(self, app: ASGIApp, limits: Limits) -> None:
         self.app, self.limits = app, limits
@@ -107,16 +171,20 @@ class RequestGuard:
         deadline = time.monotonic() + limits.max_request_seconds
         scope.setdefault("state", {})["deadline"] = deadline
         too_large = f"request body larger than {limits.max_body_bytes} bytes (max_body_bytes)"
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before the body is read
-            await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
-            return
-        received = 0
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        received, body_left = 0, declared not in ("", "0") or "transfer-encoding" in headers
+
+        async def next_message() -> Message:
+            nonlocal body_left
+            message = await receive()
+            body_left = message["type"] == "http.request" and message.get("more_body", False)
+            return message
 
         async def bounded_receive() -> Message:
             nonlocal received
             with anyio.move_on_after(deadline - time.monotonic()) as timer:
-                message = await receive()
+                message = await next_message()
             if timer.cancelled_caught:
                 raise HTTPException(408, f"request body not received within {limits.max_request_seconds} s (max_request_seconds)")
             received += len(message.get("body", b""))
@@ -124,11 +192,26 @@ class RequestGuard:
                 raise HTTPException(413, too_large)
             return message
 
-        await self.app(scope, bounded_receive, send)
+        async def draining_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and body_left:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") and body_left:
+                await send({**message, "more_body": True})  # the whole answer, as its length says
+                with anyio.move_on_after(deadline - time.monotonic()):
+                    while body_left:
+                        await next_message()
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:  # refused before the body is read
+            await JSONResponse({"detail": too_large}, 413)(scope, receive, draining_send)
+            return
+        await self.app(scope, bounded_receive, draining_send)
 
 
 class ModelGate:
-    """One request at a time on the model; at most ``max_queue`` more wait for it, each until its deadline."""
+    """One request at a time on the model, on one thread; at most ``max_queue`` more wait for it, each until
+    its deadline."""
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
@@ -136,6 +219,10 @@ class ModelGate:
         self.count_lock = threading.Lock()
         self.admitted_count = 0  # the request on the model and those waiting for it
         self.seconds = 1.0  # the latest request's time on the model, for Retry-After
+        # The native libraries under torch keep state per calling thread (OpenMP's thread teams, scratch
+        # memory): run from each of the server's worker threads in turn, the model made that state again
+        # and again and the service's memory grew with them.
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="clip-decoder-model")
 
     def retry_after(self) -> dict[str, str]:
         """A Retry-After header: the admitted requests' time on the model at the latest one's pace."""
@@ -155,15 +242,14 @@ class ModelGate:
             with self.count_lock:
                 self.admitted_count -= 1
 
-    @contextmanager
-    def model(self, deadline: float, limits: Limits) -> Iterator[None]:
-        """Hold the model, or answer 429 when the request's deadline passes while it waits."""
+    def run(self, work: Callable[[], T], deadline: float, limits: Limits) -> T:
+        """``work()`` on the model's thread once the model is free, or 429 when the request's deadline passes while it waits."""
         if not self.model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise HTTPException(429, f"server busy: the model was not free within the request's {limits.max_request_seconds} s"
                                      " (max_request_seconds); retry later", headers=self.retry_after())
         start = time.monotonic()
         try:
-            yield
+            return self.thread.submit(work).result()
         finally:
             self.seconds = time.monotonic() - start
             self.model_lock.release()
@@ -172,6 +258,8 @@ class ModelGate:
 def create_app(model, limits: Limits = Limits()) -> FastAPI:
     """The service around one loaded CLIPDecoder."""
     app = FastAPI(title="clip-decoder", summary="Zero-shot multi-label image tagging: a probability for any label name.")
+    app.state.limits = limits  # for the server's connection limits (connections.server_options)
+    model.embed_labels.max_entries = limits.max_cached_labels
     app.add_middleware(RequestGuard, limits=limits)
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
@@ -203,28 +291,8 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         decider = Decider(top_k, threshold)
         with gate.admitted():
             uploads = [read_upload(upload, limits) for upload in images]
-            results: list[dict] = [{"image": name} for name, _ in uploads]
-            with gate.model(deadline, limits), \
-                    closing(model.predict_batches([data for _, data in uploads], names, attention=heatmaps)) as batches:
-                for batch in batches:
-                    for index, message in batch.failed.items():
-                        results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
-                    for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
-                        result = results[index]
-                        result["scores"] = {label: round(float(s), 6) for label, s in zip(names, scores)}
-                        chosen = decider(names, scores) if decider.active else None
-                        if chosen is not None:
-                            result["labels"] = chosen
-                        if heatmaps:
-                            drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
-                            image = load_image(uploads[index][1], limits.max_image_pixels)
-                            result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
-                                                                              model.image_tower.preprocess))
-                                                  for label in drawn}
-                    if time.monotonic() > deadline:  # closing() stops the decoding of the batches left
-                        raise HTTPException(408, f"not finished within {limits.max_request_seconds} s (max_request_seconds):"
-                                                 " send fewer images or labels")
-        return {"results": results}
+            work = partial(score_uploads, model, uploads, names, decider, heatmaps, deadline, limits)
+            return {"results": gate.run(work, deadline, limits)}
 
     @app.exception_handler(ClipDecoderError)
     def user_error(_request, error: ClipDecoderError) -> JSONResponse:

@@ -2,7 +2,8 @@
 
 Tensors are stored as safetensors entries, everything else as JSON in the file's metadata, so
 loading never unpickles. Writes go to a temporary file that is then renamed over the old one:
-a kill at any moment leaves either the previous checkpoint or the new one, never half of one.
+a kill, a full disk or an I/O error at any moment leaves either the previous checkpoint or the
+new one, never half of one.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ..atomic import atomic_write
+from ..atomic import write_file
 from ..errors import ClipDecoderError
 
 _TENSOR, _ITEMS = "__tensor__", "__items__"
@@ -54,8 +55,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors)
-    with atomic_write(path, fsync=True) as temporary:
-        save_file(tensors, temporary, metadata={"state": json.dumps(skeleton)})
+    write_file(path, save(tensors, metadata={"state": json.dumps(skeleton)}))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -64,6 +64,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             skeleton = json.loads((f.metadata() or {})["state"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    # RuntimeError: safetensors' answer when the file is replaced while it is being opened.
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as error:
         raise ClipDecoderError(f"checkpoint {path} is not readable ({error}); delete it to start again") from error
     return _join(skeleton, tensors)

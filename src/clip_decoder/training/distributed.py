@@ -65,8 +65,25 @@ def init_world() -> World:
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        store, rank, size = _attempt_store()
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=size)
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _attempt_store() -> tuple[dist.Store, int, int]:
+    """torchrun's rendezvous store, its keys scoped to this attempt of the group (and our rank and size).
+
+    torchrun's agent keeps one store for all the restarts of a group (``--max-restarts``;
+    TORCHELASTIC_USE_AGENT_STORE), so without a scope the keys a dead attempt left (gloo's and
+    NCCL's peer addresses) would be read as this attempt's: a rank then connects to a dead
+    worker's port and fails, or waits. Each agent counts its restarts (pytorch/pytorch#135712);
+    with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each attempt has a store of its own instead.
+    """
+    store, rank, size = next(dist.rendezvous("env://"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return store, rank, size
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"clip-decoder/attempt-{attempt}", store), rank, size
 
 
 def close_world(world: World) -> None:

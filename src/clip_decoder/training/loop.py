@@ -7,13 +7,12 @@ the real thing; ``fit`` runs it to the end, checkpointing and resuming on the wa
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -153,13 +152,14 @@ def fit(
     seen: tuple[str, ...],
     config: TrainConfig,
     progress: bool = True,
-    log: TextIO | None = None,
+    on_epoch: Callable[[list[dict]], None] | None = None,
     world: World = World(),
     checkpoint: Path | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     resume: dict | None = None,
 ) -> list[dict]:
-    """Train ``model`` in place; keep the EMA weights with the best val mAP; return the epochs' records.
+    """Train ``model`` in place; keep the EMA weights with the best val mAP; return the epochs' records
+    (``on_epoch`` is called with them after each epoch).
 
     With ``checkpoint``, the whole run's state is written there (atomically) every
     ``checkpoint_every`` steps and at each epoch's end; ``resume`` (a loaded checkpoint)
@@ -176,23 +176,22 @@ def fit(
         if world.is_main:
             save_checkpoint(checkpoint, state)
 
-    bar = tqdm(total=config.num_epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {config.method}",
-               unit="step", disable=not progress or not world.is_main)
-    for _ in range(run.state.epoch, config.num_epochs + 1):
-        model.train()
-        started, epoch_generator = time.perf_counter(), run.generator.get_state()
-        for rows, inputs in train.batches(run.epoch_batches(run.epoch_order(), run.state.step)):
-            run.step(rows, inputs)
-            bar.update()
-            if run.state.step % checkpoint_every == 0 and run.state.step < run.steps_per_epoch:
-                save(epoch_generator)
-        record = run.end_epoch(time.perf_counter() - started)
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP_seen']:.1f}")
-        save(run.generator.get_state())
-    bar.close()
+    # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
+    with tqdm(total=config.num_epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {config.method}",
+              unit="step", disable=not progress or not world.is_main) as bar:
+        for _ in range(run.state.epoch, config.num_epochs + 1):
+            model.train()
+            started, epoch_generator = time.perf_counter(), run.generator.get_state()
+            for rows, inputs in train.batches(run.epoch_batches(run.epoch_order(), run.state.step)):
+                run.step(rows, inputs)
+                bar.update()
+                if run.state.step % checkpoint_every == 0 and run.state.step < run.steps_per_epoch:
+                    save(epoch_generator)
+            record = run.end_epoch(time.perf_counter() - started)
+            if on_epoch is not None:
+                on_epoch(run.state.history)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP_seen']:.1f}")
+            save(run.generator.get_state())
     run.keep_best()
     finish_training(model, train, seen)
     return run.state.history

@@ -6,14 +6,16 @@ writes the model folder, ``train_log.jsonl``, ``training.json`` and ``curves.png
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import remove_leftovers, write_file
 from ..data.folder import LabelSplit, training_parts, warn_label_coverage
 from ..errors import ClipDecoderError
 from ..features import FeatureCache
@@ -25,6 +27,7 @@ from .distributed import World, close_world, init_world
 from .loop import CHECKPOINT_EVERY, fit
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+LOG_FILE = "train_log.jsonl"
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -46,8 +49,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
     right.set(xlabel="epoch", ylabel="validation mAP, seen labels (%)")
     right.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100)
     plt.close(figure)
+    write_file(path, png.getvalue())
 
 
 def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) -> None:
@@ -64,8 +69,12 @@ def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) 
 
 def write_json(path: Path, data: dict) -> None:
     """Write a JSON file atomically (temporary file, then rename)."""
-    with atomic_write(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+    write_file(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_log(out: Path, history: list[dict]) -> None:
+    """``out/train_log.jsonl``: one JSON record per finished epoch, rewritten whole (atomically) each time."""
+    write_file(out / LOG_FILE, "".join(json.dumps(record) + "\n" for record in history), fsync=False)
 
 
 def new_model(config: TrainConfig, backbone: str) -> CLIPDecoder:
@@ -124,17 +133,13 @@ def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: 
     if state is not None and state["train_images"] != len(train.samples):
         raise ClipDecoderError(f"{checkpoint} was written for {state['train_images']} training images, the data now"
                                f" has {len(train.samples)}; delete it to start again")
-    log = None
+    on_epoch = None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        log = (out / "train_log.jsonl").open("w")
-        for record in state["history"] if state else []:
-            log.write(json.dumps(record) + "\n")
-    try:
-        history = fit(model, train, val, split.seen, config, progress, log, world, checkpoint, checkpoint_every, state)
-    finally:
-        if log is not None:
-            log.close()
+        remove_leftovers(out)  # of a run killed while writing (a half checkpoint can be large)
+        write_log(out, state["history"] if state else [])
+        on_epoch = partial(write_log, out)
+    history = fit(model, train, val, split.seen, config, progress, on_epoch, world, checkpoint, checkpoint_every, state)
     if world.is_main:
         model.save_pretrained(out)
         best = max(history, key=lambda r: r["val_mAP_seen"])
