@@ -15,9 +15,18 @@ import numpy as np
 
 from clip_decoder.errors import ClipDecoderError
 
-# Which test images ZSL ranks the unseen labels on: those with an unseen label positive (ML-Decoder's
-# set, the default), or every test image (LESA's, BiAM's and the CLIP-Decoder authors' code).
-ZSL_IMAGES = ("with-unseen", "all")
+# Which test images ZSL ranks the unseen labels on (the first is the default), and what each one is.
+ZSL_IMAGES = {
+    "with-unseen": "the test images with an unseen label (ML-Decoder's set)",
+    "all": "every test image (the set of LESA, BiAM and the CLIP-Decoder authors' code)",
+}
+
+
+def check_zsl_images(zsl_images: str, where: str) -> str:
+    """``zsl_images`` if it names an image set of ZSL_IMAGES, else raise ClipDecoderError naming it and ``where``."""
+    if zsl_images not in ZSL_IMAGES:
+        raise ClipDecoderError(f"{where}: zsl_images must be one of {', '.join(ZSL_IMAGES)}, got {zsl_images!r}")
+    return zsl_images
 
 
 def _check(scores, targets, where: str, ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +174,7 @@ def zsl_gzsl_metrics(
 ) -> dict:
     """{"zsl": metrics on the unseen labels over the images ``zsl_images`` names (ZSL_IMAGES), "gzsl": metrics on
     all labels and images}."""
-    if zsl_images not in ZSL_IMAGES:
-        raise ClipDecoderError(f"zsl_gzsl_metrics: zsl_images must be one of {', '.join(ZSL_IMAGES)}, got {zsl_images!r}")
+    check_zsl_images(zsl_images, "zsl_gzsl_metrics")
     scores, targets, cols = _unseen_columns(scores, targets, label_names, unseen, "zsl_gzsl_metrics")
     return {"zsl": _zsl(scores, targets, cols, zsl_images, ks), "gzsl": _metrics(scores, targets, ks)}
 
