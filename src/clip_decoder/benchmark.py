@@ -133,7 +133,7 @@ def summary_table(per_method: dict[str, list[dict]]) -> str:
 
 
 def zsl_table(per_method: dict[str, list[dict]], zsl_images: str) -> str:
-    """Markdown: mean ± standard deviation over seeds of the ZSL metrics on the image set ``zsl_images``, per method."""
+    """Markdown: mean ± standard deviation over seeds of the ZSL metrics on the images ``zsl_images`` names."""
     lines = ["| method | runs | " + " | ".join(f"ZSL {c}" for c in ZSL_COLUMNS) + " |",
              "|---|---|" + "---|" * len(ZSL_COLUMNS)]
     for method, runs in per_method.items():
@@ -196,7 +196,8 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
     if stats:
         lines += ["", "Dataset: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))) + "."]
     for name, per_method in results.items():
-        lines += ["", f"## Label split `{name}`", "", summary_table(per_method), "", zsl_section(per_method, zsl_images)]
+        lines += ["", f"## Label split `{name}`", "", summary_table(per_method), "",
+                  zsl_section(per_method, zsl_images)]
         if any("photos" in runs[0] for runs in per_method.values()):
             lines += ["", f"Real photos (`--photos`), each ranking the photo check's own vocabulary with the models"
                           f" trained on split `{name}`:", "", photos_table(per_method)]

@@ -134,7 +134,7 @@ def _metrics(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict
 
 def _unseen_columns(scores, targets, label_names: list[str], unseen: list[str],
                     where: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Validated (scores, targets) and the unseen labels' column indices, in label order, or raise naming the problem."""
+    """Validated (scores, targets) and the unseen labels' column indices in label order; raise naming a problem."""
     scores, targets = _check(scores, targets, where)
     names = list(label_names)
     if len(names) != scores.shape[1]:
