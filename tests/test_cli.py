@@ -121,3 +121,17 @@ def test_an_unwritable_output_path_is_one_line_naming_it(trained, tiny_dataset, 
 def test_help(argv):
     result = subprocess.run([sys.executable, "-m", "clip_decoder", *argv], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: clip-decoder" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "bench"])
+def test_zsl_images_is_offered_explained_and_checked(command, capsys):
+    from clip_decoder.cli_parser import build_parser
+
+    parser = build_parser()
+    help_text = " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
+    assert "--zsl-images {with-unseen,all}" in help_text and "(default with-unseen)" in help_text
+    assert "all: every test image (the set of LESA, BiAM and the CLIP-Decoder authors' code)" in help_text
+    required = {"evaluate": ["--model", "m", "--split", "s.json"], "bench": ["--splits", "s.json"]}[command]
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--data", "d", *required, "--zsl-images", "every"])
+    assert exited.value.code == 2 and "argument --zsl-images: invalid choice: 'every'" in capsys.readouterr().err

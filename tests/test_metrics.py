@@ -11,8 +11,11 @@ from clip_decoder.metrics import (
     multilabel_metrics,
     per_image_metrics,
     precision_recall_f1_at_k,
+    zsl_by_images,
     zsl_gzsl_metrics,
 )
+
+KEYS = {"mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "n_images", "n_labels", "n_labels_without_positives"}
 
 
 def test_ap_hand_computed():
@@ -84,12 +87,14 @@ def test_multilabel_metrics_keys_and_percent():
     rng = np.random.default_rng(1)
     scores, targets = rng.random((20, 6)), (rng.random((20, 6)) < 0.4).astype(int)
     out = multilabel_metrics(scores, targets)
-    assert set(out) == {"mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "n_images", "n_labels"}
+    assert set(out) == KEYS
     assert out["mAP"] == pytest.approx(100 * mean_average_precision(scores, targets))
     assert (out["P@5"], out["R@5"], out["F1@5"]) == pytest.approx(
         tuple(100 * v for v in precision_recall_f1_at_k(scores, targets, 5))
     )
     assert (out["n_images"], out["n_labels"]) == (20, 6) and isinstance(out["n_images"], int)
+    targets[:, [1, 4]] = 0
+    assert multilabel_metrics(scores, targets)["n_labels_without_positives"] == 2
 
 
 NAMES = ["a", "b", "c", "d"]
@@ -100,17 +105,139 @@ TARGETS = np.array([[0, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0]])  # image 2 has no
 def test_zsl_drops_images_and_ranks_only_unseen_columns():
     out = zsl_gzsl_metrics(SCORES, TARGETS, NAMES, ["d", "c"], ks=(1, 2))
     assert set(out) == {"zsl", "gzsl"}
-    assert set(out["zsl"]) == {"mAP", "P@1", "R@1", "F1@1", "P@2", "R@2", "F1@2", "n_images", "n_labels"}
+    assert set(out["zsl"]) == {"mAP", "P@1", "R@1", "F1@1", "P@2", "R@2", "F1@2", "n_images", "n_labels",
+                               "n_labels_without_positives", "zsl_images"}
     zsl = out["zsl"]
-    assert (zsl["n_images"], zsl["n_labels"]) == (2, 2)
+    assert (zsl["n_images"], zsl["n_labels"], zsl["zsl_images"]) == (2, 2, "with-unseen")
     # image 0: seen "a" (0.9) would take the top slot; among unseen, "c" (0.8) is top and a hit
     assert zsl["P@1"] == pytest.approx(100.0) and zsl["R@1"] == pytest.approx(100.0)
     assert zsl["mAP"] == pytest.approx(100.0) and zsl["P@2"] == pytest.approx(50.0)
-    assert out["zsl"] == pytest.approx(multilabel_metrics(SCORES[:2][:, 2:], TARGETS[:2][:, 2:], ks=(1, 2)))
+    assert out["zsl"] == pytest.approx({**multilabel_metrics(SCORES[:2][:, 2:], TARGETS[:2][:, 2:], ks=(1, 2)),
+                                        "zsl_images": "with-unseen"})
     gzsl = out["gzsl"]
     assert (gzsl["n_images"], gzsl["n_labels"]) == (3, 4)
     assert gzsl["P@1"] == pytest.approx(200 / 3)  # image 0's top is "a", a miss
     assert gzsl == pytest.approx(multilabel_metrics(SCORES, TARGETS, ks=(1, 2)))
+
+
+def test_zsl_on_every_image_keeps_the_images_without_an_unseen_label():
+    scores = SCORES.copy()
+    scores[2, 3] = 0.95  # image 2, which has no unseen label, scores "d" highest of all
+    default = zsl_gzsl_metrics(scores, TARGETS, NAMES, ["d", "c"], ks=(1, 2))
+    out = zsl_gzsl_metrics(scores, TARGETS, NAMES, ["d", "c"], ks=(1, 2), zsl_images="all")
+    zsl = out["zsl"]
+    assert (zsl["n_images"], zsl["n_labels"], zsl["zsl_images"]) == (3, 2, "all")
+    # images 0 and 1 rank their unseen positive first (as in the default set); image 2 adds a miss
+    assert (default["zsl"]["P@1"], zsl["P@1"]) == pytest.approx((100.0, 200 / 3))
+    assert (default["zsl"]["R@1"], zsl["R@1"]) == pytest.approx((100.0, 100.0))
+    # "d" over the three images: its positive (0.7) ranks second, AP 1/2; "c" stays 1
+    assert (default["zsl"]["mAP"], zsl["mAP"]) == pytest.approx((100.0, 75.0))
+    assert out["gzsl"] == default["gzsl"]
+    both = zsl_by_images(scores, TARGETS, NAMES, ["d", "c"], ks=(1, 2))
+    assert list(both) == ["with-unseen", "all"] and both["all"] == zsl and both["with-unseen"] == default["zsl"]
+
+
+def test_an_unknown_zsl_image_set_is_named():
+    with pytest.raises(ClipDecoderError, match="zsl_images must be one of with-unseen, all, got 'every'"):
+        zsl_gzsl_metrics(SCORES, TARGETS, NAMES, ["c"], zsl_images="every")
+
+
+# An independent implementation of LESA's definitions (hbdat/cvpr20_LESA, core/utils.py: compute_AP,
+# evaluate_k, compute_F1 with mode 'overall'), written from them for these tests.
+def lesa_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per label: sklearn's AP (one step per distinct score), 0 for a label with no positive."""
+    aps = np.zeros(scores.shape[1])
+    for j in range(scores.shape[1]):
+        s, y = scores[:, j], labels[:, j]
+        if y.sum() == 0:
+            continue
+        recall_before = 0.0
+        for threshold in np.unique(s)[::-1]:  # sum over thresholds of (recall gained) x precision there
+            taken = s >= threshold
+            hits = y[taken].sum()
+            aps[j] += (hits / y.sum() - recall_before) * hits / taken.sum()
+            recall_before = hits / y.sum()
+    return aps
+
+
+def lesa_prf(scores: np.ndarray, labels: np.ndarray, k: int, ties: str = "higher") -> tuple[float, float, float]:
+    """Binarize each image's k best labels (an ascending argsort's last k: ties to the higher index; ``ties="lower"``
+    sorts the reversed columns instead), then pooled P = TP / predicted, R = TP / positives, F1 from those."""
+    if ties == "lower":
+        order = scores.shape[1] - 1 - np.argsort(scores[:, ::-1], axis=1, kind="stable")
+    else:
+        order = np.argsort(scores, axis=1, kind="stable")
+    predicted = np.zeros_like(labels)
+    for i in range(len(scores)):
+        predicted[i, order[i, -k:]] = 1
+    tp = labels[predicted == 1].sum()
+    p, r = tp / predicted.sum(), tp / labels.sum()
+    with np.errstate(invalid="ignore"):  # no hit: nan, as LESA's
+        return p, r, 2 * p * r / (p + r)
+
+
+def lesa_zsl(scores, targets, cols, ks, ties="higher", rows=None) -> dict:
+    """LESA's ZSL numbers (percent): the unseen columns on every test image (or only ``rows``)."""
+    rows = np.ones(len(scores), dtype=bool) if rows is None else rows
+    s, y = scores[np.ix_(rows, cols)], targets[np.ix_(rows, cols)]
+    out = {"mAP": 100 * lesa_ap(s, y).mean()}
+    for k in ks:
+        out.update(zip((f"P@{k}", f"R@{k}", f"F1@{k}"), (100 * v for v in lesa_prf(s, y, k, ties))))
+    return out
+
+
+def random_case(seed: int, tied: bool):
+    """80 images x 14 labels (8 unseen, in columns spread among the seen), with empty images and empty labels."""
+    rng = np.random.default_rng(seed)
+    n, m = 80, 14
+    scores = (rng.integers(0, 4, size=(n, m)) / 4 if tied else rng.random((n, m))).astype(np.float32)
+    targets = (rng.random((n, m)) < 0.15).astype(np.int64)
+    unseen = [1, 2, 5, 6, 8, 10, 11, 13]
+    targets[:10] = 0  # images with no label at all
+    targets[10:30][:, unseen] = 0  # images with seen labels only
+    targets[:, [5, 3]] = 0  # an unseen and a seen label with no positive
+    return scores, targets, [f"l{j}" for j in range(m)], unseen
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tied", [False, True])
+def test_zsl_on_every_image_is_lesas_computation(seed, tied):
+    scores, targets, names, unseen = random_case(seed, tied)
+    ranked = -np.sort(-scores[:, unseen], axis=1)
+    assert (ranked[:, 2] == ranked[:, 3]).any() == tied  # some image ties across its 3rd-best unseen score
+    out = zsl_gzsl_metrics(scores, targets, names, [names[j] for j in unseen], zsl_images="all")
+    zsl, gzsl = out["zsl"], out["gzsl"]
+    assert (zsl["n_images"], zsl["n_labels"], zsl["n_labels_without_positives"]) == (80, 8, 1)
+    assert gzsl["n_labels_without_positives"] == 2
+    # our rule takes tied labels in label order; LESA's argsort the higher index (on untied scores: the same)
+    ties = "lower" if tied else "higher"
+    for ours, cols in ((zsl, unseen), (gzsl, list(range(14)))):
+        reference = lesa_zsl(scores, targets, cols, (3, 5), ties)
+        kept = (ours["n_labels"] - ours["n_labels_without_positives"]) / ours["n_labels"]
+        assert ours["mAP"] * kept == pytest.approx(reference.pop("mAP"), abs=1e-9)  # LESA: empty labels as AP 0
+        assert {key: ours[key] for key in reference} == pytest.approx(reference, abs=1e-9)
+        if tied:  # which tied label is taken matters: LESA's own rule gives other numbers here
+            assert lesa_zsl(scores, targets, cols, (3,), "higher")["P@3"] != pytest.approx(ours["P@3"], abs=1e-6)
+    # the default set is ML-Decoder's: LESA's formulas on the images with an unseen label
+    default = zsl_gzsl_metrics(scores, targets, names, [names[j] for j in unseen])["zsl"]
+    reference = lesa_zsl(scores, targets, unseen, (3, 5), ties, rows=targets[:, unseen].any(axis=1))
+    assert default["n_images"] == targets[:, unseen].any(axis=1).sum() < 80
+    assert default["mAP"] * 7 / 8 == pytest.approx(reference.pop("mAP"), abs=1e-9)
+    assert {key: default[key] for key in reference} == pytest.approx(reference, abs=1e-9)
+    # the extra images add no hit, only precision's denominator: P scales by the share of images kept, R is equal
+    for k in (3, 5):
+        assert zsl[f"P@{k}"] == pytest.approx(default[f"P@{k}"] * default["n_images"] / 80, abs=1e-9)
+        assert zsl[f"R@{k}"] == pytest.approx(default[f"R@{k}"], abs=1e-9)
+
+
+def test_lesa_breaks_top_k_ties_toward_the_higher_label_index():
+    scores, targets = np.full((1, 4), 0.5), np.array([[0, 0, 1, 1]])
+    assert lesa_prf(scores, targets, 2)[0] == 1.0 and lesa_prf(scores, targets, 2, ties="lower")[0] == 0.0
+    assert precision_recall_f1_at_k(scores, targets, 2)[0] == 0.0  # ours: the lower index
+    rng = np.random.default_rng(0)
+    scores, targets = rng.random((50, 6)), (rng.random((50, 6)) < 0.3).astype(int)
+    np.testing.assert_allclose(lesa_ap(scores, targets),
+                               [average_precision_score(targets[:, j], scores[:, j]) for j in range(6)], atol=1e-12)
 
 
 @pytest.mark.parametrize(

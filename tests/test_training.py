@@ -62,8 +62,16 @@ def test_evaluate_agrees_with_an_independent_computation_of_the_metrics(trained,
                  str(tiny_dataset / "split.json"), "--json", str(metrics_path), "--cache", str(cache)]) == 0
     metrics = json.loads(metrics_path.read_text())
     assert "ZSL mAP" in capsys.readouterr().out
-    for part in ("zsl", "gzsl"):
-        assert set(metrics[part]) == {"mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "n_images", "n_labels"}
+    keys = {"mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5", "n_images", "n_labels", "n_labels_without_positives"}
+    assert set(metrics["gzsl"]) == keys and set(metrics["zsl"]) == keys | {"zsl_images"}
+    assert metrics["zsl"]["zsl_images"] == "with-unseen"
+    every_path = tmp_path / "every.json"
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_dataset), "--split",
+                 str(tiny_dataset / "split.json"), "--json", str(every_path), "--cache", str(cache),
+                 "--zsl-images", "all"]) == 0
+    every = json.loads(every_path.read_text())
+    assert "ZSL on every test image (the set of LESA" in capsys.readouterr().out
+    assert every["zsl"]["zsl_images"] == "all" and every["gzsl"] == metrics["gzsl"]
 
     # The same scores (the cached features through the model's scorer), metrics by scikit-learn. That
     # predict gives these scores is test_evaluate_and_predict_share_one_scoring_path: the tiny test
@@ -77,9 +85,12 @@ def test_evaluate_agrees_with_an_independent_computation_of_the_metrics(trained,
     gzsl = np.mean([average_precision_score(targets[:, j], scores[:, j]) for j in range(len(labels)) if targets[:, j].any()])
     rows = targets[:, 4:].any(axis=1)
     zsl = np.mean([average_precision_score(targets[rows, j], scores[rows, j]) for j in (4, 5) if targets[rows, j].any()])
-    assert metrics["gzsl"]["n_images"] == len(samples) and metrics["zsl"]["n_images"] == rows.sum()
+    zsl_every = np.mean([average_precision_score(targets[:, j], scores[:, j]) for j in (4, 5) if targets[:, j].any()])
+    assert metrics["gzsl"]["n_images"] == every["zsl"]["n_images"] == len(samples)
+    assert metrics["zsl"]["n_images"] == rows.sum() < len(samples)
     assert metrics["gzsl"]["mAP"] == pytest.approx(100 * gzsl, abs=1e-4)
     assert metrics["zsl"]["mAP"] == pytest.approx(100 * zsl, abs=1e-4)
+    assert every["zsl"]["mAP"] == pytest.approx(100 * zsl_every, abs=1e-4)
 
 
 def test_feature_cache_encodes_each_image_once_and_rebuilds_bad_entries(tiny_clip_dir, tiny_dataset, tmp_path):
@@ -131,10 +142,22 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
     assert kept.config.labels == TINY_SPLIT["seen"] and kept.config.prior.on
     again = evaluate_model(kept, tiny_dataset, read_split(split), tmp_path / "cache", progress=False)
     assert again["zsl"]["mAP"] == pytest.approx(results["clip-decoder"][1]["zsl"]["mAP"], abs=0.01)
+    again = evaluate_model(kept, tiny_dataset, read_split(split), tmp_path / "cache", progress=False, zsl_images="all")
+    assert again["zsl"]["mAP"] == pytest.approx(results["clip-decoder"][1]["zsl_by_images"]["all"]["mAP"], abs=0.01)
+    for runs in results.values():  # each run's ZSL on both image sets; its "zsl" is the default's
+        assert all(run["zsl"] == run["zsl_by_images"]["with-unseen"] for run in runs)
+        assert all(run["zsl_by_images"]["all"]["n_images"] == run["gzsl"]["n_images"] > run["zsl"]["n_images"]
+                   for run in runs)
     for runs in results.values():
         assert all(run["photos"]["images"] == 4 and 0 <= run["photos"]["top1_correct"] <= 4 for run in runs)
     page = markdown.read_text()
     assert "Real photos (`--photos`)" in page and "| linear | 2 |" in page.split("Real photos")[1]
+    # the second ZSL table: every test image, mean ± spread over the seeds of the runs' own numbers
+    every = page.split("ZSL with `--zsl-images all`: every test image (the set of LESA")[1].split("Real photos")[0]
+    assert "| method | runs | ZSL mAP | ZSL P@3 | ZSL R@3 | ZSL F1@3 |" in every
+    runs = [run["zsl_by_images"]["all"] for run in results["ml-decoder"]]
+    assert (f"| ml-decoder | 2 | {np.mean([r['mAP'] for r in runs]):.1f} ± {np.std([r['mAP'] for r in runs], ddof=1):.1f}"
+            f" | {np.mean([r['P@3'] for r in runs]):.1f} ± ") in every
     assert "| clip-decoder | 2 |" in page and "Label split `split`" in capsys.readouterr().out
     assert "- **clip-decoder**: head d 32, FFN 64, dropout 0.05, with cosine skip; ASL + 0.1 x alignment; 2 epochs" in page
     assert "- **ml-decoder**: head d 32, FFN 64, dropout 0.05, without cosine skip; ASL; 2 epochs" in page
@@ -217,10 +240,14 @@ def test_a_new_method_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_pat
     results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
     assert main(["bench", "--data", str(tiny_dataset), "--splits", str(tiny_dataset / "split.json"), "--seeds", "0", "1",
                  "--methods", "toy", "--backbone", f"hf:{tiny_clip_dir}", "--cache", str(tmp_path / "cache"),
-                 "--json", str(results_path), "--markdown", str(markdown)]) == 0
+                 "--json", str(results_path), "--markdown", str(markdown), "--zsl-images", "all"]) == 0
     runs = json.loads(results_path.read_text())["split"]["toy"]
     assert len(runs) == 2 and runs[0]["zsl"]["mAP"] != runs[1]["zsl"]["mAP"]  # each seed its own projection
-    assert "- **toy**: random projection, ensemble prompts." in markdown.read_text()
+    assert all(run["zsl"] == run["zsl_by_images"]["all"] for run in runs)  # --zsl-images all: the headline ZSL
+    page = markdown.read_text()
+    assert "- **toy**: random projection, ensemble prompts." in page
+    assert "ZSL: every test image (the set of LESA" in page
+    assert "ZSL with `--zsl-images with-unseen`: the test images with an unseen label (ML-Decoder's set)." in page
     with pytest.raises(ClipDecoderError, match="unknown method 'toy'"):
         TrainConfig(method="toy")  # it trains no decoder head, so `clip-decoder train` does not offer it
 

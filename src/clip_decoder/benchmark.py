@@ -18,7 +18,7 @@ import torch
 from .data.folder import LabelSplit, read_part, read_split, training_parts
 from .errors import ClipDecoderError
 from .features import FeatureCache
-from .metrics import per_image_metrics, zsl_gzsl_metrics
+from .metrics import ZSL_IMAGES, check_zsl_images, per_image_metrics, zsl_by_images, zsl_gzsl_metrics
 from .model import CLIPDecoder
 from .prompts import check_labels
 from .training.config import TrainConfig
@@ -52,13 +52,15 @@ class PhotoCheck:
 
 
 SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
+ZSL_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")  # the published NUS-WIDE tables' columns
 
 
 def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
                photos: PhotoCheck | None = None, progress: bool = False, trained: dict | None = None,
-               save_to: Path | None = None) -> dict:
+               save_to: Path | None = None, zsl_images: str = "with-unseen") -> dict:
     """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
-    then the metrics JSON of the test part, with the run's ``seconds`` and, with ``photos``,
+    then the metrics JSON of the test part (ZSL on the images ``zsl_images`` names), with
+    ``zsl_by_images`` (ZSL on each image set), the run's ``seconds`` and, with ``photos``,
     ``per_image_metrics`` of the photo check. ``trained`` (one dict for runs on the same parts)
     lets methods that differ only in how the prior scores share one training; a decoder method
     writes its model folder to ``save_to``."""
@@ -67,9 +69,10 @@ def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], spl
     if trained is not None:
         run.trained = trained
     score = method.train(run)
-    test = parts["test"]
-    metrics = zsl_gzsl_metrics(score(test, list(split.all)), test.targets(split.all).numpy(), list(split.all),
-                               list(split.unseen))
+    test, labels, unseen = parts["test"], list(split.all), list(split.unseen)
+    scores, targets = score(test, labels), test.targets(split.all).numpy()
+    metrics = zsl_gzsl_metrics(scores, targets, labels, unseen, zsl_images=zsl_images)
+    metrics["zsl_by_images"] = zsl_by_images(scores, targets, labels, unseen)
     if photos is not None:
         metrics["photos"] = per_image_metrics(score(photos.features, list(photos.labels)),
                                               photos.features.targets(photos.labels).numpy())
@@ -79,11 +82,13 @@ def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], spl
 
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
                   backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
-                  progress: bool = True, photos: str | Path | None = None, save_models: str | Path | None = None) -> dict:
+                  progress: bool = True, photos: str | Path | None = None, save_models: str | Path | None = None,
+                  zsl_images: str = "with-unseen") -> dict:
     """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded
     methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks;
-    ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``."""
-    config = config or TrainConfig()
+    ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``;
+    ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES)."""
+    config, zsl_images = config or TrainConfig(), check_zsl_images(zsl_images, "run_benchmark")
     methods = [get_method(name) for name in (methods or method_names(ablations=False))]
     towers = CLIPDecoder.create(backbone=backbone)
     cache = FeatureCache(towers.image_tower, cache_dir)
@@ -101,7 +106,7 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
                 save_to = (Path(save_models) / f"{Path(split_path).stem}-{method.name}-seed{seed}"
                            if save_models and method.epochs else None)
                 metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check,
-                                     trained=trained, save_to=save_to)
+                                     trained=trained, save_to=save_to, zsl_images=zsl_images)
                 per_method.setdefault(method.name, []).append(metrics)
                 if progress:
                     on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"
@@ -127,6 +132,27 @@ def summary_table(per_method: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def zsl_table(per_method: dict[str, list[dict]], zsl_images: str) -> str:
+    """Markdown: mean ± standard deviation over seeds of the ZSL metrics on the images ``zsl_images`` names."""
+    lines = ["| method | runs | " + " | ".join(f"ZSL {c}" for c in ZSL_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(ZSL_COLUMNS)]
+    for method, runs in per_method.items():
+        cells = [mean_and_spread([run["zsl_by_images"][zsl_images][column] for run in runs]) for column in ZSL_COLUMNS]
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def other_zsl_images(zsl_images: str) -> str:
+    """The image set that the ``zsl`` of a run on ``zsl_images`` does not use: its second ZSL table's."""
+    return next(name for name in ZSL_IMAGES if name != zsl_images)
+
+
+def zsl_section(per_method: dict[str, list[dict]], zsl_images: str) -> str:
+    """The second ZSL table, on the image set the first one does not use, with a line saying which."""
+    other = other_zsl_images(zsl_images)
+    return f"ZSL with `--zsl-images {other}`: {ZSL_IMAGES[other]}.\n\n{zsl_table(per_method, other)}"
+
+
 def photos_table(per_method: dict[str, list[dict]]) -> str:
     """Markdown: each method's photo check, mean ± standard deviation over seeds."""
     lines = ["| method | runs | top-1 correct | per-image AP |", "|---|---|---|---|"]
@@ -149,8 +175,9 @@ def method_recipe(name: str, config: TrainConfig) -> str:
 
 
 def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float,
-                     config: TrainConfig | None = None) -> str:
-    """docs/RESULTS.md: what was run, on what, and the table per label split."""
+                     config: TrainConfig | None = None, zsl_images: str = "with-unseen") -> str:
+    """docs/RESULTS.md: what was run, on what, and the tables per label split (the first one's ZSL on the
+    images ``zsl_images`` names, a second ZSL table on the other image set)."""
     stats_path = Path(data_dir) / "stats.json"
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     lines = [
@@ -160,8 +187,8 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
         f" {torch.__version__}; {seconds / 60:.1f} min for all runs, feature extraction included).",
         "Each method trains on the seen labels of a split only; the test images and unseen labels are"
         " touched only for the scores below. Mean ± standard deviation over seeds; CONSE has no seed."
-        " ZSL: test images with an unseen label, ranking the unseen labels; GZSL: all test images,"
-        " all labels. Percent.",
+        f" ZSL: {ZSL_IMAGES[zsl_images]}, ranking the unseen labels (a second table: the other image set);"
+        " GZSL: all test images, all labels. mAP leaves out labels without a positive test image. Percent.",
     ]
     config = config or TrainConfig()
     methods = dict.fromkeys(method for per_method in results.values() for method in per_method)
@@ -169,7 +196,8 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
     if stats:
         lines += ["", "Dataset: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))) + "."]
     for name, per_method in results.items():
-        lines += ["", f"## Label split `{name}`", "", summary_table(per_method)]
+        lines += ["", f"## Label split `{name}`", "", summary_table(per_method), "",
+                  zsl_section(per_method, zsl_images)]
         if any("photos" in runs[0] for runs in per_method.values()):
             lines += ["", f"Real photos (`--photos`), each ranking the photo check's own vocabulary with the models"
                           f" trained on split `{name}`:", "", photos_table(per_method)]

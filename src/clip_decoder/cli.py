@@ -93,17 +93,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def counts(metrics: dict) -> str:
+    """What one part of the metrics JSON was measured on."""
+    return (f"{metrics['n_images']} images, {metrics['n_labels']} labels"
+            f" ({metrics['n_labels_without_positives']} without a positive, left out of the mAP)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Print the ZSL / GZSL table of the test set and write the metrics JSON."""
     from .data.folder import read_split
     from .evaluate import evaluate_model, format_table
+    from .metrics import ZSL_IMAGES
 
     split = read_split(args.split)
     model = CLIPDecoder.from_pretrained(args.model)
-    metrics = evaluate_model(model, args.data, split, args.cache)
+    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images)
     print(format_table({Path(args.model).name or "model": metrics}))
-    print(f"ZSL: {metrics['zsl']['n_images']} images, {metrics['zsl']['n_labels']} labels;"
-          f" GZSL: {metrics['gzsl']['n_images']} images, {metrics['gzsl']['n_labels']} labels")
+    print(f"ZSL on {ZSL_IMAGES[args.zsl_images]}: {counts(metrics['zsl'])}; GZSL: {counts(metrics['gzsl'])}")
     if args.json:
         write_file(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
@@ -176,13 +182,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Train and evaluate CLIP-Decoder and the baselines over seeds and label splits."""
     import time
 
-    from .benchmark import photos_table, results_markdown, run_benchmark, summary_table
+    from .benchmark import photos_table, results_markdown, run_benchmark, summary_table, zsl_section
 
     started = time.perf_counter()
     config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
-                            args.backbone, config, args.cache, photos=args.photos, save_models=args.save_models)
-    sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}"
+                            args.backbone, config, args.cache, photos=args.photos, save_models=args.save_models,
+                            zsl_images=args.zsl_images)
+    sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}\n\n{zsl_section(per_method, args.zsl_images)}"
                 + (f"\n\nPhotos:\n\n{photos_table(per_method)}" if args.photos else "")
                 for name, per_method in results.items()]
     print("\n\n".join(sections))
@@ -190,7 +197,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown:
         command = "clip-decoder " + " ".join(sys.argv[1:]) if sys.argv[1:] else "clip-decoder bench"
-        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started, config))
+        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started, config,
+                                                        args.zsl_images))
     return 0
 
 

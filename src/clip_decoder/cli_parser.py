@@ -8,6 +8,7 @@ from dataclasses import MISSING, fields
 
 from . import __version__
 from .head import HeadConfig
+from .metrics import ZSL_IMAGES
 from .model_folder import PACKAGED_MODELS
 from .predict import DEFAULT_THRESHOLD, FORMATS
 from .prompts import TEMPLATE_SETS
@@ -72,6 +73,14 @@ def add_backbone_option(parser: argparse.ArgumentParser) -> None:
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
+
+
+def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
+    default = next(iter(ZSL_IMAGES))
+    parser.add_argument("--zsl-images", choices=list(ZSL_IMAGES), default=default,
+                        help="the images ZSL ranks the unseen labels on: " + "; ".join(
+                            f"{name}: {text}" for name, text in ZSL_IMAGES.items())
+                        + f" (default {default}). GZSL always uses every test image")
 
 
 def add_predict(commands) -> None:
@@ -202,6 +211,7 @@ def add_evaluate(commands) -> None:
     evaluate.add_argument("--data", required=True, metavar="DIR")
     evaluate.add_argument("--split", required=True, metavar="JSON")
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
+    add_zsl_images_option(evaluate)
     add_cache_option(evaluate)
 
 
@@ -257,7 +267,8 @@ def add_bench(commands) -> None:
     """clip-decoder bench"""
     bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
                                 description="Train and evaluate each method for each seed and label split on one"
-                                " dataset folder; print mean ± std of the ZSL / GZSL metrics.")
+                                " dataset folder; print mean ± std of the ZSL / GZSL metrics. Each run's ZSL is"
+                                " also measured on the other image set, in its own table.")
     bench.add_argument("--data", required=True, metavar="DIR")
     bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -266,7 +277,9 @@ def add_bench(commands) -> None:
                                                                             for name in method_names()))
     bench.add_argument("--photos", metavar="DIR", help="also rank a photo check with each trained model: DIR/photos.csv"
                        " (image,labels) and DIR/vocabulary.txt (one label a line); `python -m bench.photos` builds one")
-    bench.add_argument("--json", metavar="PATH", help="write every run's metrics here")
+    add_zsl_images_option(bench)
+    bench.add_argument("--json", metavar="PATH", help="write every run's metrics here (with 'zsl_by_images': ZSL on"
+                       " each image set)")
     bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
     bench.add_argument("--save-models", metavar="DIR", help="write each trained decoder model to"
                        " DIR/<split>-<method>-seed<N> (a model folder, for predict and evaluate)")

@@ -5,14 +5,17 @@ from __future__ import annotations
 from .data.folder import LabelSplit, read_part, target_matrix, warn_label_coverage
 from .errors import ClipDecoderError
 from .features import FeatureCache
-from .metrics import zsl_gzsl_metrics
+from .metrics import check_zsl_images, zsl_gzsl_metrics
 from .model import CLIPDecoder
 
 METRIC_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")
 
 
-def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True) -> dict:
-    """The metrics JSON (contract) of ``model`` on the folder's test part: ZSL and GZSL."""
+def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=None, progress: bool = True,
+                   zsl_images: str = "with-unseen") -> dict:
+    """The metrics JSON (contract) of ``model`` on the folder's test part: ZSL (on the images ``zsl_images``
+    names, metrics.ZSL_IMAGES) and GZSL."""
+    check_zsl_images(zsl_images, "evaluate_model")  # before the features are extracted
     if not split.unseen:
         raise ClipDecoderError("the label split has no unseen labels: ZSL needs some to rank")
     samples = read_part(data_dir, "test")
@@ -22,7 +25,7 @@ def evaluate_model(model: CLIPDecoder, data_dir, split: LabelSplit, cache_dir=No
     targets = target_matrix([samples[i] for i in features.kept], labels)
     model.eval()
     scores = model.scorer.score_stored(features.tokens, features.pooled, model.scorer.vocabulary(labels))
-    return zsl_gzsl_metrics(scores, targets, labels, list(split.unseen))
+    return zsl_gzsl_metrics(scores, targets, labels, list(split.unseen), zsl_images=zsl_images)
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -1,4 +1,10 @@
-"""Multi-label ranking metrics (AP, mAP, P/R/F1@k) and the NUS-WIDE ZSL/GZSL protocol."""
+"""Multi-label ranking metrics (AP, mAP, P/R/F1@k) and the NUS-WIDE ZSL/GZSL protocol.
+
+Ties are deterministic: AP treats tied scores as one threshold (as sklearn and LESA), top-k takes
+tied labels in label order, lower index first. mAP skips labels without a positive and counts them
+(``n_labels_without_positives``); LESA, BiAM and ML-Decoder average them in as AP 0, which is
+``mAP * (n_labels - n_labels_without_positives) / n_labels``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,19 @@ from collections.abc import Sequence
 import numpy as np
 
 from clip_decoder.errors import ClipDecoderError
+
+# Which test images ZSL ranks the unseen labels on (the first is the default), and what each one is.
+ZSL_IMAGES = {
+    "with-unseen": "the test images with an unseen label (ML-Decoder's set)",
+    "all": "every test image (the set of LESA, BiAM and the CLIP-Decoder authors' code)",
+}
+
+
+def check_zsl_images(zsl_images: str, where: str) -> str:
+    """``zsl_images`` if it names an image set of ZSL_IMAGES, else raise ClipDecoderError naming it and ``where``."""
+    if zsl_images not in ZSL_IMAGES:
+        raise ClipDecoderError(f"{where}: zsl_images must be one of {', '.join(ZSL_IMAGES)}, got {zsl_images!r}")
+    return zsl_images
 
 
 def _check(scores, targets, where: str, ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +128,40 @@ def _metrics(scores: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict
         p, r, f1 = _prf(scores, targets, k)
         out.update({f"P@{k}": 100 * p, f"R@{k}": 100 * r, f"F1@{k}": 100 * f1})
     out["n_images"], out["n_labels"] = int(scores.shape[0]), int(scores.shape[1])
+    out["n_labels_without_positives"] = int(scores.shape[1] - targets.any(axis=0).sum())  # skipped by the mAP
     return out
+
+
+def _unseen_columns(scores, targets, label_names: list[str], unseen: list[str],
+                    where: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Validated (scores, targets) and the unseen labels' column indices in label order; raise naming a problem."""
+    scores, targets = _check(scores, targets, where)
+    names = list(label_names)
+    if len(names) != scores.shape[1]:
+        raise ClipDecoderError(
+            f"{where}: {len(names)} label names but scores/targets have {scores.shape[1]} label columns"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    if len(index) != len(names):
+        dup = sorted(n for n, c in Counter(names).items() if c > 1)
+        raise ClipDecoderError(f"{where}: duplicate label names {dup}")
+    missing = [u for u in unseen if u not in index]
+    if missing:
+        raise ClipDecoderError(f"{where}: unseen label(s) {missing} not in label_names")
+    cols = sorted({index[u] for u in unseen})  # keep original label order so top-k tie-breaking matches GZSL
+    if not cols:
+        raise ClipDecoderError(f"{where}: the unseen label list is empty, so ZSL is undefined")
+    if not targets[:, cols].any():
+        raise ClipDecoderError(
+            f"{where}: none of the {len(targets)} test images has an unseen label positive, so ZSL is undefined"
+        )
+    return scores, targets, cols
+
+
+def _zsl(scores: np.ndarray, targets: np.ndarray, cols: list[int], zsl_images: str, ks: Sequence[int]) -> dict:
+    """The ZSL metrics of validated arrays: the unseen columns, over the images ``zsl_images`` names."""
+    rows = targets[:, cols].any(axis=1) if zsl_images == "with-unseen" else np.ones(len(targets), dtype=bool)
+    return {**_metrics(scores[np.ix_(rows, cols)], targets[np.ix_(rows, cols)], ks), "zsl_images": zsl_images}
 
 
 def zsl_gzsl_metrics(
@@ -118,30 +170,22 @@ def zsl_gzsl_metrics(
     label_names: list[str],
     unseen: list[str],
     ks: Sequence[int] = (3, 5),
+    zsl_images: str = "with-unseen",
 ) -> dict:
-    """{"zsl": metrics on unseen labels over images with an unseen positive, "gzsl": metrics on all labels and images}."""
-    scores, targets = _check(scores, targets, "zsl_gzsl_metrics")
-    names = list(label_names)
-    if len(names) != scores.shape[1]:
-        raise ClipDecoderError(
-            f"zsl_gzsl_metrics: {len(names)} label names but scores/targets have {scores.shape[1]} label columns"
-        )
-    index = {n: i for i, n in enumerate(names)}
-    if len(index) != len(names):
-        dup = sorted(n for n, c in Counter(names).items() if c > 1)
-        raise ClipDecoderError(f"zsl_gzsl_metrics: duplicate label names {dup}")
-    missing = [u for u in unseen if u not in index]
-    if missing:
-        raise ClipDecoderError(f"zsl_gzsl_metrics: unseen label(s) {missing} not in label_names")
-    cols = sorted({index[u] for u in unseen})  # keep original label order so top-k tie-breaking matches GZSL
-    if not cols:
-        raise ClipDecoderError("zsl_gzsl_metrics: the unseen label list is empty, so ZSL is undefined")
-    rows = targets[:, cols].any(axis=1)
-    if not rows.any():
-        raise ClipDecoderError(
-            f"zsl_gzsl_metrics: none of the {len(rows)} test images has an unseen label positive, so ZSL is undefined"
-        )
-    return {
-        "zsl": _metrics(scores[np.ix_(rows, cols)], targets[np.ix_(rows, cols)], ks),
-        "gzsl": _metrics(scores, targets, ks),
-    }
+    """{"zsl": metrics on the unseen labels over the images ``zsl_images`` names (ZSL_IMAGES), "gzsl": metrics on
+    all labels and images}."""
+    check_zsl_images(zsl_images, "zsl_gzsl_metrics")
+    scores, targets, cols = _unseen_columns(scores, targets, label_names, unseen, "zsl_gzsl_metrics")
+    return {"zsl": _zsl(scores, targets, cols, zsl_images, ks), "gzsl": _metrics(scores, targets, ks)}
+
+
+def zsl_by_images(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    label_names: list[str],
+    unseen: list[str],
+    ks: Sequence[int] = (3, 5),
+) -> dict:
+    """{protocol: the ZSL metrics under it} for each protocol of ZSL_IMAGES, from the same scores."""
+    scores, targets, cols = _unseen_columns(scores, targets, label_names, unseen, "zsl_by_images")
+    return {protocol: _zsl(scores, targets, cols, protocol, ks) for protocol in ZSL_IMAGES}
