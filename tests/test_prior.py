@@ -69,19 +69,15 @@ def test_the_temperature_softens_the_imagenet_distribution_before_conse_averages
 
 def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes_the_prior_temperature(
         offline_model, cat_photo, monkeypatch):
-    from clip_decoder.prior import ZeroShotPrior
     from clip_decoder.training import methods
     from clip_decoder.training.config import TrainConfig
     from clip_decoder.training.data import FeatureSet
 
     offline_model.prior.prepare()
-
-    class Prepared(ZeroShotPrior):  # the model's class-name embeddings, not 7,000 prompts embedded again
-        def prepare(self) -> None:
-            self.class_embeddings.copy_(offline_model.prior.class_embeddings)
-            self.ready = True
-
-    monkeypatch.setattr(methods, "ZeroShotPrior", Prepared)
+    embedded = []  # the towers' class-name embeddings are shared: nothing but the labels is embedded
+    original = type(offline_model.text_tower).encode
+    monkeypatch.setattr(type(offline_model.text_tower), "encode",
+                        lambda self, texts: (embedded.extend(texts), original(self, texts))[1])
     features = offline_model.encode_images([cat_photo])
     stored = FeatureSet(features.tokens, features.pooled, [])
     scores = {}
@@ -92,6 +88,7 @@ def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes
     np.testing.assert_allclose(scores["conse", 1.0], scores["conse", 4.0], atol=1e-6)
     np.testing.assert_allclose(scores["prior", 1.0], scores["conse", 1.0], atol=1e-5)
     assert not np.allclose(scores["prior", 4.0], scores["prior", 1.0], atol=1e-3)
+    assert len(embedded) == 4 * len(LABELS) * len(offline_model.config.templates)  # each run's own label embedder
 
 
 def test_conse_is_the_offline_prior_alone_and_ranks_the_photos_class_first(offline_model, cat_photo):

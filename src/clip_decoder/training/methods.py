@@ -106,10 +106,17 @@ def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
     head = replace(towers.config.head, **config.head_options)
     model_config = replace(towers.config, head=head, templates=config.template_set, prior=config.model_prior)
     model = CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
-    if model.prior.conse and model_config.prior.on and model_config.templates == towers.config.templates:
-        towers.prior.prepare()  # the class names are embedded once for all runs, not once per model
-        model.prior.load_state_dict(towers.prior.state_dict())
+    if model_config.prior.on:
+        _share_class_embeddings(towers, model.prior, model_config.templates)
     return model
+
+
+def _share_class_embeddings(towers: CLIPDecoder, prior: ZeroShotPrior, templates: tuple[str, ...]) -> None:
+    """Give ``prior`` the towers' ImageNet class-name embeddings when they are made with the same
+    templates: the 1,000 class names are embedded once for all runs, not once per run."""
+    if prior.conse and templates == towers.config.templates:
+        towers.prior.prepare()
+        prior.load_state_dict(towers.prior.state_dict())
 
 
 def _training_key(run: MethodRun) -> tuple:
@@ -164,20 +171,25 @@ def _train_linear(run: MethodRun) -> ScoreFunction:
     return lambda features, labels: linear.score(features.pooled, embed(labels, templates))
 
 
-def _train_conse(run: MethodRun) -> ScoreFunction:
+def _prior(run: MethodRun, temperature: float) -> ZeroShotPrior:
+    """A zero-shot prior on the run's towers at ``temperature``, its class names embedded."""
     embed, templates = run.embedder(), run.config.template_set
     prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates),
-                          CONSE_TEMPERATURE)
-    conse = ConSE(prior)
-    prior.prepare()  # the class names first, as a fresh model embeds them
+                          temperature)
+    _share_class_embeddings(run.towers, prior, templates)
+    prior.prepare()  # (when the towers' templates differ: embedded here)
+    return prior
+
+
+def _train_conse(run: MethodRun) -> ScoreFunction:
+    embed, templates = run.embedder(), run.config.template_set
+    conse = ConSE(_prior(run, CONSE_TEMPERATURE))
     return lambda features, labels: conse.score(features.pooled, embed(labels, templates))
 
 
 def _train_prior_alone(run: MethodRun) -> ScoreFunction:
     embed, templates = run.embedder(), run.config.template_set
-    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates),
-                          run.config.prior_temperature)
-    prior.prepare()
+    prior = _prior(run, run.config.prior_temperature)
 
     @torch.inference_mode()
     def score(features: FeatureSet, labels: list[str]) -> np.ndarray:
