@@ -42,6 +42,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_healthy(client: httpx.Client, server: subprocess.Popen) -> None:
+    """Return once the server answers /health (it loads its model first); exit if it died."""
+    while True:
+        try:
+            client.get("/health")
+            return
+        except httpx.TransportError:
+            if server.poll() is not None:
+                sys.exit(f"error: the server exited with code {server.returncode}")
+            time.sleep(0.2)
+
+
 def planned(i: int, pictures: list[tuple[str, bytes]], labels: list[str]) -> tuple[str, dict]:
     """Request ``i``: its kind and the keyword arguments of its POST."""
     name, data = pictures[i % len(pictures)]
@@ -76,14 +88,7 @@ def main() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           limits=httpx.Limits(max_connections=args.concurrency, keepalive_expiry=2)) as client, \
                 ThreadPoolExecutor(args.concurrency) as pool:
-            while True:  # the server loads its model first
-                try:
-                    client.get("/health")
-                    break
-                except httpx.TransportError:
-                    if server.poll() is not None:
-                        sys.exit(f"error: the server exited with code {server.returncode}")
-                    time.sleep(0.2)
+            wait_until_healthy(client, server)
 
             def send(plan: tuple[str, dict]) -> tuple[str, float, int]:
                 start = time.perf_counter()

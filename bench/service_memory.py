@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from bench.load import MAX_LABELS, MAX_UPLOAD_BYTES, free_port, planned, rss_mb
+from bench.load import MAX_LABELS, MAX_UPLOAD_BYTES, free_port, planned, rss_mb, wait_until_healthy
 from bench.report import bench_parser, check_inputs, machine
 from clip_decoder.data.folder import read_part
 from clip_decoder.model_folder import model_folder
@@ -53,14 +53,7 @@ def main() -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
                           limits=httpx.Limits(max_connections=CONCURRENCY, keepalive_expiry=2)) as client, \
                 ThreadPoolExecutor(CONCURRENCY) as pool:
-            while True:  # the server loads its model first
-                try:
-                    client.get("/health")
-                    break
-                except httpx.TransportError:
-                    if server.poll() is not None:
-                        sys.exit(f"error: the server exited with code {server.returncode}")
-                    time.sleep(0.2)
+            wait_until_healthy(client, server)
             rss, statuses, start = [rss_mb(server.pid)], Counter(), time.perf_counter()
             for first in range(0, len(plans), EVERY):
                 statuses.update(pool.map(lambda plan: (plan[0], client.post("/v1/predict", **plan[1]).status_code),
