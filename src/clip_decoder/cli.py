@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     split = read_split(args.split)
     model = train_model(args.data, split, args.out, args.backbone, training_config(args), args.cache,
-                        resume=args.resume, checkpoint_every=args.checkpoint_every)
+                        resume=args.resume, checkpoint_every=args.checkpoint_every, store_dir=args.store)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the model folder
         print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
     return 0
@@ -107,7 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     split = read_split(args.split)
     model = CLIPDecoder.from_pretrained(args.model)
-    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images)
+    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images, store_dir=args.store)
     print(format_table({Path(args.model).name or "model": metrics}))
     print(f"ZSL on {ZSL_IMAGES[args.zsl_images]}: {counts(metrics['zsl'])}; GZSL: {counts(metrics['gzsl'])}")
     if args.json:

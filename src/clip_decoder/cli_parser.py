@@ -75,6 +75,13 @@ def add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
 
 
+def add_store_option(parser: argparse.ArgumentParser, reads: str) -> None:
+    parser.add_argument("--store", metavar="DIR", help="keep the frozen tower's features in a sharded feature store in"
+                        f" DIR instead of the per-image cache, and {reads}: memory no longer grows with the number of"
+                        " images (README, Scaling out). Extraction into it resumes where it stopped; under torchrun"
+                        " the processes split it")
+
+
 def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
     default = next(iter(ZSL_IMAGES))
     parser.add_argument("--zsl-images", choices=list(ZSL_IMAGES), default=default,
@@ -134,6 +141,7 @@ def add_train(commands) -> None:
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     add_backbone_option(train)
     add_cache_option(train)
+    add_store_option(train, "read each batch's rows from it")
     groups = add_config_options(train)
     groups["long runs"].add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (same options), e.g. after"
@@ -213,6 +221,7 @@ def add_evaluate(commands) -> None:
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
     add_zsl_images_option(evaluate)
     add_cache_option(evaluate)
+    add_store_option(evaluate, "score it a few hundred images at a time into a memory-mapped score matrix")
 
 
 def add_data(commands) -> None:
