@@ -172,3 +172,17 @@ def test_torchrun_extracts_into_the_store_split_between_ranks_and_trains_as_one_
     weights = [load_file(out / "model.safetensors") for out in (one, two)]
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, atol=TOLERANCE, rtol=0)
+
+
+def test_extract_fills_the_store_that_train_and_evaluate_then_read(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
+    store, out = tmp_path / "store", tmp_path / "model"
+    assert main(["extract", "--data", str(tiny_dataset), "--store", str(store), "--backbone", f"hf:{tiny_clip_dir}"]) == 0
+    distinct = {file_key(s.image) for part in ("train", "test") for s in read_part(tiny_dataset, part)}
+    assert f"{len(distinct)} images in the feature store" in capsys.readouterr().out
+    assert main([*train_args(tiny_dataset, tiny_clip_dir, out, tmp_path / "cache"), "--store", str(store)]) == 0
+    assert json.loads((out / "training.json").read_text())["images_encoded_per_process"] == [0]
+    assert main(["evaluate", "--model", str(out), "--data", str(tiny_dataset), "--split",
+                 str(tiny_dataset / "split.json"), "--store", str(store), "--json", str(tmp_path / "m.json")]) == 0
+    assert not list(tmp_path.glob("cache/features/*/*.safetensors"))  # the per-image cache was never used
+    assert len(list((store / "store").iterdir())) == 1  # one tower: the model's is the backbone's
+    assert json.loads((tmp_path / "m.json").read_text())["gzsl"]["n_images"] == 16

@@ -115,6 +115,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Extract a dataset folder's image features into a feature store (split across torchrun processes)."""
+    from .encoders import create_backbone
+    from .training.extract import extract_features
+
+    tower = CLIPDecoder.from_pretrained(args.model).image_tower if args.model else create_backbone(args.backbone).image
+    summary = extract_features(args.data, args.store, tower, tuple(args.parts))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{summary['images']} images in the feature store {summary['folder']}; encoded now, per process:"
+              f" {summary['encoded_per_process']}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Choose per-label thresholds on validation images, measure them on the test part, store them."""
     from .calibrate import calibrate_model, write_thresholds
@@ -203,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
-            "evaluate": cmd_evaluate, "data": cmd_data, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

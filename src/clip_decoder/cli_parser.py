@@ -224,6 +224,23 @@ def add_evaluate(commands) -> None:
     add_store_option(evaluate, "score it a few hundred images at a time into a memory-mapped score matrix")
 
 
+def add_extract(commands) -> None:
+    """clip-decoder extract"""
+    extract = commands.add_parser("extract", help="extract a dataset folder's image features into a feature store",
+                                  description="Run the images of the dataset folder (train, val if present, test)"
+                                  " through the frozen image tower into the sharded feature store in --store, for"
+                                  " `train --store` and `evaluate --store`. Images already stored are skipped, so an"
+                                  " interrupted extraction resumes. Under `torchrun --nproc_per_node N -m clip_decoder"
+                                  " extract ...` the N processes split the images (README, Scaling out).")
+    extract.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
+    extract.add_argument("--store", required=True, metavar="DIR", help="feature store folder (created if missing)")
+    extract.add_argument("--parts", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
+                         help="which parts to extract (default: all; val only where the folder has val.csv)")
+    tower = extract.add_mutually_exclusive_group()
+    tower.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
+    tower.add_argument("--model", metavar="DIR", help="a model folder: its image tower (e.g. a fine-tuned one)")
+
+
 def add_data(commands) -> None:
     """clip-decoder data (builders and converters)"""
     data = commands.add_parser("data", help="build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders")
@@ -305,6 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_data, add_bench):
+    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_extract, add_data, add_bench):
         add(commands)
     return parser
