@@ -96,31 +96,38 @@ class StoredFeatures:
     failed: dict[int, str]  # index -> error message
 
 
-def _npy_bytes(array: np.ndarray) -> memoryview:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getbuffer()
+def _npy(array: np.ndarray) -> list:
+    """An .npy file's contents as [header, the array's own buffer]: written without a copy of the array."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return [header.getvalue(), np.ascontiguousarray(array)]
 
 
 class StoreWriter:
-    """Adds rows to a store, one atomically written shard per ``shard_rows`` rows; ``close`` writes the last."""
+    """Adds rows to a store, one atomically written shard per ``shard_rows`` rows; ``close`` writes the last.
+
+    Rows are copied into one shard-sized buffer per array as they come: a writer holds one shard.
+    """
 
     def __init__(self, store: FeatureStore, shard_rows: int = SHARD_ROWS) -> None:
         self.store, self.shard_rows = store, shard_rows
         self.keys: list[str] = []
-        self.tokens: list[np.ndarray] = []
-        self.pooled: list[np.ndarray] = []
+        self.tokens = self.pooled = None  # the buffers, allocated with the first rows
         self.written = 0  # rows written to shards by this writer
 
     def add(self, keys: list[str], tokens: torch.Tensor | np.ndarray, pooled: torch.Tensor | np.ndarray) -> None:
         """Rows for ``keys``: tokens (n, N, D) float16, pooled (n, D) float32."""
         tokens, pooled = np.asarray(tokens, dtype=np.float16), np.asarray(pooled, dtype=np.float32)
+        if self.tokens is None:
+            self.tokens = np.empty((self.shard_rows, *tokens.shape[1:]), dtype=np.float16)
+            self.pooled = np.empty((self.shard_rows, *pooled.shape[1:]), dtype=np.float32)
         start = 0
         while start < len(keys):
-            end = start + self.shard_rows - len(self.keys)
+            end = min(len(keys), start + self.shard_rows - len(self.keys))
+            filled = len(self.keys)
+            self.tokens[filled : filled + end - start] = tokens[start:end]
+            self.pooled[filled : filled + end - start] = pooled[start:end]
             self.keys += keys[start:end]
-            self.tokens.append(tokens[start:end])
-            self.pooled.append(pooled[start:end])
             if len(self.keys) == self.shard_rows:
                 self.flush()
             start = end
@@ -129,15 +136,14 @@ class StoreWriter:
         """Write the rows added so far as one shard."""
         if not self.keys:
             return
-        tokens, pooled = np.concatenate(self.tokens), np.concatenate(self.pooled)
+        rows, folder = len(self.keys), self.store.folder
         name = hashlib.sha256("\n".join(self.keys).encode()).hexdigest()[:20]
-        folder = self.store.folder
-        write_file(folder / f"{name}.tokens.npy", _npy_bytes(tokens))
-        write_file(folder / f"{name}.pooled.npy", _npy_bytes(pooled))
-        manifest = {"format": FORMAT, "rows": len(self.keys), "keys": self.keys}
+        write_file(folder / f"{name}.tokens.npy", _npy(self.tokens[:rows]))
+        write_file(folder / f"{name}.pooled.npy", _npy(self.pooled[:rows]))
+        manifest = {"format": FORMAT, "rows": rows, "keys": self.keys}
         write_file(folder / f"{name}.json", json.dumps(manifest) + "\n")  # last: the shard is complete
-        self.written += len(self.keys)
-        self.keys, self.tokens, self.pooled = [], [], []
+        self.written += rows
+        self.keys = []
 
     def close(self) -> None:
         self.flush()
