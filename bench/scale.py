@@ -209,7 +209,10 @@ def report(paths: list[Path], no_write: bool) -> None:
          " batch 64 over all processes, `TrainConfig()` head; one row per command. Private memory: the sampled peak"
          " of RssAnon; RSS (VmHWM) also counts the store's memory-mapped pages (page cache). Evaluation runs on"
          f" rank 0 over every test image and all {SEEN + UNSEEN} labels. {platform.machine()}, {os.cpu_count()} cores,"
-         f" Python {platform.python_version()}, torch {torch.__version__}; each process uses the torch threads shown."),
+         f" Python {platform.python_version()}, torch {torch.__version__}; each process uses the torch threads shown"
+         " (`OMP_NUM_THREADS=2` for one process, 1 each for two: one per core); the rows ran one after another."
+         " Seconds per step: the median of the steps after the first two. The store lives in a temporary folder"
+         " on the VM's disk and is deleted after each row."),
         "",
         "| images | processes | torch threads | peak private MiB / process | peak RSS MiB / process | s / step"
         " (median) | test images x labels | evaluation s | store GiB | store written in s | command |",
