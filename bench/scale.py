@@ -233,14 +233,16 @@ def report(paths: list[Path], no_write: bool) -> None:
         ratio = high["peak_private_mib_per_process"] / low["peak_private_mib_per_process"]
         steps = [r["seconds_per_step"] for r in same]
         spread = max(steps) / min(steps) - 1
+        fastest, slowest = (f"{r['images']:,}" for r in (min(same, key=lambda r: r["seconds_per_step"]),
+                                                           max(same, key=lambda r: r["seconds_per_step"])))
         private_gb = high["peak_private_mib_per_process"] * 2**20 / 1e9
         lines += [
             (f"| {processes} process(es): peak private memory within 1.3x from {low['images']:,} to {high['images']:,}"
              f" images | {ratio:.2f}x: {'met' if ratio <= 1.3 else 'NOT met'} |"),
             (f"| {processes} process(es): peak private memory under 4 GB at {high['images']:,} images |"
              f" {private_gb:.2f} GB: {'met' if private_gb < 4 else 'NOT met'} |"),
-            (f"| {processes} process(es): seconds per step flat within 20% | {min(steps):.2f} to {max(steps):.2f} s"
-             f" (+{100 * spread:.0f}%): {'met' if spread <= 0.2 else 'NOT met'} |"),
+            (f"| {processes} process(es): seconds per step flat within 20% | {min(steps):.2f} s ({fastest} images) to"
+             f" {max(steps):.2f} s ({slowest} images), +{100 * spread:.0f}%: {'met' if spread <= 0.2 else 'NOT met'} |"),
         ]
     publish("\n".join(lines), section="scale", no_write=no_write)
 
