@@ -83,7 +83,11 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tower, tiny_dataset,
     distinct = len({file_key(path) for path in paths})
     assert again.encoded == distinct - 4 and len(again) == distinct
     cached = FeatureCache(tower, tmp_path / "cache").get(paths, progress=False)
-    assert torch.equal(again.get(paths, progress=False).tokens[:], cached.tokens)
+    resumed = again.get(paths, progress=False).tokens[:]
+    # The first shard came from the cache's first batch: equal bits. The rest went through the tower in
+    # other batches, which moves a float16 token by rounding noise on more than one thread.
+    assert torch.equal(resumed[:4], cached.tokens[:4])
+    torch.testing.assert_close(resumed, cached.tokens, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "other width", "manifest"])
