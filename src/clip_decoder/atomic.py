@@ -29,20 +29,22 @@ def write_failure(path: Path, error: OSError, replaced: bool = False) -> str:
     return f"cannot write {path}: {error.strerror or error} ({code}); {kept}"
 
 
-def _write(path: Path, data: bytes, fsync: bool) -> None:
+def _write(path: Path, data: bytes | list, fsync: bool) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view):]
+        for part in data if isinstance(data, list) else [data]:
+            view = memoryview(part).cast("B")
+            while view:
+                view = view[os.write(descriptor, view):]
         if fsync:
             os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
 
-def write_files(files: dict[Path, bytes | str], fsync: bool = True) -> None:
-    """Replace each file with its data (str is written as UTF-8), atomically.
+def write_files(files: dict[Path, bytes | str | list], fsync: bool = True) -> None:
+    """Replace each file with its data (str is written as UTF-8; a list of buffers, e.g. a header and
+    a numpy array, is written one after the other without joining them), atomically.
 
     Every file is written to a temporary file beside it first; only when all are written are
     they renamed into place, in order. With ``fsync`` (for files that must survive a power cut)
@@ -78,6 +80,6 @@ def remove_leftovers(folder: Path) -> None:
             leftover.unlink()
 
 
-def write_file(path: str | os.PathLike, data: bytes | str, fsync: bool = True) -> None:
+def write_file(path: str | os.PathLike, data: bytes | str | list, fsync: bool = True) -> None:
     """Replace ``path`` with ``data`` atomically (``write_files`` for one file)."""
     write_files({Path(path): data}, fsync)

@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     split = read_split(args.split)
     model = train_model(args.data, split, args.out, args.backbone, training_config(args), args.cache,
-                        resume=args.resume, checkpoint_every=args.checkpoint_every)
+                        resume=args.resume, checkpoint_every=args.checkpoint_every, store_dir=args.store)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the model folder
         print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
     return 0
@@ -107,11 +107,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     split = read_split(args.split)
     model = CLIPDecoder.from_pretrained(args.model)
-    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images)
+    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images, store_dir=args.store)
     print(format_table({Path(args.model).name or "model": metrics}))
     print(f"ZSL on {ZSL_IMAGES[args.zsl_images]}: {counts(metrics['zsl'])}; GZSL: {counts(metrics['gzsl'])}")
     if args.json:
         write_file(args.json, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Extract a dataset folder's image features into a feature store (split across torchrun processes)."""
+    from .encoders import create_backbone
+    from .training.extract import extract_features
+
+    tower = CLIPDecoder.from_pretrained(args.model).image_tower if args.model else create_backbone(args.backbone).image
+    summary = extract_features(args.data, args.store, tower, tuple(args.parts))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{summary['images']} images in the feature store {summary['folder']}; encoded now, per process:"
+              f" {summary['encoded_per_process']}")
     return 0
 
 
@@ -203,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
-            "evaluate": cmd_evaluate, "data": cmd_data, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,6 +75,13 @@ def add_cache_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
 
 
+def add_store_option(parser: argparse.ArgumentParser, reads: str) -> None:
+    parser.add_argument("--store", metavar="DIR", help="keep the frozen tower's features in a sharded feature store in"
+                        f" DIR instead of the per-image cache, and {reads}: memory no longer grows with the number of"
+                        " images (README, Scaling out). Extraction into it resumes where it stopped; under torchrun"
+                        " the processes split it")
+
+
 def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
     default = next(iter(ZSL_IMAGES))
     parser.add_argument("--zsl-images", choices=list(ZSL_IMAGES), default=default,
@@ -134,6 +141,7 @@ def add_train(commands) -> None:
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     add_backbone_option(train)
     add_cache_option(train)
+    add_store_option(train, "read each batch's rows from it")
     groups = add_config_options(train)
     groups["long runs"].add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (same options), e.g. after"
@@ -213,6 +221,24 @@ def add_evaluate(commands) -> None:
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
     add_zsl_images_option(evaluate)
     add_cache_option(evaluate)
+    add_store_option(evaluate, "score it a few hundred images at a time into a memory-mapped score matrix")
+
+
+def add_extract(commands) -> None:
+    """clip-decoder extract"""
+    extract = commands.add_parser("extract", help="extract a dataset folder's image features into a feature store",
+                                  description="Run the images of the dataset folder (train, val if present, test)"
+                                  " through the frozen image tower into the sharded feature store in --store, for"
+                                  " `train --store` and `evaluate --store`. Images already stored are skipped, so an"
+                                  " interrupted extraction resumes. Under `torchrun --nproc_per_node N -m clip_decoder"
+                                  " extract ...` the N processes split the images (README, Scaling out).")
+    extract.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
+    extract.add_argument("--store", required=True, metavar="DIR", help="feature store folder (created if missing)")
+    extract.add_argument("--parts", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
+                         help="which parts to extract (default: all; val only where the folder has val.csv)")
+    tower = extract.add_mutually_exclusive_group()
+    tower.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
+    tower.add_argument("--model", metavar="DIR", help="a model folder: its image tower (e.g. a fine-tuned one)")
 
 
 def add_data(commands) -> None:
@@ -296,6 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_data, add_bench):
+    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_extract, add_data, add_bench):
         add(commands)
     return parser

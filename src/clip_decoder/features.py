@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,35 @@ def weights_fingerprint(tower: ImageTower) -> str:
     return digest.hexdigest()
 
 
+def tower_spec(tower: ImageTower) -> tuple[str, str]:
+    """(key, spec): the JSON of the tower's name, preprocessing and weights, and the 16 hex digits of its
+    sha256 that name a tower's folder in the cache and in the store."""
+    spec = json.dumps({"tower": tower.name, "preprocess": tower.preprocess.to_dict(),
+                       "weights": weights_fingerprint(tower)}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()[:16], spec
+
+
+def file_key(path: str | Path) -> str:
+    """sha256 of the file's content: what cache entries and store rows are keyed by."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def encoded_batches(tower: ImageTower, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE,
+                    workers: int = DEFAULT_WORKERS) -> Iterator[tuple[list[int], dict[int, str], torch.Tensor, torch.Tensor]]:
+    """(indices into ``paths``, failed {index: message}, tokens float16, pooled float32) per batch of images
+    decoded (ahead, in threads) and run through the tower; the tensors are on the CPU, one row per index."""
+    device = next(tower.parameters()).device
+    for batch in decoded_batches(paths, tower.preprocess, batch_size, workers=workers):
+        tokens = pooled = torch.empty(0)
+        if batch.indices:
+            features = tower(batch.pixels.to(device))
+            # Converted once per batch, not per image: on 2 busy cores each small torch op
+            # costs milliseconds. Contiguous, so that each row is an entry as it stands.
+            tokens = features.tokens.to("cpu", torch.float16).contiguous()
+            pooled = features.pooled.to("cpu", torch.float32).contiguous()
+        yield batch.indices, batch.failed, tokens, pooled
+
+
 @dataclass
 class CachedFeatures:
     """Features of the images that could be read, in input order, and the ones that could not."""
@@ -62,9 +92,8 @@ class FeatureCache:
     ) -> None:
         self.tower = tower
         self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn, no threads
-        spec = json.dumps({"tower": tower.name, "preprocess": tower.preprocess.to_dict(),
-                           "weights": weights_fingerprint(tower)}, sort_keys=True)
-        self.folder = Path(root or default_cache_dir()) / "features" / hashlib.sha256(spec.encode()).hexdigest()[:16]
+        key, spec = tower_spec(tower)
+        self.folder = Path(root or default_cache_dir()) / "features" / key
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "tower.json").is_file():  # what the folder's name hashes, for people
             write_file(self.folder / "tower.json", spec + "\n", fsync=False)
@@ -105,7 +134,7 @@ class FeatureCache:
 
     def entry(self, path: str | Path) -> Path:
         """Where the features of the file at ``path`` live: named by its content's sha256."""
-        return self.folder / f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}.safetensors"
+        return self.folder / f"{file_key(path)}.safetensors"
 
     def distinct(self, paths: list[Path]) -> list[Path]:
         """``paths`` less the later copies of the same content (unreadable files are kept, to be reported)."""
@@ -136,24 +165,16 @@ class FeatureCache:
             if e not in stored:
                 first.setdefault(e, i)
         missing = list(first.values())
-        device = next(self.tower.parameters()).device
         # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
         with tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing) as bar:
-            # The next batch is decoded in background thread(s) while the tower runs on this one.
             sources = [paths[index] for index in missing]
-            for batch in decoded_batches(sources, self.tower.preprocess, batch_size, workers=self.decode_workers):
-                failed.update({missing[k]: message for k, message in batch.failed.items()})
-                if batch.indices:
-                    features = self.tower(batch.pixels.to(device))
-                    # Converted once per batch, not per image: on 2 busy cores each small torch op
-                    # costs milliseconds. Contiguous, so that each row is an entry as it stands.
-                    tokens = features.tokens.to("cpu", torch.float16).contiguous()
-                    pooled = features.pooled.to("cpu", torch.float32).contiguous()
-                    for row, k in enumerate(batch.indices):
-                        self._write(entries[missing[k]], tokens[row], pooled[row])
-                        results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
-                    self.encoded += len(batch.indices)
-                bar.update(len(batch.indices) + len(batch.failed))
+            for indices, failures, tokens, pooled in encoded_batches(self.tower, sources, batch_size, self.decode_workers):
+                failed.update({missing[k]: message for k, message in failures.items()})
+                for row, k in enumerate(indices):
+                    self._write(entries[missing[k]], tokens[row], pooled[row])
+                    results[missing[k]] = {"tokens": tokens[row], "pooled": pooled[row]}
+                self.encoded += len(indices)
+                bar.update(len(indices) + len(failures))
         for i, e in entries.items():  # the other copies of content encoded (or failed) above
             if i not in results and i not in failed:
                 if first[e] in results:

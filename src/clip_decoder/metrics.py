@@ -29,6 +29,23 @@ def check_zsl_images(zsl_images: str, where: str) -> str:
     return zsl_images
 
 
+# Large matrices (a memory-mapped score matrix of a whole test set) are read this many rows, or
+# label columns, at a time, so no full-size temporary is made; the results do not depend on it.
+ROWS_PER_CHUNK = 4096
+COLUMNS_PER_CHUNK = 64
+
+
+def _first(array: np.ndarray, bad) -> tuple[int, tuple | None]:
+    """(how many entries ``bad(chunk)`` marks, the index of the first) over row chunks of ``array``."""
+    count, first = 0, None
+    for start in range(0, len(array), ROWS_PER_CHUNK):
+        marked = np.argwhere(bad(array[start : start + ROWS_PER_CHUNK]))
+        if len(marked) and first is None:
+            first = (start + int(marked[0][0]), *map(int, marked[0][1:]))
+        count += len(marked)
+    return count, first
+
+
 def _check(scores, targets, where: str, ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Return (float scores, int8 0/1 targets) or raise ClipDecoderError naming `where`."""
     scores, targets = np.asarray(scores), np.asarray(targets)
@@ -42,14 +59,13 @@ def _check(scores, targets, where: str, ndim: int = 2) -> tuple[np.ndarray, np.n
         raise ClipDecoderError(f"{where}: scores and targets are empty (shape {scores.shape})")
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
-    bad = np.argwhere(np.isnan(scores))
-    if len(bad):
-        raise ClipDecoderError(f"{where}: scores contain {len(bad)} NaN value(s), first at index {tuple(bad[0])}")
-    bad = np.argwhere((targets != 0) & (targets != 1))
-    if len(bad):
-        first = tuple(bad[0])
+    count, first = _first(scores, np.isnan)
+    if count:
+        raise ClipDecoderError(f"{where}: scores contain {count} NaN value(s), first at index {first}")
+    _, first = _first(targets, lambda chunk: (chunk != 0) & (chunk != 1))
+    if first is not None:
         raise ClipDecoderError(f"{where}: targets must be 0/1, found {targets[first]!r} at index {first}")
-    return scores, targets.astype(np.int8)
+    return scores, targets.astype(np.int8, copy=False)
 
 
 def _ap(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -76,8 +92,12 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 def _map(scores: np.ndarray, targets: np.ndarray) -> float:
     """mean_average_precision on validated arrays."""
-    positive = targets == 1
-    aps = [_ap(scores[:, j], positive[:, j]) for j in np.flatnonzero(positive.any(axis=0))]
+    columns = np.flatnonzero(targets.any(axis=0))
+    aps = []
+    for start in range(0, len(columns), COLUMNS_PER_CHUNK):
+        chunk = columns[start : start + COLUMNS_PER_CHUNK]
+        block, positive = scores[:, chunk], targets[:, chunk] == 1
+        aps += [_ap(block[:, j], positive[:, j]) for j in range(len(chunk))]
     return float(np.mean(aps)) if aps else float("nan")
 
 
@@ -108,8 +128,10 @@ def _prf(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float,
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ClipDecoderError(f"precision_recall_f1_at_k: k must be a positive integer, got {k!r}")
     n_images, n_labels = scores.shape
-    hits = int(targets[_top_k_mask(scores, min(int(k), n_labels))].sum())
-    n_pos = int(targets.sum())
+    hits = sum(int(targets[start : start + ROWS_PER_CHUNK][_top_k_mask(scores[start : start + ROWS_PER_CHUNK],
+                                                                       min(int(k), n_labels))].sum())
+               for start in range(0, n_images, ROWS_PER_CHUNK))
+    n_pos = int(targets.sum(dtype=np.int64))
     p = hits / (k * n_images)
     r = hits / n_pos if n_pos else float("nan")  # recall (and F1) undefined without positives
     f1 = 2 * p * r / (p + r) if p + r > 0 else (0.0 if n_pos else float("nan"))

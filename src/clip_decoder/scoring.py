@@ -129,12 +129,17 @@ class Scorer:
 
     @torch.inference_mode()
     def score_stored(self, tokens: torch.Tensor, pooled: torch.Tensor, vocabulary: Vocabulary,
-                     shortlist: int | None = None) -> np.ndarray:
+                     shortlist: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Probabilities (n, L) of stored features (tokens (n, N, D), pooled (n, D), any device
-        and dtype), moved to the model's device a few hundred rows at a time."""
+        and dtype, or a store's ``StoredRows``), moved to the model's device a few hundred rows at a
+        time; written into ``out`` (n, L) when given (e.g. a memory-mapped array), which is returned."""
         rows = [np.zeros((0, len(vocabulary.labels)), dtype=np.float32)]
         for start in range(0, len(tokens), STORED_ROWS_PER_BATCH):
             end = start + STORED_ROWS_PER_BATCH
             features = ImageFeatures(tokens[start:end].to(self.device), pooled[start:end].to(self.device))
-            rows.append(self.score(features, vocabulary, shortlist).probabilities.cpu().numpy())
-        return np.concatenate(rows)
+            probabilities = self.score(features, vocabulary, shortlist).probabilities.cpu().numpy()
+            if out is None:
+                rows.append(probabilities)
+            else:
+                out[start:end] = probabilities
+        return np.concatenate(rows) if out is None else out

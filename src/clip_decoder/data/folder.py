@@ -157,10 +157,10 @@ def warn_label_coverage(samples: Sequence[Sample], split: LabelSplit, used: Sequ
         print(f"warning: {len(absent)} label(s) of the split have no {part} image: {_named(absent)}", file=sys.stderr)
 
 
-def target_matrix(samples: list[Sample], labels: tuple[str, ...] | list[str]) -> np.ndarray:
+def target_matrix(samples: list[Sample], labels: tuple[str, ...] | list[str], dtype=np.float32) -> np.ndarray:
     """0/1 matrix (n_samples, n_labels); labels outside ``labels`` are ignored."""
     index = {label: i for i, label in enumerate(labels)}
-    targets = np.zeros((len(samples), len(labels)), dtype=np.float32)
+    targets = np.zeros((len(samples), len(labels)), dtype=dtype)
     for row, sample in enumerate(samples):
         for label in sample.labels:
             if label in index:

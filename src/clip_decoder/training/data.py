@@ -14,6 +14,7 @@ from ..data.folder import Sample, target_matrix
 from ..decoding import decoded_batches
 from ..encoders import TextTower
 from ..errors import ClipDecoderError
+from ..feature_store import FeatureStore, StoredRows
 from ..features import FeatureCache
 from ..images import Preprocess
 from ..prompts import describe
@@ -25,9 +26,10 @@ class LabelledImages:
 
     samples: list[Sample]
 
-    def targets(self, labels: tuple[str, ...]) -> torch.Tensor:
-        """0/1 targets (n, len(labels)); other labels are ignored."""
-        return torch.from_numpy(target_matrix(self.samples, labels))
+    def targets(self, labels: tuple[str, ...], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """0/1 targets (n, len(labels)) of every sample, or of ``rows``; other labels are ignored."""
+        samples = self.samples if rows is None else [self.samples[i] for i in rows.tolist()]
+        return torch.from_numpy(target_matrix(samples, labels))
 
     def sentences(self, labels: tuple[str, ...]) -> list[str]:
         """Each image's sentence naming its labels among ``labels``, for the alignment loss."""
@@ -37,22 +39,31 @@ class LabelledImages:
 
 @dataclass
 class FeatureSet(LabelledImages):
-    """Cached features of the samples that could be read: the frozen-tower training data."""
+    """Features of the samples that could be read: the frozen-tower training data.
 
-    tokens: torch.Tensor
-    pooled: torch.Tensor
+    From a ``FeatureCache`` the tokens and pooled vectors are tensors in memory; from a
+    ``FeatureStore`` they are ``StoredRows``, read from the store's shards a batch at a time.
+    """
+
+    tokens: torch.Tensor | StoredRows
+    pooled: torch.Tensor | StoredRows
     samples: list[Sample]
 
     @classmethod
-    def build(cls, samples: list[Sample], cache: FeatureCache, progress: bool = True, world: World = World()) -> FeatureSet:
+    def build(cls, samples: list[Sample], source: FeatureCache | FeatureStore, progress: bool = True,
+              world: World = World()) -> FeatureSet:
         """Features of ``samples``; under torchrun each rank extracts its share of the distinct
-        files first, so every image goes through the tower once, then all ranks read them all."""
+        files first, so every image goes through the tower once, then all ranks read them all
+        (from a store: each rank maps them all and reads the rows it is given)."""
+        paths = [s.image for s in samples]
         if world.size > 1:
-            share = world.shard(cache.distinct([s.image for s in samples]))
-            with contextlib.suppress(ClipDecoderError):  # no readable image in this share: reported below
-                cache.get(share, progress=progress and world.is_main, report=False)
+            if isinstance(source, FeatureStore):
+                source.extract(world.shard(source.missing(paths)), progress=progress and world.is_main)
+            else:
+                with contextlib.suppress(ClipDecoderError):  # no readable image in this share: reported below
+                    source.get(world.shard(source.distinct(paths)), progress=progress and world.is_main, report=False)
             world.barrier()
-        features = cache.get([s.image for s in samples], progress=progress and world.is_main, report=world.is_main)
+        features = source.get(paths, progress=progress and world.is_main, report=world.is_main)
         return cls(features.tokens, features.pooled, [samples[i] for i in features.kept])
 
     def batches(self, index_lists: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,8 +110,9 @@ class ImageSet(LabelledImages):
             yield flat[batch.indices], batch.pixels
 
 
-def encode_sentences(text_tower: TextTower, sentences: list[str]) -> torch.Tensor:
-    """Text embeddings (n, text_dim) of per-image sentences, each distinct sentence encoded once."""
+def encode_sentences(text_tower: TextTower, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings (distinct sentences, text_dim), each sentence's row in them): per-image sentences,
+    each distinct sentence encoded and kept once."""
     unique = {sentence: row for row, sentence in enumerate(dict.fromkeys(sentences))}
     encoded = text_tower.encode(list(unique)).float().cpu()
-    return encoded[[unique[sentence] for sentence in sentences]]
+    return encoded, torch.tensor([unique[sentence] for sentence in sentences], dtype=torch.long)

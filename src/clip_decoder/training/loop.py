@@ -72,10 +72,9 @@ class TrainingRun:
         self.model, self.train, self.val, self.seen, self.config, self.world = model, train, val, seen, config, world
         self.generator = torch.Generator().manual_seed(config.seed)
         self.label_embeddings = model.embed_labels(list(seen), config.template_set).to(model.device)
-        self.sentence_embeddings = encode_sentences(model.text_tower, train.sentences(seen))
+        self.sentence_embeddings, self.sentence_rows = encode_sentences(model.text_tower, train.sentences(seen))
         self.steps_per_epoch = max(1, len(train.samples) // config.batch_size)  # the last partial batch is dropped
         self.trainer = Trainer(model, config, config.num_epochs * self.steps_per_epoch, world)
-        self.train_targets = train.targets(seen)
         self.state = RunState()
         ema = self.trainer.ema.module
         self.ema_scorer = Scorer(ema["head"], ema["alignment"], model.embed_labels, config.template_set)
@@ -95,7 +94,9 @@ class TrainingRun:
 
     def step(self, rows: torch.Tensor, inputs: torch.Tensor) -> dict[str, float]:
         """One optimizer step on ``inputs`` (tokens, or pixels when the tower trains) of training ``rows``."""
-        losses = self.trainer.step(inputs, self.label_embeddings, self.train_targets[rows], self.sentence_embeddings[rows])
+        # Targets are built per batch, not held for the whole set: (images x seen labels) grows with the data.
+        losses = self.trainer.step(inputs, self.label_embeddings, self.train.targets(self.seen, rows),
+                                   self.sentence_embeddings[self.sentence_rows[rows]])
         self.state.totals = {key: value + losses[key] / self.steps_per_epoch for key, value in self.state.totals.items()}
         self.state.step += 1
         return losses

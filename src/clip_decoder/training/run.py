@@ -18,6 +18,7 @@ import torch
 from ..atomic import remove_leftovers, write_file
 from ..data.folder import LabelSplit, training_parts, warn_label_coverage
 from ..errors import ClipDecoderError
+from ..feature_store import FeatureStore
 from ..features import FeatureCache
 from ..model import CLIPDecoder
 from .checkpoint import load_checkpoint
@@ -94,22 +95,24 @@ def train_model(
     progress: bool = True,
     resume: bool = False,
     checkpoint_every: int = CHECKPOINT_EVERY,
+    store_dir: str | Path | None = None,
 ) -> CLIPDecoder:
     """Train on the folder's train part (seen labels only) and write a model folder to ``out``.
 
     ``out/checkpoint.safetensors`` holds the run's state until the model folder is written;
-    ``resume`` continues from it.
+    ``resume`` continues from it. With ``store_dir`` the frozen tower's features go to a sharded
+    ``FeatureStore`` there and are read a batch at a time, instead of the per-image cache held in memory.
     """
     world = init_world()
     try:
         return _train_model(data_dir, split, Path(out), backbone, config or TrainConfig(), cache_dir, progress,
-                            resume, checkpoint_every, world)
+                            resume, checkpoint_every, world, store_dir)
     finally:
         close_world(world)
 
 
 def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: TrainConfig, cache_dir, progress: bool,
-                 resume: bool, checkpoint_every: int, world: World) -> CLIPDecoder:
+                 resume: bool, checkpoint_every: int, world: World, store_dir=None) -> CLIPDecoder:
     model = new_model(config, backbone)
     model.config.image_tower_trained = config.finetune_image_tower
     model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
@@ -127,9 +130,14 @@ def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: 
         preprocess = model.image_tower.preprocess
         train, val = (ImageSet.build(samples, preprocess, progress, world) for samples in (train_samples, val_samples))
     else:
-        cache = FeatureCache(model.image_tower, cache_dir)
-        train, val = (FeatureSet.build(samples, cache, progress, world) for samples in (train_samples, val_samples))
-        extracted = world.all_gather_objects(cache.encoded)
+        source = FeatureCache(model.image_tower, cache_dir) if store_dir is None else FeatureStore.for_tower(
+            model.image_tower, store_dir)
+        if store_dir is not None:
+            if world.is_main:
+                source.remove_leftovers()  # before any rank writes to it
+            world.barrier()
+        train, val = (FeatureSet.build(samples, source, progress, world) for samples in (train_samples, val_samples))
+        extracted = world.all_gather_objects(source.encoded)
     if state is not None and state["train_images"] != len(train.samples):
         raise ClipDecoderError(f"{checkpoint} was written for {state['train_images']} training images, the data now"
                                f" has {len(train.samples)}; delete it to start again")

@@ -1,0 +1,47 @@
+"""``clip-decoder extract``: a dataset folder's images through the frozen image tower into a feature store.
+
+Runs as one process, or as one rank of a torchrun job: each rank encodes its share of the images
+not stored yet, so every image goes through the tower once. ``train --store`` and
+``evaluate --store`` then find them there (and would extract what is missing themselves, but
+evaluate in one process).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.folder import read_part
+from ..encoders import ImageTower
+from ..feature_store import FeatureStore
+from .distributed import close_world, init_world
+
+PARTS = ("train", "val", "test")
+
+
+def extract_features(data_dir: str | Path, store_dir: str | Path, tower: ImageTower, parts: tuple[str, ...] = PARTS,
+                     progress: bool = True) -> dict:
+    """Extract the images of the folder's ``parts`` (those it has; val.csv is optional) into the store of
+    ``tower`` under ``store_dir``; returns {"images": stored in all, "encoded_per_process": [...]}."""
+    world = init_world()
+    try:
+        tower.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        store = FeatureStore.for_tower(tower, store_dir)
+        if world.is_main:
+            store.remove_leftovers()  # before any rank writes to it
+        world.barrier()
+        for part in parts:
+            if part == "val" and not (Path(data_dir) / "val.csv").is_file():
+                continue
+            paths = [sample.image for sample in read_part(data_dir, part)]
+            failed = store.extract(world.shard(store.missing(paths)), progress=progress and world.is_main)
+            for message in failed.values():
+                print(f"error: {message}", file=sys.stderr)
+            world.barrier()
+        store.refresh()
+        return {"images": len(store), "folder": str(store.folder),
+                "encoded_per_process": world.all_gather_objects(store.encoded)}
+    finally:
+        close_world(world)
