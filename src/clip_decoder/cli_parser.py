@@ -67,7 +67,8 @@ def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) ->
                             help="a model folder written by train or save_pretrained, or a packaged model's name")
 
 
-def add_backbone_option(parser: argparse.ArgumentParser) -> None:
+def add_backbone_option(parser) -> None:
+    """--backbone on ``parser`` (a parser, or a group of one)."""
     parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
 
 
@@ -237,7 +238,7 @@ def add_extract(commands) -> None:
     extract.add_argument("--parts", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
                          help="which parts to extract (default: all; val only where the folder has val.csv)")
     tower = extract.add_mutually_exclusive_group()
-    tower.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
+    add_backbone_option(tower)
     tower.add_argument("--model", metavar="DIR", help="a model folder: its image tower (e.g. a fine-tuned one)")
 
 

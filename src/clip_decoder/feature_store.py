@@ -44,7 +44,7 @@ from .atomic import remove_leftovers, write_file
 from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from .encoders import ImageTower
 from .errors import ClipDecoderError
-from .features import default_cache_dir, encoded_batches, file_key, tower_spec
+from .features import encoded_batches, file_keys, tower_folder
 
 SHARD_ROWS = 1024  # images per shard: 128 MB of offline-tower tokens, 300 MB of ViT-B/16's
 FORMAT = 1
@@ -164,12 +164,7 @@ class FeatureStore:
     def for_tower(cls, tower: ImageTower, root: str | Path | None = None,
                   decode_workers: int = DEFAULT_WORKERS) -> FeatureStore:
         """The store of ``tower``'s features under ``root`` (the cache's default folder if None)."""
-        key, spec = tower_spec(tower)
-        folder = Path(root or default_cache_dir()) / "store" / key
-        folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / "tower.json").is_file():  # what the folder's name hashes, for people
-            write_file(folder / "tower.json", spec + "\n", fsync=False)
-        return cls(folder, tower, decode_workers)
+        return cls(tower_folder(tower, root, "store"), tower, decode_workers)
 
     def refresh(self) -> None:
         """Read the shards' manifests (the index) and map their arrays; refuse a shard that is not sound."""
@@ -241,19 +236,9 @@ class FeatureStore:
         return (StoredRows([s.tokens for s in self.shards], where[:, 0], where[:, 1]),
                 StoredRows([s.pooled for s in self.shards], where[:, 0], where[:, 1]))
 
-    def keys_of(self, paths: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
-        """({index: content key} of the files that could be read, {index: error} of the others)."""
-        keys, failed = {}, {}
-        for index, path in enumerate(paths):
-            try:
-                keys[index] = file_key(path)
-            except OSError as error:
-                failed[index] = f"cannot read image {str(path)!r}: {error.strerror or error}"
-        return keys, failed
-
     def missing(self, paths: list[Path]) -> list[Path]:
         """The first file of each content among ``paths`` that is not stored yet."""
-        keys, _ = self.keys_of(paths)
+        keys, _ = file_keys(paths)
         first = {}
         for index, key in keys.items():
             if key not in self.index:
@@ -264,7 +249,7 @@ class FeatureStore:
                 shard_rows: int = SHARD_ROWS) -> dict[int, str]:
         """Run the images of ``paths`` that are not stored through the tower into new shards;
         returns {index: error} of the images that could not be read."""
-        keys, failed = self.keys_of(paths)
+        keys, failed = file_keys(paths)
         return self._extract(paths, keys, failed, batch_size, progress, shard_rows)
 
     @torch.inference_mode()
@@ -294,7 +279,7 @@ class FeatureStore:
             report: bool = True) -> StoredFeatures:
         """Features of ``paths`` (extracting those not stored); unreadable images are left out (and
         reported on stderr if ``report``)."""
-        keys, failed = self.keys_of(paths)
+        keys, failed = file_keys(paths)
         failed = self._extract(paths, keys, failed, batch_size, progress)
         by_key = {keys[i]: message for i, message in failed.items() if i in keys}
         failed.update({i: by_key[key] for i, key in keys.items() if key not in self.index})  # copies of failed content

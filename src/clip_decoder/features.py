@@ -58,6 +58,28 @@ def file_key(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def file_keys(paths: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
+    """({index: content key} of the files that could be read, {index: error} of the others)."""
+    keys, failed = {}, {}
+    for index, path in enumerate(paths):
+        try:
+            keys[index] = file_key(path)
+        except OSError as error:
+            failed[index] = f"cannot read image {str(path)!r}: {error.strerror or error}"
+    return keys, failed
+
+
+def tower_folder(tower: ImageTower, root: str | Path | None, kind: str) -> Path:
+    """``<root>/<kind>/<tower key>`` (root: the cache's default folder if None), created with a
+    ``tower.json`` that says what the key hashes, for people."""
+    key, spec = tower_spec(tower)
+    folder = Path(root or default_cache_dir()) / kind / key
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tower.json").is_file():
+        write_file(folder / "tower.json", spec + "\n", fsync=False)
+    return folder
+
+
 def encoded_batches(tower: ImageTower, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE,
                     workers: int = DEFAULT_WORKERS) -> Iterator[tuple[list[int], dict[int, str], torch.Tensor, torch.Tensor]]:
     """(indices into ``paths``, failed {index: message}, tokens float16, pooled float32) per batch of images
@@ -92,11 +114,7 @@ class FeatureCache:
     ) -> None:
         self.tower = tower
         self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn, no threads
-        key, spec = tower_spec(tower)
-        self.folder = Path(root or default_cache_dir()) / "features" / key
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "tower.json").is_file():  # what the folder's name hashes, for people
-            write_file(self.folder / "tower.json", spec + "\n", fsync=False)
+        self.folder = tower_folder(tower, root, "features")
         self.encoded = 0  # images run through the tower by this cache object
         self.rebuilt = 0  # entries found corrupt or stale and recomputed
 
@@ -151,13 +169,8 @@ class FeatureCache:
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
             report: bool = True) -> CachedFeatures:
         """Features for ``paths``; unreadable images are left out (and reported on stderr if ``report``)."""
-        entries: dict[int, Path] = {}
-        failed: dict[int, str] = {}
-        for index, path in enumerate(paths):
-            try:
-                entries[index] = self.entry(path)
-            except OSError as error:
-                failed[index] = f"cannot read image {str(path)!r}: {error.strerror or error}"
+        keys, failed = file_keys(paths)
+        entries = {index: self.folder / f"{key}.safetensors" for index, key in keys.items()}
         stored = {e: t for e in set(entries.values()) if (t := self._read(e)) is not None}
         results = {i: stored[e] for i, e in entries.items() if e in stored}
         first = {}  # entry -> the first image needing it: files with the same content are encoded once

@@ -54,6 +54,11 @@ class World:
         return dict(zip(values, (tensor / self.size).tolist()))
 
 
+def local_device() -> torch.device:
+    """This process's device: the GPU init_world picked (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_world() -> World:
     """Join the process group when started by torchrun (RANK / WORLD_SIZE set), else a world of one.
 

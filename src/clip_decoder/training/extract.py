@@ -11,12 +11,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from ..data.folder import read_part
 from ..encoders import ImageTower
 from ..feature_store import FeatureStore
-from .distributed import close_world, init_world
+from .distributed import close_world, init_world, local_device
 
 PARTS = ("train", "val", "test")
 
@@ -27,7 +25,7 @@ def extract_features(data_dir: str | Path, store_dir: str | Path, tower: ImageTo
     ``tower`` under ``store_dir``; returns {"images": stored in all, "encoded_per_process": [...]}."""
     world = init_world()
     try:
-        tower.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        tower.to(local_device())
         store = FeatureStore.for_tower(tower, store_dir)
         if world.is_main:
             store.remove_leftovers()  # before any rank writes to it

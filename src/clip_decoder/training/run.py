@@ -24,7 +24,7 @@ from ..model import CLIPDecoder
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .data import FeatureSet, ImageSet
-from .distributed import World, close_world, init_world
+from .distributed import World, close_world, init_world, local_device
 from .loop import CHECKPOINT_EVERY, fit
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -115,7 +115,7 @@ def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: 
                  resume: bool, checkpoint_every: int, world: World, store_dir=None) -> CLIPDecoder:
     model = new_model(config, backbone)
     model.config.image_tower_trained = config.finetune_image_tower
-    model.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    model.to(local_device())
     checkpoint, state = out / CHECKPOINT_FILE, None
     if resume and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
