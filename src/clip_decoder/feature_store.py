@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,14 +237,19 @@ class FeatureStore:
         return (StoredRows([s.tokens for s in self.shards], where[:, 0], where[:, 1]),
                 StoredRows([s.pooled for s in self.shards], where[:, 0], where[:, 1]))
 
-    def missing(self, paths: list[Path]) -> list[Path]:
-        """The first file of each content among ``paths`` that is not stored yet."""
+    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list, progress: bool = True) -> dict[int, str]:
+        """Run the first file of each content among ``paths`` that is not stored yet, or this
+        process's ``shard`` of them (``World.shard`` under torchrun), through the tower; each file is
+        hashed once. Unreadable files are left for ``get`` to report; returns {index into the
+        share: error} of the images that could not be decoded."""
         keys, _ = file_keys(paths)
         first = {}
         for index, key in keys.items():
             if key not in self.index:
-                first.setdefault(key, paths[index])
-        return list(first.values())
+                first.setdefault(key, index)
+        share = shard(list(first.values()))
+        return self._extract([paths[i] for i in share], {row: keys[i] for row, i in enumerate(share)}, {},
+                             DEFAULT_BATCH_SIZE, progress)
 
     def extract(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
                 shard_rows: int = SHARD_ROWS) -> dict[int, str]:

@@ -58,7 +58,7 @@ class FeatureSet(LabelledImages):
         paths = [s.image for s in samples]
         if world.size > 1:
             if isinstance(source, FeatureStore):
-                source.extract(world.shard(source.missing(paths)), progress=progress and world.is_main)
+                source.extract_missing(paths, world.shard, progress=progress and world.is_main)
             else:
                 with contextlib.suppress(ClipDecoderError):  # no readable image in this share: reported below
                     source.get(world.shard(source.distinct(paths)), progress=progress and world.is_main, report=False)
