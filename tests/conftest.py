@@ -36,6 +36,30 @@ SIGLIP_PREPROCESSOR = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory) -> Iterator[Path]:
+    """The suite's own cache folder (features, label embeddings), never the user's."""
+    import os
+
+    folder, before = tmp_path_factory.mktemp("cache-root"), os.environ.get("CLIP_DECODER_CACHE")
+    os.environ["CLIP_DECODER_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["CLIP_DECODER_CACHE"]
+    else:
+        os.environ["CLIP_DECODER_CACHE"] = before
+
+
+def image_features(model, images):
+    """The model's image-tower features of ``images`` (paths or PIL images), as one batch."""
+    import torch
+
+    from clip_decoder.images import load_image
+
+    with torch.inference_mode():
+        return model.image_tower(model.image_tower.preprocess.batch([load_image(image) for image in images]))
+
+
 @pytest.fixture(scope="session")
 def cat_photo() -> Path:
     return DATA / "chelsea-cat.jpg"

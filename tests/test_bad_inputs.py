@@ -30,7 +30,7 @@ from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.cli import main, read_labels
 from clip_decoder.data.folder import read_part, read_split
 from clip_decoder.images import load_image
-from clip_decoder.predict import read_thresholds
+from clip_decoder.thresholds import Thresholds
 
 LABELS = ["cat", "dog"]
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -431,9 +431,9 @@ THRESHOLD = st.floats(0.0, 1.0) | st.integers(0, 1)
 def test_read_thresholds_round_trips_both_formats(tmp_path, thresholds, default):
     content = thresholds if default is None else {"default": default, "labels": thresholds}
     (tmp_path / "t.json").write_text(json.dumps(content))
-    per_label, read_default = read_thresholds(tmp_path / "t.json")
-    assert per_label == {label: float(value) for label, value in thresholds.items()}
-    assert read_default == (None if default is None else float(default))
+    read = Thresholds.read(tmp_path / "t.json")
+    assert read.labels == {label: float(value) for label, value in thresholds.items()}
+    assert read.default == (None if default is None else float(default))
 
 
 @QUICK
@@ -442,11 +442,12 @@ def test_read_thresholds_on_anything_gives_thresholds_in_0_1_or_our_error(tmp_pa
     path = tmp_path / "t.json"
     path.write_bytes(data) if isinstance(data, bytes) else path.write_text(json.dumps(data))
     try:
-        per_label, default = read_thresholds(path)
+        read = Thresholds.read(path)
     except ClipDecoderError as error:
         assert "t.json" in str(error)
     else:
-        assert all(0.0 <= value <= 1.0 for value in [*per_label.values(), *([default] if default is not None else [])])
+        fallbacks = [value for value in (read.default, read.new_labels) if value is not None]
+        assert all(0.0 <= value <= 1.0 for value in [*read.labels.values(), *fallbacks])
 
 
 LINE_LABEL = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=12).map(

@@ -11,13 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clip_decoder import ClipDecoderError
-from clip_decoder.calibrate import (
-    best_threshold,
-    calibrate,
-    read_calibration,
-    thresholds_for,
-)
+from clip_decoder.calibrate import best_threshold, calibrate
 from clip_decoder.cli import main
+from clip_decoder.thresholds import Thresholds
 
 
 def f1_at(scores, targets, threshold):
@@ -45,7 +41,7 @@ def test_calibrate_gives_own_thresholds_to_labels_with_enough_positives():
     scores = np.clip(targets * 0.5 + rng.random((40, 3)) * 0.6, 0, 1)
     table = calibrate(scores, targets, ["a", "b", "c"], min_positives=5)
     assert set(table["labels"]) == {"a", "c"}  # "b" has fewer than 5 positives
-    thresholds = thresholds_for(table, ["a", "b", "never seen"])
+    thresholds = Thresholds.from_dict(table).for_labels(["a", "b", "never seen"])
     assert list(thresholds) == [table["labels"]["a"], table["default"], table["new_labels"]]
 
 
@@ -57,12 +53,12 @@ def test_calibrate_and_predict_calibrated(trained, tiny_dataset, tmp_path, capsy
     assert main(["calibrate", "--model", str(model), "--data", str(tiny_dataset), "--split", split,
                  "--val-fraction", "0.25", "--cache", str(cache)]) == 0
     assert "held-out test images (16)" in capsys.readouterr().out
-    table = read_calibration(model / "thresholds.json")
+    table = json.loads((model / "thresholds.json").read_text())
     assert set(table["held_out"]) == {"seen", "unseen", "all", "test_images"}
     image = str(tiny_dataset / "images" / "test-0.png")
     assert main(["predict", "--model", str(model), "--labels", "red,white", "--calibrated", image]) == 0
     record = json.loads(capsys.readouterr().out)
-    limits = dict(zip(["red", "white"], thresholds_for(table, ["red", "white"])))
+    limits = dict(zip(["red", "white"], Thresholds.read(model / "thresholds.json").for_labels(["red", "white"])))
     assert record["labels"] == [l for l in sorted(limits, key=lambda l: -record["scores"][l]) if record["scores"][l] >= limits[l]]
     assert limits["white"] == 0.5  # never trained on: the model's decision boundary
 
@@ -72,6 +68,6 @@ def test_predict_calibrated_needs_a_calibrated_model(trained, tiny_dataset, tmp_
     image = str(tiny_dataset / "images" / "test-0.png")
     assert main(["predict", "--model", str(out), "--labels", "red", "--calibrated", image]) == 2
     assert "run `clip-decoder calibrate" in capsys.readouterr().err
-    (tmp_path / "thresholds.json").write_text('{"default": 3}')
-    with pytest.raises(ClipDecoderError, match="not a thresholds file"):
-        read_calibration(tmp_path / "thresholds.json")
+    (tmp_path / "thresholds.json").write_text('{"default": 3, "labels": {}}')
+    with pytest.raises(ClipDecoderError, match="threshold of 'default' must be a number in"):
+        Thresholds.read(tmp_path / "thresholds.json")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.nn import functional as F
 
 from clip_decoder.alignment import Alignment
-from clip_decoder.training.losses import AsymmetricLoss, LossWeights, contrastive_loss, total_loss
+from clip_decoder.training.losses import AsymmetricLoss, contrastive_loss
 
 
 def test_asl_without_focusing_or_clipping_is_binary_cross_entropy_per_image():
@@ -62,6 +63,16 @@ def test_alignment_loss_prefers_matched_pairs_and_treats_shared_texts_alike():
     torch.testing.assert_close(align(swapped, texts), align(images, texts))
 
 
-def test_total_loss_is_the_weighted_sum():
-    value = total_loss(torch.tensor(2.0), torch.tensor(3.0), LossWeights(cls=1.0, clip=0.5))
-    assert value.item() == 3.5
+def test_the_objective_is_the_recipes_weighted_sum_of_its_terms(tiny_clip_dir):
+    from clip_decoder import CLIPDecoder
+    from clip_decoder.training.config import TrainConfig
+    from clip_decoder.training.methods import decoder_method
+
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, dropout=0.0)
+    recipe = decoder_method("clip-decoder").recipe(TrainConfig(clip_weight=0.5))
+    assert recipe.losses == {"cls": 1.0, "clip": 0.5} and recipe.trains == ("head", "alignment")
+    out = recipe.objective(model)(torch.randn(4, 17, 24), torch.randn(3, 24), (torch.rand(4, 3) > 0.5).float(),
+                                  torch.randn(4, 24))
+    assert set(out) == {"loss", "cls", "clip"}
+    assert out["loss"].item() == pytest.approx(out["cls"].item() + 0.5 * out["clip"].item(), rel=1e-6)
+    assert decoder_method("ml-decoder").recipe(TrainConfig()).trains == ("head",)  # no alignment loss, none trained

@@ -14,7 +14,8 @@ from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.prompts import ENSEMBLE_TEMPLATES
 from clip_decoder.training.losses import AsymmetricLoss, contrastive_loss
 from clip_decoder.training.config import TrainConfig
-from clip_decoder.training.run import new_model
+from clip_decoder.training.methods import decoder_method
+from clip_decoder.training.recipe import untrained_model
 
 LABELS = ["cat", "dog", "car", "a red bicycle"]
 
@@ -139,6 +140,6 @@ def test_the_hf_backbone_works_through_the_whole_api(tiny_clip_dir, tmp_path, ca
 
 
 def test_create_with_no_options_builds_the_model_train_trains_by_default(offline_model):
-    trained_by_default = new_model(TrainConfig(), "offline")
+    trained_by_default = untrained_model(decoder_method("clip-decoder").recipe(TrainConfig()), "offline")
     assert offline_model.config == trained_by_default.config
     assert offline_model.config.head.dim == 256 and offline_model.config.head.cosine_skip

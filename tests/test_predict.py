@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clip_decoder import ClipDecoderError
-from clip_decoder.predict import Decider, Writer, expand_images, read_thresholds
+from clip_decoder.decisions import Decider
+from clip_decoder.inputs import expand_images
+from clip_decoder.thresholds import Thresholds
+from clip_decoder.writers import Writer
 
 LABELS = ["cat", "dog", "car", "tree"]
 SCORES = np.array([0.9, 0.2, 0.6, 0.05], dtype=np.float32)
@@ -26,8 +30,18 @@ def test_images_from_files_folders_globs_and_a_list_file(tmp_path, monkeypatch):
     listing.write_text("\ufeffthree.jpg\n\n missing.jpg \n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     paths, problems = expand_images(["a", "*.jpg", "a/**/*.PNG"], str(listing))
-    assert [str(p) for p in paths] == ["a/b/two.PNG", "a/one.jpg", "three.jpg", "a/b/two.PNG", "three.jpg", "missing.jpg"]
-    assert problems == []
+    # each file once, under the first name it was given; the missing one is reported before anything loads
+    assert [str(p) for p in paths] == ["a/b/two.PNG", "a/one.jpg", "three.jpg"]
+    assert problems == ["cannot load image 'missing.jpg': file not found"]
+
+
+def test_a_file_named_twice_is_scored_once(tmp_path, monkeypatch):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "photo.jpg").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    paths, problems = expand_images(["photos/photo.jpg", "photos", str(tmp_path / "photos" / "photo.jpg"),
+                                     "photos/../photos/photo.jpg"])
+    assert paths == [Path("photos/photo.jpg")] and problems == []
 
 
 def test_bad_image_inputs_are_clear_errors(tmp_path):
@@ -46,15 +60,15 @@ def test_bad_image_inputs_are_clear_errors(tmp_path):
 def test_thresholds_file(tmp_path):
     good = tmp_path / "t.json"
     good.write_text(json.dumps({"cat": 0.7, "dog": 1}))
-    assert read_thresholds(good) == ({"cat": 0.7, "dog": 1.0}, None)
+    assert Thresholds.read(good) == Thresholds({"cat": 0.7, "dog": 1.0})
     good.write_text(json.dumps({"default": 0.3, "labels": {"cat": 0.6}, "min_positives": 5}))  # from calibrate
-    assert read_thresholds(good) == ({"cat": 0.6}, 0.3)
+    assert Thresholds.read(good) == Thresholds({"cat": 0.6}, default=0.3)
     for text, message in [("[0.5]", "expected a JSON object"), ('{"cat": 1.5}', "must be a number in"),
                           ('{"cat": true}', "must be a number in"), ('{"cat": "0.5"}', "must be a number in"),
                           ("{oops", "cannot read thresholds"), ('{"default": 2, "labels": {}}', "'default' must be")]:
         good.write_text(text)
         with pytest.raises(ClipDecoderError, match=message):
-            read_thresholds(good)
+            Thresholds.read(good)
 
 
 def test_decisions():
@@ -63,12 +77,33 @@ def test_decisions():
     assert Decider(threshold=0.5)(LABELS, SCORES) == ["cat", "car"]
     assert Decider(threshold=0.1, top_k=1)(LABELS, SCORES) == ["cat"]
     # own thresholds first; the others use --threshold, else 0.5
-    assert Decider(per_label={"cat": 0.95, "tree": 0.01})(LABELS, SCORES) == ["car", "tree"]
-    assert Decider(threshold=0.1, per_label={"cat": 0.95})(LABELS, SCORES) == ["car", "dog"]
+    assert Decider(thresholds=Thresholds({"cat": 0.95, "tree": 0.01}))(LABELS, SCORES) == ["car", "tree"]
+    assert Decider(threshold=0.1, thresholds=Thresholds({"cat": 0.95}))(LABELS, SCORES) == ["car", "dog"]
     with pytest.raises(ClipDecoderError, match="--top-k"):
         Decider(top_k=0)
     with pytest.raises(ClipDecoderError, match="--threshold"):
         Decider(threshold=2.0)
+
+
+def test_one_reader_gives_calibrated_thresholds_to_trained_and_new_labels_alike(tmp_path, trained, capsys):
+    """A thresholds.json from calibrate read through --thresholds decides as --calibrated does: a label the
+    model never saw gets the table's new-label threshold, not the trained labels' default."""
+    import shutil
+
+    from clip_decoder.cli import main
+
+    out, _, _ = trained
+    model = tmp_path / "model"
+    shutil.copytree(out, model)
+    table = {"default": 0.0, "new_labels": 1.0, "labels": {}, "trained_labels": ["red", "green", "blue", "yellow"]}
+    (model / "thresholds.json").write_text(json.dumps(table))
+    image = str(Path(__file__).parent / "data" / "chelsea-cat.jpg")
+    decided = {}
+    for option in (["--calibrated"], ["--thresholds", str(model / "thresholds.json")]):
+        assert main(["predict", "--model", str(model), "--labels", "red,white", *option, image]) == 0
+        decided[option[0]] = json.loads(capsys.readouterr().out)["labels"]
+    assert decided["--calibrated"] == decided["--thresholds"] == ["red"]  # white: never trained on, threshold 1.0
+    assert Thresholds.read(model / "thresholds.json").for_labels(["red", "white", "purple"]).tolist() == [0.0, 1.0, 1.0]
 
 
 @given(st.lists(st.floats(0, 1), min_size=4, max_size=4), st.integers(1, 5), st.floats(0, 1))

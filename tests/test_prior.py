@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import image_features
+
 from clip_decoder import CLIPDecoder
 from clip_decoder.encoders import ImageFeatures
 from clip_decoder.prior import PriorConfig, imagenet_class_names
@@ -47,23 +49,21 @@ def test_labels_the_head_was_trained_on_get_the_seen_weight_and_the_others_the_w
     weights = torch.tensor([4.0, 1.5, 4.0, 1.5])  # cat, dog (trained), airplane, pizza (trained)
     torch.testing.assert_close(logit["mixed"] - logit["plain"], (weights * (cosine - 0.1)).double(), atol=1e-4, rtol=0)
     # the trained labels are saved with the model and keep their weight after loading
-    assert mixed.config.labels == ["dog", "pizza"]
+    assert mixed.config.labels == ("dog", "pizza")
 
 
 def test_the_temperature_softens_the_imagenet_distribution_before_conse_averages_its_top_classes(offline_model, cat_photo):
-    pooled = offline_model.encode_images([cat_photo]).pooled
-    prior = offline_model.prior
+    pooled = image_features(offline_model, [cat_photo]).pooled
+    prior = offline_model.zero_shot
     prior.prepare()
-    logits = prior.imagenet_logits(pooled)
+    logits = offline_model.image_tower.imagenet_logits(pooled)
     vectors = {}
     for temperature in (1.0, 3.0):
-        prior.temperature = temperature
         probabilities = (logits / temperature).softmax(-1)
         top = probabilities.topk(10, dim=-1)
         expected = F.normalize(top.values @ prior.class_embeddings[top.indices[0]], dim=-1)
-        vectors[temperature] = prior(pooled)
+        vectors[temperature] = prior(pooled, temperature)
         torch.testing.assert_close(vectors[temperature], expected, atol=1e-5, rtol=0)
-    prior.temperature = offline_model.config.prior.temperature
     assert not torch.allclose(vectors[1.0], vectors[3.0], atol=1e-3)  # a hotter softmax spreads the weight
 
 
@@ -73,16 +73,21 @@ def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes
     from clip_decoder.training.config import TrainConfig
     from clip_decoder.training.data import FeatureSet
 
-    offline_model.prior.prepare()
+    from clip_decoder.encoders import Backbone
+
+    offline_model.zero_shot.prepare()
+    towers = Backbone("offline", offline_model.image_tower, offline_model.text_tower)
+    shared = {offline_model.config.templates: offline_model.zero_shot.class_embeddings}  # as the harness holds them
     embedded = []  # the towers' class-name embeddings are shared: nothing but the labels is embedded
     original = type(offline_model.text_tower).encode
     monkeypatch.setattr(type(offline_model.text_tower), "encode",
                         lambda self, texts: (embedded.extend(texts), original(self, texts))[1])
-    features = offline_model.encode_images([cat_photo])
+    features = image_features(offline_model, [cat_photo])
     stored = FeatureSet(features.tokens, features.pooled, [])
     scores = {}
     for temperature in (1.0, 4.0):
-        run = methods.MethodRun(offline_model, {}, None, TrainConfig(prior_temperature=temperature))
+        run = methods.MethodRun(towers, {}, None, TrainConfig(prior=PriorConfig(temperature=temperature)),
+                                class_embeddings=shared)
         scores["conse", temperature] = methods.get_method("conse").train(run)(stored, LABELS)
         scores["prior", temperature] = methods.get_method("zero-shot-prior").train(run)(stored, LABELS)
     np.testing.assert_allclose(scores["conse", 1.0], scores["conse", 4.0], atol=1e-6)
@@ -92,12 +97,12 @@ def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes
 
 
 def test_conse_is_the_offline_prior_alone_and_ranks_the_photos_class_first(offline_model, cat_photo):
-    pooled = offline_model.encode_images([cat_photo]).pooled
+    pooled = image_features(offline_model, [cat_photo]).pooled
     labels = offline_model.embed_labels(LABELS, offline_model.config.templates)
-    scores = ConSE(offline_model.prior).score(pooled, labels)  # the model's prior, at its own temperature
+    scores = ConSE(offline_model.zero_shot).score(pooled, labels)  # the classifier's own probabilities
     assert scores.argmax() == 0
-    np.testing.assert_allclose(scores, (offline_model.prior(pooled) @ labels.T).numpy(), atol=1e-6)
-    assert offline_model.prior.class_embeddings.shape == (len(imagenet_class_names()), 384)
+    np.testing.assert_allclose(scores, (offline_model.zero_shot(pooled, 1.0) @ labels.T).numpy(), atol=1e-6)
+    assert offline_model.zero_shot.class_embeddings.shape == (len(imagenet_class_names()), 384)
 
 
 def test_a_model_with_the_prior_saves_the_class_embeddings_and_never_re_embeds_them(offline_model, tmp_path, cat_photo,
@@ -137,7 +142,7 @@ def test_a_folder_with_one_prior_weight_keeps_its_scores(tmp_path, cat_photo):
     config.update(format_version=1, prior_weight=10.0, prior_offset=0.25)
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
-    assert loaded.config.prior == legacy
+    assert loaded.config.prior == legacy and loaded.config.labels == ("cat",)
     np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
 
 
@@ -173,14 +178,47 @@ def test_training_centres_the_prior_so_it_moves_no_score_on_average(trained, tin
 
 
 def test_benchmark_models_share_the_towers_class_embeddings():
+    from clip_decoder.encoders import create_backbone
     from clip_decoder.training.config import TrainConfig
-    from clip_decoder.training.methods import fresh_model
+    from clip_decoder.training.methods import MethodRun, decoder_method
+    from clip_decoder.training.recipe import untrained_model
 
-    # Towers whose label cache is empty, as the harness's are: a label embedded earlier in another
-    # batch could differ in the last bit.
-    towers = CLIPDecoder.create(backbone="offline")
-    model = fresh_model(towers, TrainConfig())
-    assert model.prior.ready and model.prior.class_embeddings.data_ptr() != towers.prior.class_embeddings.data_ptr()
+    towers, shared = create_backbone("offline"), {}
+    recipe = decoder_method("clip-decoder").recipe(TrainConfig())
+    models = [untrained_model(recipe, towers) for _ in range(2)]
+    embedded = []
+    original = type(towers.text).encode
+    type(towers.text).encode = lambda self, texts: (embedded.extend(texts), original(self, texts))[1]
+    try:
+        for model in models:
+            MethodRun(towers, {}, None, TrainConfig(), class_embeddings=shared).share_class_embeddings(
+                model.zero_shot, recipe.templates)
+    finally:
+        type(towers.text).encode = original
+    assert len(embedded) == len(imagenet_class_names()) * len(recipe.templates)  # once for both models
+    assert all(model.zero_shot.ready for model in models)
+    assert models[0].zero_shot.class_embeddings.data_ptr() != models[1].zero_shot.class_embeddings.data_ptr()
     alone = CLIPDecoder.create(backbone="offline")  # embeds the class names itself
-    alone.prior.prepare()
-    assert torch.equal(model.prior.class_embeddings, alone.prior.class_embeddings)
+    alone.zero_shot.prepare()
+    assert torch.equal(models[0].zero_shot.class_embeddings, alone.zero_shot.class_embeddings)
+
+
+def test_predict_with_prior_weights_0_gives_the_no_prior_ablations_scores(trained, tiny_dataset, capsys):
+    """--prior-weight 0 --prior-seen-weight 0 scores as the same head with the prior off (the no-prior ablation)."""
+    from clip_decoder.cli import main
+
+    out, _, _ = trained
+    images = [str(tiny_dataset / "images" / f"test-{i}.png") for i in range(4)]
+    labels = "red,green,white,black,purple"
+    assert main(["predict", "--model", str(out), "--labels", labels, "--prior-weight", "0", "--prior-seen-weight", "0",
+                 *images]) == 0
+    zeroed = [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()]
+    ablation = CLIPDecoder.from_pretrained(out)
+    ablation.set_prior(PriorConfig.off())
+    expected = ablation.predict(images, labels.split(","))
+    np.testing.assert_allclose([list(record.values()) for record in zeroed], expected, atol=1e-6)
+    assert main(["predict", "--model", str(out), "--labels", labels, *images]) == 0  # with the model's own prior
+    assert [json.loads(line)["scores"] for line in capsys.readouterr().out.splitlines()] != zeroed
+    with pytest.raises(SystemExit) as refused:
+        main(["predict", "--model", str(out), "--labels", labels, "--prior-weight", "-1", *images])
+    assert refused.value.code == 2 and "--prior-weight: must be at least 0, got -1" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,10 @@ from clip_decoder.cli import main
 from clip_decoder.data.folder import read_split
 from clip_decoder.errors import ClipDecoderError
 from clip_decoder.evaluate import evaluate_model
+from clip_decoder.features import FeatureLocation
 from clip_decoder.training.checkpoint import load_checkpoint
 from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.methods import decoder_method
 from clip_decoder.training.trainer import Trainer
 
 # Dropout off: with it each rank draws its own masks, so 1 and 2 processes would train with
@@ -65,8 +68,8 @@ def test_torchrun_on_two_processes_trains_the_model_one_process_trains(tiny_data
     for key in weights_one:
         torch.testing.assert_close(weights_two[key], weights_one[key], atol=TOLERANCE, rtol=0)
     split = read_split(tiny_dataset / "split.json")
-    metrics = [evaluate_model(CLIPDecoder.from_pretrained(out), tiny_dataset, split, tmp_path / "cache-one",
-                              progress=False) for out in (one, two)]
+    metrics = [evaluate_model(CLIPDecoder.from_pretrained(out), tiny_dataset, split,
+                              FeatureLocation(cache=tmp_path / "cache-one"), progress=False) for out in (one, two)]
     for part in ("zsl", "gzsl"):
         assert metrics[1][part].keys() == metrics[0][part].keys()
         for name, value in metrics[0][part].items():  # numbers, and the zsl's "zsl_images"
@@ -181,13 +184,14 @@ def test_accumulating_micro_batches_gives_the_gradient_of_the_whole_batch(tiny_c
     """ASL is a mean over images, so two half batches give one whole batch's step (the alignment
     loss's negatives are per micro-batch, so it is off here)."""
     config = TrainConfig(batch_size=8, clip_weight=0.0, head={"dim": 32, "heads": 4, "ffn_dim": 64, "dropout": 0.0})
+    method = decoder_method("clip-decoder")
     tokens, labels = torch.randn(8, 17, 24), torch.randn(4, 24)
     targets, sentences = (torch.rand(8, 4) > 0.5).float(), torch.randn(8, 24)
     states = []
     for accumulate in (1, 2):
         torch.manual_seed(0)
         model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", **config.head)
-        trainer = Trainer(model, TrainConfig(**{**config.__dict__, "accumulate": accumulate}), total_steps=4)
+        trainer = Trainer(model, method.recipe(replace(config, accumulate=accumulate)), total_steps=4)
         losses = trainer.step(tokens, labels, targets, sentences)
         # The gradients themselves, not the weights after AdamW: a parameter whose exact gradient
         # is 0 (the key bias: softmax ignores a constant shift) gets Adam's sign of float noise.
@@ -224,7 +228,8 @@ def test_fine_tuning_the_image_tower_end_to_end_lowers_the_loss_and_saves_the_to
 
 def test_tower_blocks_trains_only_the_last_blocks(tiny_clip_dir):
     model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
-    Trainer(model, TrainConfig(finetune_image_tower=True, tower_blocks=2), total_steps=1)
+    Trainer(model, decoder_method("clip-decoder").recipe(TrainConfig(finetune_image_tower=True, tower_blocks=2)),
+            total_steps=1)
     blocks = model.image_tower.trainable_blocks()
     trains = [all(p.requires_grad for p in block.parameters()) for block in blocks]
     assert trains == [False] * (len(blocks) - 2) + [True, True]

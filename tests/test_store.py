@@ -16,8 +16,7 @@ from clip_decoder.cli import main
 from clip_decoder.data.folder import read_part, read_split
 from clip_decoder.errors import ClipDecoderError
 from clip_decoder.evaluate import evaluate_model
-from clip_decoder.feature_store import FeatureStore, StoreWriter
-from clip_decoder.features import FeatureCache, file_key
+from clip_decoder.features import FeatureCache, FeatureLocation, FeatureStore, StoreWriter, file_key
 
 
 @pytest.fixture
@@ -29,7 +28,7 @@ def test_store_rows_equal_the_cache_entries_in_any_order(tower, tiny_dataset, tm
     paths = [s.image for s in read_part(tiny_dataset, "train")][:10]
     paths.append(paths[3])  # a second copy of one content: stored once
     store = FeatureStore.for_tower(tower, tmp_path / "store")
-    store.extract(paths, progress=False, shard_rows=4)
+    store.extract_missing(paths, progress=False, shard_rows=4)
     distinct = len({file_key(path) for path in paths})  # the tiny set repeats some images too
     assert len(store) == distinct and sorted(len(s.keys) for s in store.shards) == sorted([4, 4, distinct - 8])
     cached = FeatureCache(tower, tmp_path / "cache").get(paths, progress=False)
@@ -47,7 +46,7 @@ def test_the_writer_splits_rows_into_shards_of_the_size_asked(tmp_path):
     tokens, pooled = np.random.default_rng(0).normal(size=(2, 10, 3, 5)), np.arange(100.0).reshape(2, 10, 5)
     for batch in range(2):  # 10 rows, then 10 more: shards of 4, 4, 4, 4, 4
         writer.add([f"k{batch}-{i}" for i in range(10)], tokens[batch], pooled[batch])
-    writer.close()
+    writer.flush()
     store.refresh()
     assert sorted(len(s.keys) for s in store.shards) == [4] * 5
     rows_tokens, rows_pooled = store.rows(["k1-9", "k0-0"])
@@ -70,7 +69,7 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tower, tiny_dataset,
     monkeypatch.setattr(StoreWriter, "flush", dies_on_the_second_shard)
     store = FeatureStore.for_tower(tower, tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        store.extract(paths, progress=False, shard_rows=4)
+        store.extract_missing(paths, progress=False, shard_rows=4)
     monkeypatch.setattr(StoreWriter, "flush", flush)
     orphan = store.folder / "0123456789abcdef0123.tokens.npy"  # arrays of a shard whose manifest was never written
     np.save(orphan, np.zeros((1, 2, 3), np.float16))
@@ -79,7 +78,7 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tower, tiny_dataset,
     assert len(again) == 4  # the first shard
     again.remove_leftovers()
     assert not orphan.exists() and not list(store.folder.glob(".*.tmp"))
-    again.extract(paths, progress=False, shard_rows=4)
+    again.extract_missing(paths, progress=False, shard_rows=4)
     distinct = len({file_key(path) for path in paths})
     assert again.encoded == distinct - 4 and len(again) == distinct
     cached = FeatureCache(tower, tmp_path / "cache").get(paths, progress=False)
@@ -94,7 +93,7 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tower, tiny_dataset,
 def test_a_corrupt_or_mismatched_shard_is_refused_naming_the_file(tower, tiny_dataset, tmp_path, damage):
     paths = [s.image for s in read_part(tiny_dataset, "train")][:3]
     store = FeatureStore.for_tower(tower, tmp_path)
-    store.extract(paths, progress=False)
+    store.extract_missing(paths, progress=False)
     name = next(store.folder.glob("*.tokens.npy")).name.split(".")[0]
     tokens = store.folder / f"{name}.tokens.npy"
     if damage == "truncated":
@@ -136,10 +135,10 @@ def test_evaluating_from_the_store_in_chunks_equals_evaluating_in_memory(trained
     # Batches far smaller than the test set, so every chunked path runs several times. (The same for both
     # runs: the head's float noise depends on the batch size, and this tiny model's scores are near ties.)
     monkeypatch.setattr(scoring, "STORED_ROWS_PER_BATCH", 3)
-    expected = evaluate_model(model, tiny_dataset, split, cache, progress=False, zsl_images="all")
+    expected = evaluate_model(model, tiny_dataset, split, FeatureLocation(cache=cache), progress=False, zsl_images="all")
     monkeypatch.setattr(metrics, "ROWS_PER_CHUNK", 5)
     monkeypatch.setattr(metrics, "COLUMNS_PER_CHUNK", 2)
-    got = evaluate_model(model, tiny_dataset, split, progress=False, zsl_images="all", store_dir=tmp_path)
+    got = evaluate_model(model, tiny_dataset, split, FeatureLocation(store=tmp_path), progress=False, zsl_images="all")
     assert list(tmp_path.glob("store/*/*.tokens.npy")) and not list(tmp_path.glob("store/*/.scores*"))
     for part in ("zsl", "gzsl"):
         assert got[part].keys() == expected[part].keys()

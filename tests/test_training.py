@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
-from conftest import HEAD, TINY_SPLIT
+from conftest import HEAD, TINY_SPLIT, image_features
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
@@ -16,9 +16,11 @@ from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.cli import build_parser, main, training_config
 from clip_decoder.data.folder import read_part, read_split, target_matrix, write_part
 from clip_decoder.evaluate import evaluate_model
-from clip_decoder.features import FeatureCache
+from clip_decoder.features import FeatureCache, FeatureLocation
 from clip_decoder.head import HeadConfig
 from clip_decoder.metrics import zsl_gzsl_metrics
+from clip_decoder.prior import PriorConfig
+from clip_decoder.prompts import SINGLE_TEMPLATE
 from clip_decoder.training import methods
 from clip_decoder.training.config import TrainConfig
 
@@ -38,15 +40,18 @@ def test_train_writes_a_model_folder_with_log_and_curves(trained):
 
 
 def test_ml_decoder_baseline_uses_ml_decoders_head_and_no_alignment():
-    config = TrainConfig(method="ml-decoder")
-    assert config.head_options["cosine_skip"] is False and config.loss_weights.clip == 0.0
-    assert TrainConfig().head_options["cosine_skip"] is True and TrainConfig().loss_weights.clip > 0
+    ml_decoder, clip_decoder = (methods.decoder_method(name).recipe(TrainConfig()) for name in ("ml-decoder", "clip-decoder"))
+    assert ml_decoder.head["cosine_skip"] is False and ml_decoder.losses == {"cls": 1.0} and not ml_decoder.prior.on
+    assert clip_decoder.head["cosine_skip"] is True and clip_decoder.losses == {"cls": 1.0, "clip": 0.1}
 
 
 def test_each_method_trains_for_its_tuned_length_unless_told():
-    assert (TrainConfig().num_epochs, TrainConfig(method="ml-decoder").num_epochs) == (10, 20)
-    assert replace(TrainConfig(), method="ml-decoder").num_epochs == 20  # as the benchmark derives it
-    assert replace(TrainConfig(epochs=3), method="ml-decoder").num_epochs == 3
+    def epochs(name: str, config: TrainConfig) -> int:
+        return methods.decoder_method(name).recipe(config).epochs
+
+    assert (epochs("clip-decoder", TrainConfig()), epochs("ml-decoder", TrainConfig())) == (10, 20)
+    assert epochs("ml-decoder", TrainConfig(method="clip-decoder")) == 20  # the method, not the options' name
+    assert epochs("ml-decoder", TrainConfig(epochs=3)) == 3
 
 
 def test_unseen_labels_are_never_embedded_in_training(trained):
@@ -139,10 +144,11 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
         f"split-{method}-seed{seed}" for method in ("clip-decoder", "ml-decoder") for seed in (0, 1)]
     kept = CLIPDecoder.from_pretrained(tmp_path / "models" / "split-clip-decoder-seed1")
-    assert kept.config.labels == TINY_SPLIT["seen"] and kept.config.prior.on
-    again = evaluate_model(kept, tiny_dataset, read_split(split), tmp_path / "cache", progress=False)
+    assert list(kept.config.labels) == TINY_SPLIT["seen"] and kept.config.prior.on
+    cache = FeatureLocation(cache=tmp_path / "cache")
+    again = evaluate_model(kept, tiny_dataset, read_split(split), cache, progress=False)
     assert again["zsl"]["mAP"] == pytest.approx(results["clip-decoder"][1]["zsl"]["mAP"], abs=0.01)
-    again = evaluate_model(kept, tiny_dataset, read_split(split), tmp_path / "cache", progress=False, zsl_images="all")
+    again = evaluate_model(kept, tiny_dataset, read_split(split), cache, progress=False, zsl_images="all")
     assert again["zsl"]["mAP"] == pytest.approx(results["clip-decoder"][1]["zsl_by_images"]["all"]["mAP"], abs=0.01)
     for runs in results.values():  # each run's ZSL on both image sets; its "zsl" is the default's
         assert all(run["zsl"] == run["zsl_by_images"]["with-unseen"] for run in runs)
@@ -174,7 +180,7 @@ def test_methods_that_differ_only_in_how_the_prior_scores_share_one_training(tin
 
     def bench(*names: str) -> dict:
         results = run_benchmark(tiny_dataset, [tiny_dataset / "split.json"], (0,), names, f"hf:{tiny_clip_dir}", config,
-                                tmp_path / "cache", progress=False)["split"]
+                                FeatureLocation(cache=tmp_path / "cache"), progress=False)["split"]
         return {name: {part: runs[0][part] for part in ("zsl", "gzsl")} for name, runs in results.items()}
 
     together = bench("clip-decoder", "clip-decoder-no-prior", "clip-decoder-one-prior-weight", "ml-decoder")
@@ -189,9 +195,9 @@ def test_methods_that_differ_only_in_how_the_prior_scores_share_one_training(tin
 def test_conse_ranks_the_photos_class_first(offline_model, cat_photo):
     from clip_decoder.training.baselines import ConSE
 
-    conse = ConSE(offline_model.prior)
-    pooled = offline_model.encode_images([cat_photo]).pooled
-    scores = conse.score(pooled, offline_model.embed_labels(["cat", "airplane", "guitar", "pizza"]))
+    conse = ConSE(offline_model.zero_shot)
+    pooled = image_features(offline_model, [cat_photo]).pooled
+    scores = conse.score(pooled, offline_model.embed_labels(["cat", "airplane", "guitar", "pizza"], SINGLE_TEMPLATE))
     assert scores.argmax() == 0
 
 
@@ -211,7 +217,7 @@ def test_evaluate_and_predict_share_one_scoring_path(trained, tmp_path):
     write_part(tmp_path, "test", rows)
     (tmp_path / "split.json").write_text(json.dumps(TINY_SPLIT))
     split = read_split(tmp_path / "split.json")
-    evaluated = evaluate_model(model, tmp_path, split, cache, progress=False)
+    evaluated = evaluate_model(model, tmp_path, split, FeatureLocation(cache=cache), progress=False)
     samples = read_part(tmp_path, "test")
     scores = model.predict([s.image for s in samples], list(split.all))
     predicted = zsl_gzsl_metrics(scores, target_matrix(samples, split.all), list(split.all), list(split.unseen))
@@ -226,15 +232,15 @@ def test_a_new_method_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_pat
     def random_projection(run: methods.MethodRun) -> methods.ScoreFunction:
         embed = run.embedder()
         generator = torch.Generator().manual_seed(run.config.seed)
-        projection = torch.randn(run.parts["train"].pooled.shape[1], run.towers.text_tower.dim, generator=generator)
+        projection = torch.randn(run.parts["train"].pooled.shape[1], run.backbone.text.dim, generator=generator)
 
         def score(features, labels) -> np.ndarray:
             images = torch.nn.functional.normalize(features.pooled.float() @ projection, dim=-1)
-            return (images @ embed(labels, run.config.template_set).T).numpy()
+            return (images @ embed(labels, run.templates).T).numpy()
 
         return score
 
-    methods.register_method(methods.Method(
+    methods.register_method(methods.ScoreMethod(
         "toy", "a random projection of the pooled image against the label texts", random_projection,
         lambda config: f"random projection, {config.templates} prompts"))
     results_path, markdown = tmp_path / "results.json", tmp_path / "RESULTS.md"
@@ -248,8 +254,8 @@ def test_a_new_method_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_pat
     assert "- **toy**: random projection, ensemble prompts." in page
     assert "ZSL: every test image (the set of LESA" in page
     assert "ZSL with `--zsl-images with-unseen`: the test images with an unseen label (ML-Decoder's set)." in page
-    with pytest.raises(ClipDecoderError, match="unknown method 'toy'"):
-        TrainConfig(method="toy")  # it trains no decoder head, so `clip-decoder train` does not offer it
+    with pytest.raises(ClipDecoderError, match="method 'toy' trains no decoder head"):
+        methods.decoder_method("toy")  # so `clip-decoder train` does not offer it
 
 
 def test_command_line_defaults_are_the_config_defaults(tmp_path):
@@ -259,13 +265,19 @@ def test_command_line_defaults_are_the_config_defaults(tmp_path):
     assert training_config(args) == TrainConfig()
     options = {action.dest: action for action in parser._subparsers._group_actions[0].choices["train"]._actions}
     for item in fields(TrainConfig):
-        if item.name != "head":
+        if item.name not in ("head", "prior"):
             assert item.name in options and options[item.name].default == item.default, item.name
+    for item in fields(PriorConfig):  # the prior as one setting: --prior-<name>, offset aside (training sets it)
+        if item.name != "offset":
+            assert options[f"prior_{item.name}"].default == item.default, item.name
+    assert "prior_offset" not in options
     for item in fields(HeadConfig):
         if item.name not in ("text_dim", "image_dim"):
             assert options[item.name].default is None and str(item.default) in options[item.name].help
     custom = parser.parse_args(["train", "--data", "d", "--split", "s.json", "--out", "o", "--dim", "64",
-                                "--no-cosine-skip", "--method", "ml-decoder", "--lr", "0.01"])
+                                "--no-cosine-skip", "--method", "ml-decoder", "--lr", "0.01", "--prior-seen-weight", "2"])
     config = training_config(custom)
     assert (config.lr, config.method, config.head) == (0.01, "ml-decoder", {"dim": 64, "cosine_skip": False})
-    assert config.head_options == {**TrainConfig().head_options, "dim": 64, "cosine_skip": False}
+    assert config.prior == PriorConfig(seen_weight=2.0)
+    assert methods.decoder_method(config.method).recipe(config).head == {
+        **methods.decoder_method("ml-decoder").recipe(TrainConfig()).head, "dim": 64}

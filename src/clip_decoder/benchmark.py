@@ -1,7 +1,7 @@
 """The zero-shot benchmark harness: registered methods x seeds x label splits, and its results page.
 
-Features are extracted once (feature cache) and shared by every method, seed and split; each
-method sees only the seen labels of a split until the test set is scored.
+Features are extracted once (the feature cache, or a feature store) and shared by every method, seed
+and split; each method sees only the seen labels of a split until the test set is scored.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .data.folder import LabelSplit, read_part, read_split, training_parts
+from .data.folder import read_part, read_split, training_parts
+from .encoders import create_backbone
 from .errors import ClipDecoderError
-from .features import FeatureCache
+from .features import FeatureLocation, FeatureSource
 from .metrics import ZSL_IMAGES, check_zsl_images, per_image_metrics, zsl_by_images, zsl_gzsl_metrics
-from .model import CLIPDecoder
 from .prompts import check_labels
 from .training.config import TrainConfig
 from .training.data import FeatureSet
-from .training.methods import MethodRun, get_method, method_names
+from .training.methods import DecoderMethod, MethodRun, get_method, method_names
 
 PHOTOS_PART, VOCABULARY_FILE = "photos", "vocabulary.txt"
 
@@ -36,7 +36,7 @@ class PhotoCheck:
     labels: tuple[str, ...]
 
     @classmethod
-    def load(cls, folder: str | Path, cache: FeatureCache, progress: bool = True) -> PhotoCheck:
+    def load(cls, folder: str | Path, source: FeatureSource, progress: bool = True) -> PhotoCheck:
         """``folder/photos.csv`` (image,labels, as a dataset part) and ``folder/vocabulary.txt`` (a label a line)."""
         path = Path(folder) / VOCABULARY_FILE
         try:
@@ -48,29 +48,22 @@ class PhotoCheck:
         outside = sorted({label for sample in samples for label in sample.labels} - set(labels))
         if outside:
             raise ClipDecoderError(f"{Path(folder) / (PHOTOS_PART + '.csv')}: labels not in {path}: {', '.join(outside)}")
-        return cls(FeatureSet.build(samples, cache, progress), labels)
+        return cls(FeatureSet.build(samples, source, progress), labels)
 
 
 SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
 ZSL_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")  # the published NUS-WIDE tables' columns
 
 
-def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], split: LabelSplit, config: TrainConfig,
-               photos: PhotoCheck | None = None, progress: bool = False, trained: dict | None = None,
-               save_to: Path | None = None, zsl_images: str = "with-unseen") -> dict:
-    """Train method ``name`` on the split's seen labels (``config`` gives its seed and options),
+def run_method(name: str, run: MethodRun, photos: PhotoCheck | None = None, zsl_images: str = "with-unseen") -> dict:
+    """Train method ``name`` on the run's seen labels (``run.config`` gives its seed and options),
     then the metrics JSON of the test part (ZSL on the images ``zsl_images`` names), with
     ``zsl_by_images`` (ZSL on each image set), the run's ``seconds`` and, with ``photos``,
-    ``per_image_metrics`` of the photo check. ``trained`` (one dict for runs on the same parts)
-    lets methods that differ only in how the prior scores share one training; a decoder method
-    writes its model folder to ``save_to``."""
-    started, method = time.perf_counter(), get_method(name)
-    run = MethodRun(towers, parts, split, method_config(name, config), progress, save_to=save_to)
-    if trained is not None:
-        run.trained = trained
-    score = method.train(run)
-    test, labels, unseen = parts["test"], list(split.all), list(split.unseen)
-    scores, targets = score(test, labels), test.targets(split.all).numpy()
+    ``per_image_metrics`` of the photo check."""
+    started = time.perf_counter()
+    score = get_method(name).train(run)
+    test, labels, unseen = run.parts["test"], list(run.split.all), list(run.split.unseen)
+    scores, targets = score(test, labels), test.targets(run.split.all).numpy()
     metrics = zsl_gzsl_metrics(scores, targets, labels, unseen, zsl_images=zsl_images)
     metrics["zsl_by_images"] = zsl_by_images(scores, targets, labels, unseen)
     if photos is not None:
@@ -81,32 +74,35 @@ def run_method(name: str, towers: CLIPDecoder, parts: dict[str, FeatureSet], spl
 
 
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
-                  backbone: str = "offline", config: TrainConfig | None = None, cache_dir=None,
-                  progress: bool = True, photos: str | Path | None = None, save_models: str | Path | None = None,
-                  zsl_images: str = "with-unseen") -> dict:
+                  backbone: str = "offline", config: TrainConfig = TrainConfig(),
+                  features: FeatureLocation = FeatureLocation(), progress: bool = True, photos: str | Path | None = None,
+                  save_models: str | Path | None = None, zsl_images: str = "with-unseen") -> dict:
     """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded
     methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks;
     ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``;
     ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES)."""
-    config, zsl_images = config or TrainConfig(), check_zsl_images(zsl_images, "run_benchmark")
+    zsl_images = check_zsl_images(zsl_images, "run_benchmark")
     methods = [get_method(name) for name in (methods or method_names(ablations=False))]
-    towers = CLIPDecoder.create(backbone=backbone)
-    cache = FeatureCache(towers.image_tower, cache_dir)
-    photo_check = PhotoCheck.load(photos, cache, progress) if photos else None
+    towers = create_backbone(backbone)
+    source = features.open(towers.image)
+    photo_check = PhotoCheck.load(photos, source, progress) if photos else None
     train_samples, val_samples = training_parts(data_dir, config.val_fraction)
     samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
-    parts = {name: FeatureSet.build(items, cache, progress) for name, items in samples.items()}
+    parts = {name: FeatureSet.build(items, source, progress) for name, items in samples.items()}
     results: dict[str, dict[str, list[dict]]] = {}
-    trained: dict = {}  # heads shared by the methods that train alike (clip-decoder and its prior ablations)
+    # Shared by every run: heads trained so far (clip-decoder and its prior ablations train alike) and the
+    # towers' class-name embeddings.
+    trained, class_embeddings = {}, {}
     for split_path in split_paths:
         split = read_split(split_path)
         results[Path(split_path).stem] = per_method = {}
         for method in methods:
             for seed in seeds if method.seeded else seeds[:1]:
                 save_to = (Path(save_models) / f"{Path(split_path).stem}-{method.name}-seed{seed}"
-                           if save_models and method.epochs else None)
-                metrics = run_method(method.name, towers, parts, split, replace(config, seed=seed), photo_check,
-                                     trained=trained, save_to=save_to, zsl_images=zsl_images)
+                           if save_models and isinstance(method, DecoderMethod) else None)
+                run = MethodRun(towers, parts, split, replace(config, seed=seed), trained=trained,
+                                class_embeddings=class_embeddings, save_to=save_to)
+                metrics = run_method(method.name, run, photo_check, zsl_images)
                 per_method.setdefault(method.name, []).append(metrics)
                 if progress:
                     on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"
@@ -164,18 +160,8 @@ def photos_table(per_method: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def method_config(name: str, config: TrainConfig) -> TrainConfig:
-    """``config`` as method ``name`` trains with it (decoder methods set ``method``; the others ignore it)."""
-    return replace(config, method=name) if get_method(name).epochs else config
-
-
-def method_recipe(name: str, config: TrainConfig) -> str:
-    """One line saying what method ``name`` trains and how, for the results page."""
-    return get_method(name).recipe(method_config(name, config))
-
-
 def results_markdown(results: dict, data_dir: str | Path, command: str, seconds: float,
-                     config: TrainConfig | None = None, zsl_images: str = "with-unseen") -> str:
+                     config: TrainConfig = TrainConfig(), zsl_images: str = "with-unseen") -> str:
     """docs/RESULTS.md: what was run, on what, and the tables per label split (the first one's ZSL on the
     images ``zsl_images`` names, a second ZSL table on the other image set)."""
     stats_path = Path(data_dir) / "stats.json"
@@ -190,9 +176,8 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
         f" ZSL: {ZSL_IMAGES[zsl_images]}, ranking the unseen labels (a second table: the other image set);"
         " GZSL: all test images, all labels. mAP leaves out labels without a positive test image. Percent.",
     ]
-    config = config or TrainConfig()
     methods = dict.fromkeys(method for per_method in results.values() for method in per_method)
-    lines += ["", "Methods:", "", *(f"- **{method}**: {method_recipe(method, config)}." for method in methods)]
+    lines += ["", "Methods:", "", *(f"- **{method}**: {get_method(method).describe(config)}." for method in methods)]
     if stats:
         lines += ["", "Dataset: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (dict, list))) + "."]
     for name, per_method in results.items():

@@ -5,23 +5,25 @@ one that maximises that label's F1 there. The other training labels get the defa
 threshold that maximises micro-F1 over all validation labels. Labels the model never saw get
 NEW_LABEL_THRESHOLD, the model's own decision boundary: no labelled data exists to choose it, and
 the seen labels' default does not transfer (unseen labels score lower; docs/CALIBRATION.md).
-Written as ``thresholds.json`` beside the model (JSON, read by ``predict --calibrated``).
+Written as ``thresholds.json`` beside the model (``ModelFolder.write_thresholds``), read by
+``predict --calibrated`` through ``thresholds.Thresholds``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_file
+from .data.folder import LabelSplit, read_part, target_matrix, training_parts
 from .errors import ClipDecoderError
+from .features import FeatureLocation
+from .model import CLIPDecoder
+from .thresholds import DEFAULT_THRESHOLD, Thresholds
 
-THRESHOLDS_FILE = "thresholds.json"
 MIN_POSITIVES = 5
-NEW_LABEL_THRESHOLD = 0.5  # sigmoid(0): where the trained head's logit changes sign
+NEW_LABEL_THRESHOLD = DEFAULT_THRESHOLD  # sigmoid(0): where the trained head's logit changes sign
 
 
 def best_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
@@ -62,56 +64,28 @@ def calibrate(scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], mi
             "trained_labels": list(labels), "min_positives": min_positives, "validation_images": int(scores.shape[0])}
 
 
-def thresholds_for(table: dict, labels: Sequence[str]) -> np.ndarray:
-    """One threshold per label: its own, else the default for training labels, else new_labels'."""
-    trained = set(table.get("trained_labels", ()))
-    return np.array([table["labels"].get(label, table["default"] if label in trained else table["new_labels"])
-                     for label in labels])
-
-
-def read_calibration(path: str | Path) -> dict:
-    """A thresholds.json written by ``calibrate``, checked."""
-    try:
-        table = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ClipDecoderError(f"cannot read {path}: {error}") from error
-    values = [table.get("default"), table.get("new_labels"), *(table.get("labels") or {}).values()] if isinstance(table, dict) else []
-    if not values or not isinstance(table.get("labels"), dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in values):
-        raise ClipDecoderError(f"{path}: not a thresholds file written by `clip-decoder calibrate`")
-    return table
-
-
-def write_thresholds(model_dir: str | Path, table: dict) -> Path:
-    """Write the model folder's thresholds.json atomically (a failed write leaves the previous one)."""
-    path = Path(model_dir) / THRESHOLDS_FILE
-    write_file(path, json.dumps(table, indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
-def calibrate_model(model, data_dir: str | Path, split, cache_dir=None, val_fraction: float = 0.1,
-                    progress: bool = True) -> dict:
+def calibrate_model(model: CLIPDecoder, data_dir: str | Path, split: LabelSplit,
+                    features: FeatureLocation = FeatureLocation(), val_fraction: float = 0.1, progress: bool = True) -> dict:
     """Choose thresholds on the folder's validation part (seen labels only) and measure them on
     its test part: the thresholds JSON with a ``held_out`` section (micro P/R/F1 in percent)."""
-    from .data.folder import read_part, target_matrix, training_parts
-    from .features import FeatureCache
-
-    cache = FeatureCache(model.image_tower, cache_dir)
+    source = features.open(model.image_tower)
     model.eval()
 
     def scored(samples, labels):
-        features = cache.get([s.image for s in samples], progress=progress)
-        scores = model.scorer.score_stored(features.tokens, features.pooled, model.scorer.vocabulary(labels))
-        return scores, target_matrix([samples[i] for i in features.kept], labels)
+        got = source.get([s.image for s in samples], progress=progress)
+        scores = model.scorer.score_stored(got.tokens, got.pooled, model.scorer.vocabulary(labels))
+        return scores, target_matrix([samples[i] for i in got.kept], labels)
 
     _, val_samples = training_parts(data_dir, val_fraction)
     seen, everything = list(split.seen), list(split.all)
     table = calibrate(*scored(val_samples, seen), seen)
+    thresholds = Thresholds.from_dict(table)
     test_scores, test_targets = scored(read_part(data_dir, "test"), everything)
     columns = {"seen": [everything.index(label) for label in seen],
                "unseen": [everything.index(label) for label in split.unseen], "all": list(range(len(everything)))}
     table["held_out"] = {
-        name: {"own thresholds": micro_prf(test_scores[:, cols], test_targets[:, cols], thresholds_for(table, [everything[c] for c in cols])),
+        name: {"own thresholds": micro_prf(test_scores[:, cols], test_targets[:, cols],
+                                           thresholds.for_labels([everything[c] for c in cols])),
                "0.5 everywhere": micro_prf(test_scores[:, cols], test_targets[:, cols], np.full(len(cols), 0.5))}
         for name, cols in columns.items() if cols
     }

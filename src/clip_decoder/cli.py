@@ -4,91 +4,98 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .atomic import write_file
-from .calibrate import THRESHOLDS_FILE
-from .cli_parser import build_parser, training_config
+from .cli_parser import COMMANDS, build_parser, feature_location, prior_changes, training_config
 from .errors import ClipDecoderError
-from .model import CLIPDecoder
-from .model_folder import PACKAGED_MODELS, model_folder
-from .prompts import TEMPLATE_SETS
 
 
 def read_labels(args: argparse.Namespace) -> list[str]:
     """Labels from --labels (comma-separated) or --labels-file (one per line)."""
+    from .prompts import split_labels
+
     if args.labels_file:
         try:
             text = Path(args.labels_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
             raise ClipDecoderError(f"cannot read labels file {args.labels_file}: {error}") from error
-        labels = [line.strip() for line in text.splitlines()]
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
     else:
-        labels = [part.strip() for part in args.labels.split(",")]
-    labels = [label for label in labels if label]
+        labels = split_labels([args.labels])
     if not labels:
         raise ClipDecoderError("no labels given")
     return labels
 
 
-def calibrated_file(args: argparse.Namespace) -> Path:
-    """The model folder's thresholds.json, for --calibrated."""
-    path = model_folder(args.model) / THRESHOLDS_FILE
-    if not path.is_file():
-        raise ClipDecoderError(f"{path} does not exist; run `clip-decoder calibrate --model {args.model} ...` first")
-    return path
+def load_model(args: argparse.Namespace, label_cache: Path | None = None):
+    """The model --model names, scoring with the prior --prior-weight / --prior-seen-weight ask for."""
+    from .model import CLIPDecoder
+
+    model = CLIPDecoder.from_pretrained(args.model, label_cache=label_cache)
+    changes = prior_changes(args)
+    if changes:
+        model.set_prior(replace(model.config.prior, **changes))
+    return model
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Score every asked label for each image; print one record per image as it is scored."""
     from tqdm.auto import tqdm
 
-    from .predict import HEATMAP_TOP, Decider, Writer, expand_images, read_thresholds, write_heatmaps
+    from .caches import default_cache_dir
+    from .decisions import Decider
+    from .heatmaps import HEATMAP_TOP, write_heatmaps
+    from .inputs import expand_images
+    from .model_folder import ModelFolder
+    from .prompts import TEMPLATE_SETS
+    from .thresholds import Thresholds
+    from .writers import Writer
 
+    # Everything the user gave is checked before the model loads.
     labels = read_labels(args)
-    paths, problems = expand_images(args.images, args.images_from)  # problems: empty folders, unmatched patterns
-    per_label, default = read_thresholds(args.thresholds) if args.thresholds else ({}, None)
+    paths, problems = expand_images(args.images, args.images_from)  # problems: missing files, empty folders, ...
+    thresholds = Thresholds.read(args.thresholds) if args.thresholds else None
     if args.calibrated:
-        from .calibrate import read_calibration, thresholds_for
-
-        per_label = dict(zip(labels, thresholds_for(read_calibration(calibrated_file(args)), labels).tolist()))
-    threshold = args.threshold if args.threshold is not None else default
-    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, threshold, per_label))
-    model = CLIPDecoder.from_pretrained(args.model)
-    templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
+        thresholds = ModelFolder.find(args.model).thresholds()
+    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, args.threshold, thresholds))
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
-    failures = len(problems)
-    batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist,
-                                    attention=bool(args.heatmaps))
-    with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
-        for batch in batches:
-            for message in batch.failed.values():
-                failures += 1
-                bar.write(f"error: {message}", file=sys.stderr)
-            for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
-                writer.write(str(paths[index]), scores)
-                if args.heatmaps:
-                    chosen = (writer.decider if writer.decider.active else Decider(top_k=HEATMAP_TOP))(labels, scores)
-                    write_heatmaps(args.heatmaps, str(paths[index]), labels, chosen, batch.attention[row],
-                                   model.image_tower.preprocess)
-            bar.update(len(batch.indices) + len(batch.failed))
+    failures, inputs = len(problems), len(paths) + len(problems)
+    if paths:
+        model = load_model(args, label_cache=default_cache_dir())  # label embeddings kept on disk across runs
+        templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
+        batches = model.predict_batches(paths, labels, templates, batch_size=args.batch_size, shortlist=args.shortlist,
+                                        attention=bool(args.heatmaps))
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
+            for batch in batches:
+                for message in batch.failed.values():
+                    failures += 1
+                    bar.write(f"error: {message}", file=sys.stderr)
+                for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
+                    chosen = writer.write(str(paths[index]), scores)
+                    if args.heatmaps:
+                        drawn = chosen if chosen is not None else Decider(top_k=HEATMAP_TOP)(labels, scores)
+                        write_heatmaps(args.heatmaps, str(paths[index]), labels, drawn, batch.attention[row],
+                                       model.image_tower.preprocess)
+                bar.update(len(batch.indices) + len(batch.failed))
     if failures:
-        print(f"{failures} of {len(paths) + len(problems)} images failed", file=sys.stderr)
+        print(f"{failures} of {inputs} images failed", file=sys.stderr)
     return 1 if failures else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train CLIP-Decoder on the seen labels and write a model folder."""
     from .data.folder import read_split
+    from .distributed import World
     from .training.run import train_model
 
     split = read_split(args.split)
-    model = train_model(args.data, split, args.out, args.backbone, training_config(args), args.cache,
-                        resume=args.resume, checkpoint_every=args.checkpoint_every, store_dir=args.store)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 wrote the model folder
+    model = train_model(args.data, split, args.out, args.backbone, training_config(args), feature_location(args),
+                        resume=args.resume, checkpoint_every=args.checkpoint_every)
+    if World.from_env().is_main:  # under torchrun, rank 0 wrote the model folder
         print(f"model written to {args.out} ({len(model.config.labels)} seen labels)")
     return 0
 
@@ -104,10 +111,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.folder import read_split
     from .evaluate import evaluate_model, format_table
     from .metrics import ZSL_IMAGES
+    from .model import CLIPDecoder
 
     split = read_split(args.split)
     model = CLIPDecoder.from_pretrained(args.model)
-    metrics = evaluate_model(model, args.data, split, args.cache, zsl_images=args.zsl_images, store_dir=args.store)
+    metrics = evaluate_model(model, args.data, split, feature_location(args), zsl_images=args.zsl_images)
     print(format_table({Path(args.model).name or "model": metrics}))
     print(f"ZSL on {ZSL_IMAGES[args.zsl_images]}: {counts(metrics['zsl'])}; GZSL: {counts(metrics['gzsl'])}")
     if args.json:
@@ -117,12 +125,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Extract a dataset folder's image features into a feature store (split across torchrun processes)."""
+    from .distributed import World
     from .encoders import create_backbone
-    from .training.extract import extract_features
+    from .features.extract import extract_features
+    from .model import CLIPDecoder
 
     tower = CLIPDecoder.from_pretrained(args.model).image_tower if args.model else create_backbone(args.backbone).image
     summary = extract_features(args.data, args.store, tower, tuple(args.parts))
-    if os.environ.get("RANK", "0") == "0":
+    if World.from_env().is_main:
         print(f"{summary['images']} images in the feature store {summary['folder']}; encoded now, per process:"
               f" {summary['encoded_per_process']}")
     return 0
@@ -130,15 +140,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Choose per-label thresholds on validation images, measure them on the test part, store them."""
-    from .calibrate import calibrate_model, write_thresholds
+    from .calibrate import calibrate_model
     from .data.folder import read_split
+    from .model import CLIPDecoder
+    from .model_folder import ModelFolder
 
-    if str(args.model) in PACKAGED_MODELS and not Path(args.model).is_dir():
-        raise ClipDecoderError(f"calibrate writes thresholds.json into the model folder; copy the packaged model"
-                               f" {args.model!r} into a folder of your own and calibrate that")
-    model = CLIPDecoder.from_pretrained(args.model)
-    table = calibrate_model(model, args.data, read_split(args.split), args.cache, args.val_fraction)
-    path = write_thresholds(args.model, table)
+    folder = ModelFolder.find(args.model).writable()  # before the work: thresholds.json is written into it
+    model = CLIPDecoder.from_pretrained(folder.path)
+    table = calibrate_model(model, args.data, read_split(args.split), feature_location(args), args.val_fraction)
+    path = folder.write_thresholds(table)
     print(f"default threshold {table['default']:.3f}; own thresholds for {len(table['labels'])} labels; written to {path}")
     print(f"held-out test images ({table['held_out']['test_images']}), micro precision / recall / F1 (percent):")
     for part, rows in table["held_out"].items():
@@ -156,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
     fit_file_limit(limits)
-    app = create_app(CLIPDecoder.from_pretrained(args.model), limits)
+    app = create_app(load_model(args), limits)
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(limits))
     return 0
@@ -200,29 +210,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
-                            args.backbone, config, args.cache, photos=args.photos, save_models=args.save_models,
-                            zsl_images=args.zsl_images)
+                            args.backbone, config, feature_location(args), photos=args.photos,
+                            save_models=args.save_models, zsl_images=args.zsl_images)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}\n\n{zsl_section(per_method, args.zsl_images)}"
                 + (f"\n\nPhotos:\n\n{photos_table(per_method)}" if args.photos else "")
                 for name, per_method in results.items()]
     print("\n\n".join(sections))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_file(args.json, json.dumps(results, indent=2) + "\n")
     if args.markdown:
         command = "clip-decoder " + " ".join(sys.argv[1:]) if sys.argv[1:] else "clip-decoder bench"
-        Path(args.markdown).write_text(results_markdown(results, args.data, command, time.perf_counter() - started, config,
-                                                        args.zsl_images))
+        write_file(args.markdown, results_markdown(results, args.data, command, time.perf_counter() - started, config,
+                                                   args.zsl_images))
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
-            "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
+RUN = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
+       "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return RUN[args.command](args)
     except (ClipDecoderError, OSError) as error:  # one line, no traceback, even for messages that quote several
         # OSError: a path the user gave that cannot be written or read (its message names it).
         print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)

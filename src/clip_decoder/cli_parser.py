@@ -1,5 +1,7 @@
-"""The ``clip-decoder`` command's arguments: one ``add_<command>`` per subcommand; the training
-options are generated from ``TrainConfig`` and ``HeadConfig``, where each is declared once."""
+"""The ``clip-decoder`` command's arguments: one ``add_<command>`` per subcommand, declared only for the
+command being run (so ``predict`` imports no training code); the training, prior, head and service
+options are generated from ``TrainConfig``, ``PriorConfig``, ``HeadConfig`` and ``Limits``, where
+each is declared once."""
 
 from __future__ import annotations
 
@@ -8,20 +10,19 @@ from dataclasses import MISSING, fields
 
 from . import __version__
 from .head import HeadConfig
-from .metrics import ZSL_IMAGES
 from .model_folder import PACKAGED_MODELS
-from .predict import DEFAULT_THRESHOLD, FORMATS
-from .prompts import TEMPLATE_SETS
-from .training.config import TrainConfig
-from .training.loop import CHECKPOINT_EVERY
-from .training.methods import decoder_methods, get_method, method_names
+from .prior import PriorConfig
 
 HEAD_OPTIONS = tuple(item for item in fields(HeadConfig) if item.default is not MISSING)  # not the towers' dims
+PRIOR_OPTIONS = tuple(item for item in fields(PriorConfig) if "help" in item.metadata)  # --prior-<name>
 
 
 def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> dict:
-    """One option per TrainConfig field and HeadConfig option, with their defaults and help;
+    """One option per TrainConfig field, PriorConfig and HeadConfig option, with their defaults and help;
     returns the argument groups by name."""
+    from .training.config import TrainConfig
+    from .training.methods import decoder_method, decoder_methods
+
     groups: dict[str, argparse._ArgumentGroup] = {}
     for item in fields(TrainConfig):
         if "help" not in item.metadata or item.name in exclude:
@@ -32,7 +33,7 @@ def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
         if item.name == "method":
             metadata["choices"] = decoder_methods()
         if item.name == "epochs":
-            help_text += " (" + ", ".join(f"{name} {get_method(name).epochs}" for name in decoder_methods()) + ")"
+            help_text += " (" + ", ".join(f"{name} {decoder_method(name).epochs}" for name in decoder_methods()) + ")"
         if isinstance(item.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text)
             continue
@@ -40,6 +41,8 @@ def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
             metadata.setdefault("type", type(item.default))
             help_text += " (default %(default)s)"
         group.add_argument(flag, default=item.default, help=help_text, **metadata)
+    add_prior_options(parser.add_argument_group("prior", "how the zero-shot prior enters the trained model's scores"
+                                                " (methods that use it; predict and serve can change it)"), defaults=True)
     head = parser.add_argument_group("head", "HeadConfig options; a method may fix some (ml-decoder: no cosine skip)")
     for item in HEAD_OPTIONS:
         flag, help_text = "--" + item.name.replace("_", "-"), f"{item.metadata['help']} (default {item.default})"
@@ -50,11 +53,45 @@ def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
     return groups
 
 
-def training_config(args: argparse.Namespace, **fixed) -> TrainConfig:
+def at_least_zero(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def above_zero(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def add_prior_options(parser, defaults: bool, names: tuple[str, ...] | None = None) -> None:
+    """``--prior-<name>`` for PriorConfig's options (or those ``names``); without ``defaults`` they default to
+    None: the model's own setting."""
+    for item in PRIOR_OPTIONS:
+        if names is None or item.name in names:
+            shown = f" (default {item.default})" if defaults else " (default: the model's own)"
+            kind = at_least_zero if "weight" in item.name else above_zero
+            parser.add_argument(f"--prior-{item.name.replace('_', '-')}", dest=f"prior_{item.name}", type=kind,
+                                metavar="W" if "weight" in item.name else "T", default=item.default if defaults else None,
+                                help=item.metadata["help"] + shown)
+
+
+def prior_changes(args: argparse.Namespace) -> dict:
+    """The PriorConfig settings given as --prior-<name> options (those left out: not in the dict)."""
+    return {item.name: getattr(args, f"prior_{item.name}") for item in PRIOR_OPTIONS
+            if getattr(args, f"prior_{item.name}", None) is not None}
+
+
+def training_config(args: argparse.Namespace, **fixed):
     """The TrainConfig of the parsed options; ``fixed`` sets the fields that were not options."""
+    from .training.config import TrainConfig
+
     values = {item.name: getattr(args, item.name) for item in fields(TrainConfig) if hasattr(args, item.name)}
     head = {item.name: getattr(args, item.name) for item in HEAD_OPTIONS if getattr(args, item.name) is not None}
-    return TrainConfig(**{**values, **fixed}, head=head)
+    return TrainConfig(**{**values, **fixed}, head=head, prior=PriorConfig(**prior_changes(args)))
 
 
 def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) -> None:
@@ -72,18 +109,25 @@ def add_backbone_option(parser) -> None:
     parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
 
 
-def add_cache_option(parser: argparse.ArgumentParser) -> None:
+def add_feature_options(parser: argparse.ArgumentParser, reads: str) -> None:
+    """--cache and --store: where the frozen tower's features are kept (``feature_location``)."""
     parser.add_argument("--cache", metavar="DIR", help="feature cache folder (default ~/.cache/clip-decoder)")
-
-
-def add_store_option(parser: argparse.ArgumentParser, reads: str) -> None:
     parser.add_argument("--store", metavar="DIR", help="keep the frozen tower's features in a sharded feature store in"
                         f" DIR instead of the per-image cache, and {reads}: memory no longer grows with the number of"
                         " images (README, Scaling out). Extraction into it resumes where it stopped; under torchrun"
                         " the processes split it")
 
 
+def feature_location(args: argparse.Namespace):
+    """Where --cache / --store say the features are kept."""
+    from .features import FeatureLocation
+
+    return FeatureLocation(cache=args.cache, store=args.store)
+
+
 def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
+    from .metrics import ZSL_IMAGES
+
     default = next(iter(ZSL_IMAGES))
     parser.add_argument("--zsl-images", choices=list(ZSL_IMAGES), default=default,
                         help="the images ZSL ranks the unseen labels on: " + "; ".join(
@@ -91,17 +135,17 @@ def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
                         + f" (default {default}). GZSL always uses every test image")
 
 
-def add_predict(commands) -> None:
+def add_predict(predict: argparse.ArgumentParser) -> None:
     """clip-decoder predict"""
-    predict = commands.add_parser(
-        "predict",
-        help="score labels for images",
-        description="Score every label for each image. Images: files, folders (searched recursively),"
+    from .prompts import TEMPLATE_SETS
+    from .thresholds import DEFAULT_THRESHOLD
+    from .writers import FORMATS
+
+    predict.description = ("Score every label for each image. Images: files, folders (searched recursively),"
         " glob patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one JSON"
         " line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when a decision rule"
         " (--top-k, --threshold, --thresholds) is given; or CSV, or a readable table. Bad images are reported"
-        " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.",
-    )
+        " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.")
     add_model_option(predict, packaged=True)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
@@ -112,11 +156,16 @@ def add_predict(commands) -> None:
                          help="jsonl (default: one JSON object per image), csv (a column per label) or table (readable)")
     predict.add_argument("--top-k", type=int, metavar="K", help="decide: keep each image's K best labels")
     predict.add_argument("--threshold", type=float, metavar="T",
-                         help=f"decide: keep labels scoring at least T (default {DEFAULT_THRESHOLD} when --thresholds is given)")
+                         help="decide: keep labels scoring at least T; with --thresholds or --calibrated, the labels"
+                         " without a threshold of their own")
     decide = predict.add_mutually_exclusive_group()
-    decide.add_argument("--thresholds", metavar="FILE", help="decide: per-label thresholds, a JSON object {label: T}")
+    decide.add_argument("--thresholds", metavar="FILE",
+                        help="decide: per-label thresholds, a JSON object {label: T} (other labels:"
+                        f" --threshold, else {DEFAULT_THRESHOLD}) or a thresholds.json written by calibrate")
     decide.add_argument("--calibrated", action="store_true",
-                        help="decide: the thresholds `clip-decoder calibrate` stored with the model")
+                        help="decide: the thresholds `clip-decoder calibrate` stored with the model (labels it was"
+                        " not trained on: the table's new-label threshold)")
+    add_prior_options(predict, defaults=False, names=("weight", "seen_weight"))
     predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU)")
     predict.add_argument("--shortlist", type=int, metavar="K",
                          help="approximate, for large vocabularies: decode only each image's K most likely labels"
@@ -128,10 +177,11 @@ def add_predict(commands) -> None:
     predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
 
 
-def add_train(commands) -> None:
+def add_train(train: argparse.ArgumentParser) -> None:
     """clip-decoder train"""
-    train = commands.add_parser("train", help="train on the seen labels of a dataset folder",
-                                description="Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
+    from .training.loop import CHECKPOINT_EVERY
+
+    train.description = ("Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
                                 " or end to end with --finetune-image-tower) and write a model folder with"
                                 " train_log.jsonl, training.json and curves.png. The run's state is checkpointed in"
                                 " OUT/checkpoint.safetensors until it ends; --resume continues from it. Under"
@@ -141,8 +191,7 @@ def add_train(commands) -> None:
     train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
     add_backbone_option(train)
-    add_cache_option(train)
-    add_store_option(train, "read each batch's rows from it")
+    add_feature_options(train, "read each batch's rows from it")
     groups = add_config_options(train)
     groups["long runs"].add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoint.safetensors (same options), e.g. after"
@@ -152,83 +201,65 @@ def add_train(commands) -> None:
         help="optimizer steps between checkpoints, besides one after each epoch (default %(default)s)")
 
 
-def add_calibrate(commands) -> None:
+def add_calibrate(calibrate: argparse.ArgumentParser) -> None:
     """clip-decoder calibrate"""
-    calibrate = commands.add_parser(
-        "calibrate",
-        help="choose per-label decision thresholds and store them with the model",
-        description="Choose each seen label's threshold (best F1 on the validation images, labels with at least"
+    calibrate.description = ("Choose each seen label's threshold (best F1 on the validation images, labels with at least"
         " 5 positives) and a default for every other label (best micro-F1 over all validation labels);"
-        " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.",
-    )
+        " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.")
     add_model_option(calibrate)
     calibrate.add_argument("--data", required=True, metavar="DIR", help="dataset folder: val.csv or a part carved from train.csv, and test.csv")
     calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
     calibrate.add_argument("--val-fraction", type=float, default=0.1,
                            help="with no val.csv: the part of train.csv carved out for validation, as in train (default 0.1)")
-    add_cache_option(calibrate)
+    add_feature_options(calibrate, "read the images' rows from it")
 
 
-def add_serve(commands) -> None:
+def add_serve(serve: argparse.ArgumentParser) -> None:
     """clip-decoder serve"""
-    serve = commands.add_parser(
-        "serve",
-        help="HTTP API (POST /v1/predict, GET /health) and a web page at /",
-        description="Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
+    serve.description = ("Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
         " OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, pixels, labels and time"
-        " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.",
-    )
+        " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.")
     add_model_option(serve, packaged=True)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
 
+    add_prior_options(serve, defaults=False, names=("weight", "seen_weight"))
+    add_limit_options(serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them"
+                                               " at /health"))
+
+
+def add_limit_options(group) -> None:
+    """One option per service limit, generated from Limits (its default and help)."""
+    from .serve.limits import MEBIBYTE, Limits, option_flag
+
     def mebibytes(text: str) -> int:
-        return round(float(text) * 2**20)
+        return round(float(text) * MEBIBYTE)
 
-    limit = serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them at /health")
-    limit.add_argument("--max-request-seconds", dest="max_request_seconds", type=float, default=argparse.SUPPRESS,
-                       metavar="S", help="from the request head to the answer (body, waiting for the model, embedding new"
-                       " labels, inference): 408, or 429 if spent waiting (default 30)")
-    limit.add_argument("--max-connections", dest="max_connections", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="open connections; one more is answered 429 and closed (default 512)")
-    limit.add_argument("--max-header-seconds", dest="max_header_seconds", type=float, default=argparse.SUPPRESS,
-                       metavar="S", help="to send a request head, from connecting or from its first byte: 408 and"
-                       " closed (default 10)")
-    limit.add_argument("--max-queue", dest="max_queue", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="requests that may wait for the model while one runs; more get 429 (default 16)")
-    limit.add_argument("--max-body-mb", dest="max_body_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
-                       help="the whole request body: 413 (default 64)")
-    limit.add_argument("--max-upload-mb", dest="max_upload_bytes", type=mebibytes, default=argparse.SUPPRESS, metavar="MB",
-                       help="each image file: 413 (default 20)")
-    limit.add_argument("--max-images", dest="max_images", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="images per request: 413 (default 32)")
-    limit.add_argument("--max-image-pixels", dest="max_image_pixels", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="pixels per image, read from its header: 413 (default and most 64000000)")
-    limit.add_argument("--max-labels", dest="max_labels", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="labels per request: 422 (default 1000)")
-    limit.add_argument("--max-cached-labels", dest="max_cached_labels", type=int, default=argparse.SUPPRESS, metavar="N",
-                       help="label embeddings kept between requests, least recently used dropped first; bounds the"
-                       " service's memory (default 20000, at least --max-labels)")
+    for item in fields(Limits):
+        if item.metadata["option"]:
+            in_mb = item.name.endswith("_bytes")
+            default = item.default // MEBIBYTE if in_mb else f"{item.default:g}" if isinstance(item.default, float) else item.default
+            metavar = "MB" if in_mb else "S" if item.name.endswith("seconds") else "N"
+            group.add_argument(option_flag(item.name), dest=item.name, default=argparse.SUPPRESS,
+                               type=mebibytes if in_mb else type(item.default), metavar=metavar,
+                               help=f"{item.metadata['help']} (default {default})")
 
 
-def add_evaluate(commands) -> None:
+def add_evaluate(evaluate: argparse.ArgumentParser) -> None:
     """clip-decoder evaluate"""
-    evaluate = commands.add_parser("evaluate", help="ZSL / GZSL metrics of a model on a test set",
-                                   description="Score the test part's images for all labels of the split and print"
+    evaluate.description = ("Score the test part's images for all labels of the split and print"
                                    " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
     add_model_option(evaluate)
     evaluate.add_argument("--data", required=True, metavar="DIR")
     evaluate.add_argument("--split", required=True, metavar="JSON")
     evaluate.add_argument("--json", metavar="PATH", help="write the metrics JSON here")
     add_zsl_images_option(evaluate)
-    add_cache_option(evaluate)
-    add_store_option(evaluate, "score it a few hundred images at a time into a memory-mapped score matrix")
+    add_feature_options(evaluate, "score it a few hundred images at a time into a memory-mapped score matrix")
 
 
-def add_extract(commands) -> None:
+def add_extract(extract: argparse.ArgumentParser) -> None:
     """clip-decoder extract"""
-    extract = commands.add_parser("extract", help="extract a dataset folder's image features into a feature store",
-                                  description="Run the images of the dataset folder (train, val if present, test)"
+    extract.description = ("Run the images of the dataset folder (train, val if present, test)"
                                   " through the frozen image tower into the sharded feature store in --store, for"
                                   " `train --store` and `evaluate --store`. Images already stored are skipped, so an"
                                   " interrupted extraction resumes. Under `torchrun --nproc_per_node N -m clip_decoder"
@@ -242,9 +273,8 @@ def add_extract(commands) -> None:
     tower.add_argument("--model", metavar="DIR", help="a model folder: its image tower (e.g. a fine-tuned one)")
 
 
-def add_data(commands) -> None:
+def add_data(data: argparse.ArgumentParser) -> None:
     """clip-decoder data (builders and converters)"""
-    data = commands.add_parser("data", help="build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders")
     builders = data.add_subparsers(dest="builder", required=True, metavar="DATASET")
     openclipart = builders.add_parser(
         "openclipart", help="multi-label clip art from Debian's openclipart-svg",
@@ -290,10 +320,11 @@ def add_data(commands) -> None:
     nuswide_csv.add_argument("--out", required=True, metavar="DIR")
 
 
-def add_bench(commands) -> None:
+def add_bench(bench: argparse.ArgumentParser) -> None:
     """clip-decoder bench"""
-    bench = commands.add_parser("bench", help="CLIP-Decoder against the baselines, seeds x label splits",
-                                description="Train and evaluate each method for each seed and label split on one"
+    from .training.methods import get_method, method_names
+
+    bench.description = ("Train and evaluate each method for each seed and label split on one"
                                 " dataset folder; print mean ± std of the ZSL / GZSL metrics. Each run's ZSL is"
                                 " also measured on the other image set, in its own table.")
     bench.add_argument("--data", required=True, metavar="DIR")
@@ -311,18 +342,33 @@ def add_bench(commands) -> None:
     bench.add_argument("--save-models", metavar="DIR", help="write each trained decoder model to"
                        " DIR/<split>-<method>-seed<N> (a model folder, for predict and evaluate)")
     add_backbone_option(bench)
-    add_cache_option(bench)
+    add_feature_options(bench, "read the images' rows from it")
     # The harness trains heads on cached features: no fine-tuning of the tower here.
     add_config_options(bench, exclude=("method", "seed", "finetune_image_tower", "tower_lr", "tower_blocks"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {  # name -> (one line of help, what declares its options)
+    "predict": ("score labels for images", add_predict),
+    "train": ("train on the seen labels of a dataset folder", add_train),
+    "calibrate": ("choose per-label decision thresholds and store them with the model", add_calibrate),
+    "serve": ("HTTP API (POST /v1/predict, GET /health) and a web page at /", add_serve),
+    "evaluate": ("ZSL / GZSL metrics of a model on a test set", add_evaluate),
+    "extract": ("extract a dataset folder's image features into a feature store", add_extract),
+    "data": ("build benchmark datasets, or convert COCO / NUS-WIDE to dataset folders", add_data),
+    "bench": ("CLIP-Decoder against the baselines, seeds x label splits", add_bench),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``command`` one whose other commands are declared without their options."""
     parser = argparse.ArgumentParser(
         prog="clip-decoder",
         description="Zero-shot multi-label image classification: a probability for any label name.",
     )
     parser.add_argument("--version", action="version", version=f"clip-decoder {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_predict, add_train, add_calibrate, add_serve, add_evaluate, add_extract, add_data, add_bench):
-        add(commands)
+    for name, (summary, add) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=summary)
+        if command in (None, name):
+            add(subparser)
     return parser

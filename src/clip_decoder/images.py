@@ -44,17 +44,24 @@ def _source_name(source: Any) -> str:
     return str(getattr(source, "name", "") or "<file object>")
 
 
+def path_problem(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` cannot be an image, seen without reading it (missing, a folder, empty), or None."""
+    if not os.path.exists(path):
+        return str(_fail(os.fspath(path), "file not found"))
+    if os.path.isdir(path):
+        return str(_fail(os.fspath(path), "is a directory, not an image file"))
+    if os.path.getsize(path) == 0:
+        return str(_fail(os.fspath(path), "file is empty (0 bytes)"))
+    return None
+
+
 def _open(source: Any, name: str) -> tuple[Image.Image, bool]:
     """Open (header only) an image source; return it and whether we own (must close) it."""
     if isinstance(source, Image.Image):
         return source, False
     if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
-            raise _fail(name, "file not found")
-        if os.path.isdir(source):
-            raise _fail(name, "is a directory, not an image file")
-        if os.path.getsize(source) == 0:
-            raise _fail(name, "file is empty (0 bytes)")
+        if problem := path_problem(source):
+            raise ClipDecoderError(problem)
         return Image.open(source), True
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:

@@ -22,10 +22,9 @@ from .decoding import DEFAULT_BATCH_SIZE, decoded_batches
 from .encoders import Backbone, ImageFeatures, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig
-from .images import load_image
-from .model_folder import ModelConfig, load_weights, model_folder, read_model_config, write_model_folder
-from .prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS, LabelEmbedder, check_labels, check_templates
+from .model_folder import CONFIG_FILE, ModelConfig, ModelFolder
 from .prior import PriorConfig, ZeroShotPrior
+from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
 from .scoring import Scorer
 
 
@@ -42,7 +41,10 @@ class PredictedBatch:
 class CLIPDecoder(nn.Module):
     """Zero-shot multi-label classifier: an independent probability for any label name."""
 
-    def __init__(self, config: ModelConfig, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: ModelConfig, backbone: Backbone | None = None,
+                 label_cache: str | os.PathLike | None = None) -> None:
+        """``label_cache``: a cache folder that keeps label embeddings on disk across processes
+        (``caches.default_cache_dir()`` is the CLI's), so a known vocabulary needs no text tower."""
         super().__init__()
         backbone = backbone or create_backbone(config.backbone)
         if (backbone.text.dim, backbone.image.dim) != (config.head.text_dim, config.head.image_dim):
@@ -51,42 +53,49 @@ class CLIPDecoder(nn.Module):
                 f" {backbone.text.dim}/{backbone.image.dim}, but the head expects"
                 f" {config.head.text_dim}/{config.head.image_dim}"
             )
-        self.config = config = replace(config, prior=replace(config.prior))  # its own prior settings: training sets the offset
+        self._config = config
         self.image_tower = backbone.image
         self.text_tower = backbone.text
         self.image_tower.requires_grad_(False)
         self.text_tower.requires_grad_(False)
         self.head = DecoderHead(config.head)
         self.alignment = Alignment(config.head.dim, backbone.text.dim, config.align_dim)
-        embed_labels = LabelEmbedder(self.text_tower)
-        self.prior = ZeroShotPrior(self.image_tower, self.text_tower.dim, lambda names: embed_labels(names, config.templates),
-                                   config.prior.temperature)
-        if config.prior.on and not self.prior.available:
+        embed_labels = LabelEmbedder(self.text_tower, folder=label_cache)
+        self.zero_shot = ZeroShotPrior(self.image_tower, self.text_tower.dim,
+                                       lambda names: embed_labels(names, config.templates))
+        if config.prior.on and not self.zero_shot.available:
             raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; turn the prior off"
                                    " (weights 0)")
-        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.prior, config.prior,
+        self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.zero_shot, config.prior,
                              config.labels)
         self.eval()
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's settings as its config.json holds them; the prior in use and the trained labels
+        are the scorer's (``set_prior``, ``set_trained_labels``)."""
+        return replace(self._config, prior=self.scorer.prior, labels=self.scorer.trained_labels)
 
     @classmethod
     def create(
         cls,
         backbone: str = "offline",
-        templates: Sequence[str] = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
         align_dim: int = ModelConfig.align_dim,
-        prior: PriorConfig | None = None,
+        prior: PriorConfig = PriorConfig(),
+        image_tower_trained: bool = False,
         **head_options,
     ) -> CLIPDecoder:
         """An untrained model on the named backbone; ``head_options`` override HeadConfig's
-        defaults, which are the head ``clip-decoder train`` trains; ``prior`` defaults to
-        PriorConfig() (``PriorConfig.off()`` turns it off)."""
+        defaults, which are the head ``clip-decoder train`` trains; ``PriorConfig.off()`` turns the
+        prior off; ``image_tower_trained`` saves the image tower's weights with the head."""
         towers = create_backbone(backbone)
         try:
             head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **head_options)
         except (TypeError, ValueError) as error:
             raise ClipDecoderError(f"bad head option: {error}") from error
         config = ModelConfig(backbone=backbone, head=head, align_dim=align_dim, templates=check_templates(templates),
-                             prior=prior or PriorConfig())
+                             prior=prior, image_tower_trained=image_tower_trained)
         return cls(config, towers)
 
     @property
@@ -98,48 +107,40 @@ class CLIPDecoder(nn.Module):
         """What the model folder holds: frozen towers are rebuilt from their backbone name; the
         prior's class-name embeddings are kept when the prior is on."""
         modules = {"head": self.head, "alignment": self.alignment}
-        if self.config.prior.on and self.prior.conse:
-            modules["prior"] = self.prior
-        if self.config.image_tower_trained:
+        if self.scorer.prior.on and self.zero_shot.conse:
+            modules["prior"] = self.zero_shot
+        if self._config.image_tower_trained:
             modules["image_tower"] = self.image_tower
         return modules
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write config.json and model.safetensors into ``directory`` (created if needed)."""
-        if self.config.prior.on:
-            self.prior.prepare()
-        return write_model_folder(directory, self.config, self.saved_modules())
+        if self.scorer.prior.on:
+            self.zero_shot.prepare()
+        return ModelFolder(directory).write(self.config, self.saved_modules())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> CLIPDecoder:
+    def from_pretrained(cls, directory: str | os.PathLike, label_cache: str | os.PathLike | None = None) -> CLIPDecoder:
         """Load a model folder written by save_pretrained, or a packaged model by name ("openclipart");
-        never unpickles anything."""
-        directory = model_folder(directory)
-        config = read_model_config(directory)
+        never unpickles anything. ``label_cache`` as in ``__init__``."""
+        folder = ModelFolder.find(directory)
+        config = folder.read_config()
         try:
-            model = cls(config)
+            model = cls(config, label_cache=label_cache)
         except ClipDecoderError as error:  # unknown backbone, towers that do not fit the head
-            raise ClipDecoderError(f"{Path(directory) / 'config.json'}: {error}") from error
-        load_weights(directory, model.saved_modules())
+            raise ClipDecoderError(f"{folder / CONFIG_FILE}: {error}") from error
+        folder.load_weights(model.saved_modules())
         return model
+
+    def set_prior(self, prior: PriorConfig) -> None:
+        """Score with ``prior`` from now on (saved with the model). More weight trusts the towers' own
+        zero-shot view (images far from the training set's), less the trained head; see README."""
+        self.scorer = self.scorer.with_prior(prior)
 
     def set_trained_labels(self, labels: Sequence[str]) -> None:
         """Record the labels the head was trained on (config.json's ``labels``; their prior weight is
         ``PriorConfig.seen_weight``)."""
-        self.config.labels = list(labels)
-        self.scorer.seen = frozenset(labels)
-
-    @torch.inference_mode()
-    def center_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> float:
-        """Set the prior's offset to its mean cosine over these images (pooled features) and
-        labels, so that the prior moves no probability on average; no ranking changes. Returns it."""
-        if not self.config.prior.on:
-            return 0.0
-        directions = self.scorer.vocabulary(labels).queries.directions
-        total = sum(float((self.prior(pooled[start : start + rows_per_batch].to(self.device)) @ directions.T).sum())
-                    for start in range(0, len(pooled), rows_per_batch))
-        self.config.prior.offset = total / (len(pooled) * len(labels))  # the scorer shares config.prior
-        return self.config.prior.offset
+        self.scorer = self.scorer.with_trained_labels(labels)
 
     def train(self, mode: bool = True) -> CLIPDecoder:
         """Train mode for the head; the frozen towers stay in eval mode (BatchNorm, dropout)."""
@@ -151,11 +152,6 @@ class CLIPDecoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.head.parameters()).device
-
-    def encode_images(self, images: Sequence) -> ImageFeatures:
-        """Paths or PIL images -> the image tower's features for the batch."""
-        pixels = self.image_tower.preprocess.batch([load_image(image) for image in images])
-        return self.image_tower(pixels.to(self.device))
 
     def predict(
         self,

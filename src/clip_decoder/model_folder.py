@@ -1,11 +1,12 @@
-"""The model folder (contract): config.json + model.safetensors, read and written; never unpickles."""
+"""The model folder (contract): config.json + model.safetensors, and what training and calibration
+write beside them; ``ModelFolder`` reads and writes all of it, and never unpickles."""
 
 from __future__ import annotations
 
 import json
 import os
 import reprlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -14,22 +15,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .atomic import write_files
+from .atomic import write_file, write_files
 from .errors import ClipDecoderError
 from .head import HeadConfig
 from .prior import PriorConfig
-from .prompts import DEFAULT_TEMPLATES, check_labels, check_templates
+from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
+from .thresholds import Thresholds, write_thresholds
 
 FORMAT_VERSION = 2  # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+THRESHOLDS_FILE = "thresholds.json"  # written by `clip-decoder calibrate`
+TRAIN_LOG_FILE, TRAINING_FILE, CURVES_FILE = "train_log.jsonl", "training.json", "curves.png"  # written by training
+CHECKPOINT_FILE = "checkpoint.safetensors"  # a training run's state, until the model folder is written
 # What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
 # versions, so positive); a field of a type missing here is left to the dataclass.
 _JSON_TYPES = {"str": ((str,), "a string"), "int": ((int,), "a positive integer"), "float": ((int, float), "a number"),
                "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"), "PriorConfig": ((dict,), "an object"),
-               "tuple[str, ...]": ((list,), "a list"), "list[str]": ((list,), "a list")}
+               "tuple[str, ...]": ((list,), "a list")}
 
 
 def _check_json_types(data: dict, config_class: type, source: str, prefix: str = "") -> None:
@@ -43,25 +48,25 @@ def _check_json_types(data: dict, config_class: type, source: str, prefix: str =
             raise ClipDecoderError(f"{source}: '{prefix}{item.name}' must be {description}, got {reprlib.repr(value)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model; written as config.json."""
+    """Everything needed to rebuild a model; written as config.json. Frozen: a change is a new config."""
 
     backbone: str
     head: HeadConfig
     align_dim: int = 256
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    labels: list[str] = field(default_factory=list)  # the labels seen in training
+    labels: tuple[str, ...] = ()  # the labels seen in training
     # True when training changed the image tower (train --finetune-image-tower): its weights
     # are then saved with the head instead of being rebuilt from the backbone name.
     image_tower_trained: bool = False
     # How the zero-shot prior enters each logit (prior.PriorConfig); its offset is set by training.
-    prior: PriorConfig = field(default_factory=PriorConfig)
+    prior: PriorConfig = PriorConfig()
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["templates"] = list(self.templates)
+        data["templates"], data["labels"] = list(self.templates), list(self.labels)
         return data
 
     @classmethod
@@ -84,8 +89,9 @@ class ModelConfig:
                 backbone=str(data["backbone"]),
                 head=HeadConfig(**data["head"]),
                 align_dim=int(data.get("align_dim", 256)),
-                templates=check_templates(data.get("templates", DEFAULT_TEMPLATES)),
-                labels=check_labels(data.get("labels", [])),
+                # (a folder from before templates were recorded was made with one)
+                templates=check_templates(data.get("templates", SINGLE_TEMPLATE)),
+                labels=tuple(check_labels(data.get("labels", []))),
                 image_tower_trained=bool(data.get("image_tower_trained", False)),
                 prior=_prior_config(data),
                 format_version=int(version),
@@ -118,51 +124,82 @@ def _flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{key}": value for prefix, module in modules.items() for key, value in module.state_dict().items()}
 
 
-def write_model_folder(directory: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module]) -> Path:
-    """Write config.json and the weights of ``modules`` (name -> module) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().cpu().contiguous() for key, value in _flat_state(modules).items()}
-    # Both files are written in full before either replaces the old one (a crash or a full disk
-    # leaves the old folder); the weights are renamed into place first.
-    write_files({directory / WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),
-                 directory / CONFIG_FILE: json.dumps(config.to_dict(), indent=2) + "\n"})
-    return directory
+class ModelFolder:
+    """A model folder: its config and weights, the thresholds calibrated for it and the files its
+    training wrote (``train_log.jsonl``, ``training.json``, ``curves.png``, the run's checkpoint)."""
 
+    def __init__(self, path: str | os.PathLike, packaged: bool = False) -> None:
+        self.path, self.packaged = Path(path), packaged  # packaged: it ships inside the library
 
-def model_folder(name_or_path: str | os.PathLike) -> Path:
-    """A model folder's path: the folder itself, or a packaged model's (PACKAGED_MODELS) when no such folder exists."""
-    path = Path(name_or_path)
-    if path.is_dir() or str(name_or_path) not in PACKAGED_MODELS:
-        return path
-    return Path(str(resources.files("clip_decoder") / "models" / str(name_or_path)))
+    @classmethod
+    def find(cls, name_or_path: str | os.PathLike) -> ModelFolder:
+        """The folder itself, or a packaged model's (PACKAGED_MODELS) when no such folder exists."""
+        path = Path(name_or_path)
+        if path.is_dir() or str(name_or_path) not in PACKAGED_MODELS:
+            return cls(path)
+        return cls(Path(str(resources.files("clip_decoder") / "models" / str(name_or_path))), packaged=True)
 
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
 
-def read_model_config(directory: str | os.PathLike) -> ModelConfig:
-    """The checked config.json of a model folder; a missing folder or file is named in the error."""
-    directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise ClipDecoderError(f"model folder {directory} does not exist (packaged models: {', '.join(PACKAGED_MODELS)})")
-    for path in (config_path, directory / WEIGHTS_FILE):
+    def read_config(self) -> ModelConfig:
+        """The checked config.json; a missing folder or file is named in the error."""
+        if not self.path.is_dir():
+            raise ClipDecoderError(f"model folder {self.path} does not exist (packaged models: {', '.join(PACKAGED_MODELS)})")
+        for path in (self / CONFIG_FILE, self / WEIGHTS_FILE):
+            if not path.is_file():
+                raise ClipDecoderError(f"model folder {self.path} has no {path.name}")
+        try:
+            data = json.loads((self / CONFIG_FILE).read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is fine
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ClipDecoderError(f"{self / CONFIG_FILE}: not valid JSON ({error})") from error
+        return ModelConfig.from_dict(data, source=str(self / CONFIG_FILE))
+
+    def load_weights(self, modules: dict[str, nn.Module]) -> None:
+        """Load model.safetensors into ``modules`` (name -> module); weights that do not fit are refused, naming them."""
+        weights_path = self / WEIGHTS_FILE
+        try:
+            tensors = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ClipDecoderError(f"{weights_path}: not a readable safetensors file ({error})") from error
+        mismatch = _weights_mismatch(_flat_state(modules), tensors)
+        if mismatch:
+            raise ClipDecoderError(f"{weights_path}: weights do not fit the model in {CONFIG_FILE}: {mismatch}")
+        for prefix, module in modules.items():
+            module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+    def write(self, config: ModelConfig, modules: dict[str, nn.Module]) -> Path:
+        """Write config.json and the weights of ``modules`` (name -> module), creating the folder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in _flat_state(modules).items()}
+        # Both files are written in full before either replaces the old one (a crash or a full disk
+        # leaves the old folder); the weights are renamed into place first.
+        write_files({self / WEIGHTS_FILE: save(tensors, metadata={"format": "pt"}),
+                     self / CONFIG_FILE: json.dumps(config.to_dict(), indent=2) + "\n"})
+        return self.path
+
+    def thresholds(self) -> Thresholds:
+        """The thresholds ``clip-decoder calibrate`` stored here (``predict --calibrated``)."""
+        path = self / THRESHOLDS_FILE
         if not path.is_file():
-            raise ClipDecoderError(f"model folder {directory} has no {path.name}")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8-sig"))  # -sig: a BOM from an editor is fine
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ClipDecoderError(f"{config_path}: not valid JSON ({error})") from error
-    return ModelConfig.from_dict(data, source=str(config_path))
+            raise ClipDecoderError(f"{path} does not exist; run `clip-decoder calibrate --model {self.path} ...` first")
+        return Thresholds.read(path)
 
+    def writable(self) -> ModelFolder:
+        """This folder, if files may be added to it: a packaged model's folder is part of the library."""
+        if self.packaged:
+            raise ClipDecoderError(f"{self.path.name!r} is a packaged model, part of the library; copy its folder into"
+                                   " one of your own and write there")
+        return self
 
-def load_weights(directory: str | os.PathLike, modules: dict[str, nn.Module]) -> None:
-    """Load model.safetensors into ``modules``; weights that do not fit are refused, naming them."""
-    weights_path = Path(directory) / WEIGHTS_FILE
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ClipDecoderError(f"{weights_path}: not a readable safetensors file ({error})") from error
-    mismatch = _weights_mismatch(_flat_state(modules), tensors)
-    if mismatch:
-        raise ClipDecoderError(f"{weights_path}: weights do not fit the model in {CONFIG_FILE}: {mismatch}")
-    for prefix, module in modules.items():
-        module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    def write_thresholds(self, table: dict) -> Path:
+        """Store a calibration table as thresholds.json (atomically)."""
+        return write_thresholds(self.writable() / THRESHOLDS_FILE, table)
+
+    def write_json(self, name: str, data: dict) -> None:
+        """One of the folder's JSON files (training.json), atomically."""
+        write_file(self / name, json.dumps(data, indent=2) + "\n")
+
+    def write_train_log(self, history: list[dict]) -> None:
+        """train_log.jsonl: one JSON record per finished epoch, rewritten whole (atomically) each time."""
+        write_file(self / TRAIN_LOG_FILE, "".join(json.dumps(record) + "\n" for record in history), fsync=False)

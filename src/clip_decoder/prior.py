@@ -5,7 +5,8 @@ with the label's text embedding. Towers with an ImageNet classifier (the offline
 CONSE's vector: the class-name embeddings of the image's top classes, weighted by their
 probabilities (Norouzi et al. 2014), here softened by a temperature. Towers whose pooled vector
 already lives in the text space (CLIP) give that vector, so the prior is the model's own zero-shot
-score. ``PriorConfig`` says how much of it each logit gets.
+score. Which of the two a tower gives is its declared ``zero_shot`` view (encoders.base).
+``PriorConfig`` says how much of it each logit gets; the scorer holds the one in use.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 import torch
@@ -26,7 +27,7 @@ CONSE_TOP = 10  # ImageNet classes averaged per image
 CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabilities
 
 
-@dataclass
+@dataclass(frozen=True)
 class PriorConfig:
     """How the prior enters each logit: + weight x (cos(the image's prior vector, the label's text) - offset).
 
@@ -37,11 +38,16 @@ class PriorConfig:
     ``offset`` is the prior's mean cosine over the training images and labels (set by training),
     so that the prior moves no probability on average. The defaults were chosen on nested splits
     of the seen labels and the dev photos (docs/EXPERIMENTS.md); 0 and 0 turn the prior off.
+    Frozen: a changed setting is a new config (``dataclasses.replace``). Fields with ``help``
+    metadata are command-line options, ``--prior-<name>``.
     """
 
-    weight: float = 20.0
-    seen_weight: float = 10.0
-    temperature: float = 3.0
+    weight: float = field(default=20.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
+                                                          " head was not trained on: more trusts the towers' own view"})
+    seen_weight: float = field(default=10.0, metadata={"help": "the same for the labels the head was trained on;"
+                                                               " both 0: the prior is off"})
+    temperature: float = field(default=3.0, metadata={"help": "softens the ImageNet classifier's distribution before"
+                                                              " CONSE's top classes make the prior (ImageNet towers)"})
     offset: float = 0.0
 
     def __post_init__(self) -> None:
@@ -74,23 +80,27 @@ def imagenet_class_names() -> tuple[str, ...]:
 
 
 class ZeroShotPrior(nn.Module):
-    """Pooled image features (B, image_dim) -> unit vectors (B, text_dim) in the text space.
+    """Pooled image features (B, image_dim) -> unit vectors (B, text_dim) in the text space, as the
+    image tower's declared ``zero_shot`` view makes them (encoders.base.ImageTower).
 
     ``embed_texts`` (label names -> embeddings) is called once, on first use, to embed the
     ImageNet class names of a classifier tower; the embeddings are a buffer, so a saved model
     keeps them and loading one never re-embeds them.
     """
 
-    def __init__(self, image_tower: ImageTower, text_dim: int, embed_texts: Callable[[tuple[str, ...]], torch.Tensor],
-                 temperature: float = PriorConfig.temperature) -> None:
+    def __init__(self, image_tower: ImageTower, text_dim: int,
+                 embed_texts: Callable[[tuple[str, ...]], torch.Tensor]) -> None:
         super().__init__()
         # Not submodules: the tower's weights belong to the model, not to the prior.
-        self.tower_name, self.embed_texts, self.temperature = image_tower.name, embed_texts, temperature
-        self.imagenet_logits = getattr(image_tower, "imagenet_logits", None)
-        self.conse = self.imagenet_logits is not None
-        self.available = self.conse or image_tower.dim == text_dim
+        self.tower_name, self.view, self.embed_texts = image_tower.name, image_tower.zero_shot, embed_texts
+        self.conse = self.view == "imagenet"
+        self.classify = image_tower.imagenet_logits if self.conse else None
         self.register_buffer("class_embeddings", torch.zeros(len(imagenet_class_names()) if self.conse else 0, text_dim))
         self.ready = not self.conse
+
+    @property
+    def available(self) -> bool:
+        return self.view is not None
 
     def prepare(self) -> None:
         """Embed the class names if that was not done (or loaded) yet."""
@@ -104,14 +114,14 @@ class ZeroShotPrior(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self.ready = True
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(self, pooled: torch.Tensor, temperature: float = CONSE_TEMPERATURE) -> torch.Tensor:
+        """The prior vectors; ``temperature`` divides an ImageNet tower's logits (PriorConfig.temperature)."""
         if not self.available:
-            raise ValueError(f"image tower {self.tower_name} has neither an ImageNet classifier nor a pooled"
-                             " vector in the text space: it gives no zero-shot prior")
+            raise ValueError(f"image tower {self.tower_name} declares no zero-shot view: it gives no prior")
         if not self.conse:
             return F.normalize(pooled.float(), dim=-1)
         self.prepare()
-        probabilities = (self.imagenet_logits(pooled.float()) / self.temperature).softmax(dim=-1)
+        probabilities = (self.classify(pooled.float()) / temperature).softmax(dim=-1)
         top = probabilities.topk(CONSE_TOP, dim=-1)
         weights = torch.zeros_like(probabilities).scatter_(1, top.indices, top.values)
         weights = weights / weights.sum(dim=1, keepdim=True)

@@ -1,17 +1,23 @@
-"""Prompt templates, prompt ensembling and a cache of label embeddings."""
+"""Prompt templates, label names, prompt ensembling and a cache of label embeddings (in memory and on disk)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch.nn import functional as F
 
+from .atomic import write_file
+from .caches import keyed_folder
 from .encoders.base import TextTower
 from .errors import ClipDecoderError
 
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
 # A small ensemble in the spirit of CLIP's ImageNet prompts.
 ENSEMBLE_TEMPLATES: tuple[str, ...] = (
@@ -24,8 +30,9 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
     "a photo showing {}.",
 )
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_TEMPLATES, "ensemble": ENSEMBLE_TEMPLATES}
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"ensemble": ENSEMBLE_TEMPLATES, "single": SINGLE_TEMPLATE}
 DEFAULT_TEMPLATE_SET = "ensemble"  # what models are created and trained with (docs/EXPERIMENTS.md)
+DEFAULT_TEMPLATES = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET]
 
 
 def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
@@ -66,23 +73,31 @@ def describe(labels: Sequence[str]) -> str:
     return f"a photo of {', '.join(labels[:-1])} and {labels[-1]}."
 
 
+def split_labels(texts: Iterable[str]) -> list[str]:
+    """Label names from comma-separated texts (a --labels option, the service's form fields), stripped, empty ones dropped."""
+    return [part.strip() for text in texts for part in text.split(",") if part.strip()]
+
+
 class LabelEmbedder:
     """Embeds label names through prompt templates, averaging normalised embeddings.
 
-    Embeddings are cached per (text tower, templates, label), so a vocabulary is embedded once;
-    the cache keeps the most recently used ``max_entries`` labels.
+    Embeddings are cached in memory per (text tower, templates, label), keeping the most recently
+    used ``max_entries``; with a ``folder`` they are also kept on disk, one small safetensors file
+    per label under ``folder/labels/<key of the tower and templates>``, so a later process finds
+    them without running the text tower (which may then never load; encoders.base.TextTower).
     """
 
-    def __init__(self, tower: TextTower, max_entries: int = 200_000) -> None:
+    def __init__(self, tower: TextTower, max_entries: int = 200_000, folder: str | Path | None = None) -> None:
         self.tower = tower
         self.max_entries = max_entries
+        self.folder = None if folder is None else Path(folder)
         self._cache: OrderedDict[tuple[str, tuple[str, ...], str], torch.Tensor] = OrderedDict()
+        self._folders: dict[tuple[str, ...], Path] = {}  # per template set
 
-    def __call__(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+    def __call__(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """Embeddings (len(labels), dim), L2-normalised, one row per label."""
         labels = check_labels(labels)
         templates = check_templates(templates)
-        keys = [(self.tower.name, templates, label) for label in labels]
         missing = self.missing(labels, templates)
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
@@ -90,18 +105,55 @@ class LabelEmbedder:
             per_label = encoded.view(len(missing), len(templates), -1).mean(dim=1)
             for label, embedding in zip(missing, F.normalize(per_label, dim=-1)):
                 self._cache[(self.tower.name, templates, label)] = embedding
+                self._write(templates, label, embedding)
         rows = []
-        for key in keys:
+        for key in ((self.tower.name, templates, label) for label in labels):
             self._cache.move_to_end(key)
             rows.append(self._cache[key])
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return torch.stack(rows) if rows else torch.empty(0, self.tower.dim)
 
-    def missing(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
-        """The labels among ``labels`` whose embedding through ``templates`` is not cached yet, in order."""
+    def missing(self, labels: Sequence[str], templates: Sequence[str]) -> list[str]:
+        """The labels among ``labels`` whose embedding through ``templates`` is neither in memory nor on
+        disk (those on disk are read into memory), in order."""
         templates = check_templates(templates)
-        return list(dict.fromkeys(label for label in labels if (self.tower.name, templates, label) not in self._cache))
+        missing = []
+        for label in dict.fromkeys(labels):
+            key = (self.tower.name, templates, label)
+            if key not in self._cache:
+                stored = self._read(templates, label)
+                if stored is None:
+                    missing.append(label)
+                else:
+                    self._cache[key] = stored
+        return missing
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    def _entry(self, templates: tuple[str, ...], label: str) -> Path | None:
+        if self.folder is None:
+            return None
+        if templates not in self._folders:
+            spec = {"text tower": self.tower.cache_key, "templates": list(templates)}
+            self._folders[templates] = keyed_folder(self.folder, "labels", spec)
+        return self._folders[templates] / f"{hashlib.sha256(label.encode()).hexdigest()}.safetensors"
+
+    def _read(self, templates: tuple[str, ...], label: str) -> torch.Tensor | None:
+        """The label's embedding on disk, or None (no folder, not there, or not sound: then it is embedded again)."""
+        entry = self._entry(templates, label)
+        if entry is None or not entry.is_file():
+            return None
+        try:
+            with safe_open(str(entry), framework="pt") as f:
+                stored, embedding = (f.metadata() or {}).get("label"), f.get_tensor("embedding")
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            return None
+        sound = stored == label and embedding.shape == (self.tower.dim,) and bool(torch.isfinite(embedding).all())
+        return embedding.float() if sound else None
+
+    def _write(self, templates: tuple[str, ...], label: str, embedding: torch.Tensor) -> None:
+        entry = self._entry(templates, label)
+        if entry is not None:  # no fsync: an entry lost in a power cut is embedded again
+            write_file(entry, save({"embedding": embedding.contiguous()}, metadata={"label": label}), fsync=False)

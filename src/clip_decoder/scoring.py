@@ -8,9 +8,10 @@ likely labels. A change to how a label is scored is a change here.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -48,18 +49,36 @@ class Scores:
 
 
 class Scorer:
-    """Image features x a vocabulary -> independent probabilities, through one head and alignment."""
+    """Image features x a vocabulary -> independent probabilities, through one head and alignment.
+
+    It holds the one ``PriorConfig`` in use: ``with_prior`` gives a scorer with another (the
+    same modules and vocabulary cache), ``centred_prior`` the config whose offset centres the prior.
+    """
 
     def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
-                 templates: Sequence[str], prior: ZeroShotPrior | None = None, mix: PriorConfig | None = None,
-                 seen: Collection[str] = ()) -> None:
-        """``prior`` and ``mix`` (how its cosine enters each logit; shared with the model's config,
-        so training's changes to it show here) add the zero-shot prior; ``seen`` are the labels the
-        head was trained on."""
+                 templates: Sequence[str], zero_shot: ZeroShotPrior | None = None,
+                 prior: PriorConfig = PriorConfig.off(), trained_labels: Sequence[str] = ()) -> None:
+        """``zero_shot`` (the prior vectors) and ``prior`` (how their cosine enters each logit) add
+        the zero-shot prior; ``trained_labels`` are the labels the head was trained on."""
         self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
         self.templates = tuple(templates)
-        self.prior, self.mix, self.seen = prior, mix or PriorConfig.off(), frozenset(seen)
+        self.zero_shot, self.prior, self.trained_labels = zero_shot, prior, tuple(trained_labels)
         self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
+
+    def with_prior(self, prior: PriorConfig) -> Scorer:
+        """This scorer with ``prior`` instead of its own (sharing its modules and vocabulary cache)."""
+        if prior.on and (self.zero_shot is None or not self.zero_shot.available):
+            raise ClipDecoderError("this model's image tower gives no zero-shot prior: its weights must stay 0")
+        return self._with(prior=prior)
+
+    def with_trained_labels(self, labels: Sequence[str]) -> Scorer:
+        """This scorer for a head trained on ``labels`` (their prior weight is ``PriorConfig.seen_weight``)."""
+        return self._with(trained_labels=tuple(labels))
+
+    def _with(self, **changes) -> Scorer:
+        scorer = copy.copy(self)  # the vocabulary cache is shared: its keys hold the trained labels
+        vars(scorer).update(changes)
+        return scorer
 
     @property
     def device(self) -> torch.device:
@@ -76,10 +95,11 @@ class Scorer:
         and projection), cached for the most recent vocabularies until the weights change."""
         labels = tuple(check_labels(labels))
         templates = tuple(templates or self.templates)
-        key = (labels, templates, self.seen, self._weights_key())
+        key = (labels, templates, self.trained_labels, self._weights_key())
         if key not in self._vocabularies:
             embeddings = self.embed_labels(labels, templates).to(self.device)
-            seen = torch.tensor([label in self.seen for label in labels], device=self.device)
+            trained = set(self.trained_labels)
+            seen = torch.tensor([label in trained for label in labels], device=self.device)
             self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings),
                                                  seen)
             while len(self._vocabularies) > VOCABULARY_CACHE_SIZE:
@@ -101,15 +121,29 @@ class Scorer:
         """
         memory = self.head.memory(features.tokens.float())
         maps = self.head.attention_maps(memory, vocabulary.queries) if attention else None
-        prior = self.prior_logits(features.pooled, vocabulary) if self.mix.on else 0.0
+        prior = self.prior_logits(features.pooled, vocabulary) if self.prior.on else 0.0
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
         """weight * (cos(the image's zero-shot prior vector, the label's text embedding) - offset): (B, L);
-        the weight is ``mix.seen_weight`` for labels the head was trained on, ``mix.weight`` for the others."""
-        mix = self.mix
-        weights = torch.where(vocabulary.seen, mix.seen_weight, mix.weight)
-        return weights * (self.prior(pooled) @ vocabulary.queries.directions.T - mix.offset)
+        the weight is ``prior.seen_weight`` for labels the head was trained on, ``prior.weight`` for the others."""
+        prior = self.prior
+        weights = torch.where(vocabulary.seen, prior.seen_weight, prior.weight)
+        return weights * (self._prior_cosines(pooled, vocabulary.queries.directions) - prior.offset)
+
+    def _prior_cosines(self, pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+        return self.zero_shot(pooled, self.prior.temperature) @ directions.T
+
+    @torch.inference_mode()
+    def centred_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> PriorConfig:
+        """This scorer's prior with the offset that centres it: its mean cosine over these images (pooled
+        features, any device) and labels, so that it moves no probability on average; no ranking changes."""
+        if not self.prior.on:
+            return self.prior
+        directions = self.vocabulary(labels).queries.directions
+        total = sum(float(self._prior_cosines(pooled[start : start + rows_per_batch].to(self.device), directions).sum())
+                    for start in range(0, len(pooled), rows_per_batch))
+        return replace(self.prior, offset=total / (len(pooled) * len(labels)))
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

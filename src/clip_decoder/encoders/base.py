@@ -1,5 +1,5 @@
-"""The two tower protocols every backbone implements, the pair that makes a backbone, and a
-tokenising helper the transformers-based text towers share."""
+"""The tower contract every backbone keeps (what a tower must provide and what it may), the pair
+that makes a backbone, and helpers the transformers-based towers share."""
 
 from __future__ import annotations
 
@@ -21,13 +21,24 @@ class ImageFeatures:
     pooled: torch.Tensor  # (batch, dim): one vector per image
 
 
+ZERO_SHOT_VIEWS = ("imagenet", "joint", None)
+
+
 @runtime_checkable
 class ImageTower(Protocol):
-    """Maps preprocessed pixels (B, 3, H, W) to spatial tokens and a pooled vector."""
+    """What every image tower provides: preprocessed pixels (B, 3, H, W) -> spatial tokens and a pooled vector.
 
-    name: str
-    dim: int
+    ``zero_shot`` declares how the tower sees an image with no training (the zero-shot prior,
+    prior.py): ``"imagenet"``, it has an ImageNet classifier and implements ``ImageNetClassifier``
+    (CONSE's view); ``"joint"``, its pooled vector lives in its text tower's embedding space
+    (CLIP, SigLIP); ``None``, neither, and models on it keep the prior off.
+    ``create_backbone`` checks the declaration (``check_backbone``).
+    """
+
+    name: str  # names the tower's weights and input size; feature caches are keyed by it (and the weights)
+    dim: int  # width of each token and of the pooled vector
     preprocess: Preprocess
+    zero_shot: str | None
 
     def __call__(self, pixels: torch.Tensor) -> ImageFeatures: ...
 
@@ -37,11 +48,25 @@ class ImageTower(Protocol):
 
 
 @runtime_checkable
+class ImageNetClassifier(Protocol):
+    """What an image tower whose ``zero_shot`` is ``"imagenet"`` provides besides."""
+
+    def imagenet_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, dim) -> the 1,000 ImageNet logits (B, 1000), in the classes' usual order."""
+        ...
+
+
+@runtime_checkable
 class TextTower(Protocol):
-    """Maps texts to L2-normalised embeddings (len(texts), dim)."""
+    """What every text tower provides: texts -> L2-normalised embeddings (len(texts), dim).
+
+    ``cache_key`` names the tower's weights without loading them: label embeddings kept on disk
+    (prompts.LabelEmbedder) are stored under it, so a tower may load its model on first ``encode``.
+    """
 
     name: str
     dim: int
+    cache_key: str
 
     def encode(self, texts: list[str]) -> torch.Tensor: ...
 
@@ -53,6 +78,24 @@ class Backbone:
     name: str
     image: ImageTower
     text: TextTower
+
+
+def check_backbone(backbone: Backbone) -> Backbone:
+    """``backbone`` if its towers keep the contract above; else a ValueError saying what is missing."""
+    image, text = backbone.image, backbone.text
+    missing = [f"image tower .{name}" for name in ("name", "dim", "preprocess", "zero_shot", "trainable_blocks")
+               if not hasattr(image, name)]
+    missing += [f"text tower .{name}" for name in ("name", "dim", "cache_key", "encode") if not hasattr(text, name)]
+    if missing:
+        raise ValueError(f"backbone {backbone.name!r} does not keep the tower contract: no {', '.join(missing)}")
+    if image.zero_shot not in ZERO_SHOT_VIEWS:
+        raise ValueError(f"backbone {backbone.name!r}: zero_shot must be one of {ZERO_SHOT_VIEWS}, got {image.zero_shot!r}")
+    if image.zero_shot == "imagenet" and not isinstance(image, ImageNetClassifier):
+        raise ValueError(f"backbone {backbone.name!r}: an 'imagenet' tower needs imagenet_logits(pooled)")
+    if image.zero_shot == "joint" and image.dim != text.dim:
+        raise ValueError(f"backbone {backbone.name!r}: a 'joint' image tower's pooled vector ({image.dim}) must have"
+                         f" its text tower's width ({text.dim})")
+    return backbone
 
 
 def tokenized_batches(

@@ -2,12 +2,14 @@
 
 Image tokens are the vision tower's last hidden state (patch tokens, CLS dropped), passed through
 the model's final norm and, for CLIP, its visual projection, so they live in the joint space.
-The pooled vector is the model's own image embedding. Label embeddings come from the text tower.
+The pooled vector is the model's own image embedding, in the text tower's space (the towers'
+zero-shot view is "joint"). Label embeddings come from the text tower.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,6 +49,8 @@ def preprocess_from_config(config: dict) -> Preprocess:
 class HFImageTower(nn.Module):
     """Patch tokens and pooled embedding of a CLIP / SigLIP vision tower."""
 
+    zero_shot = "joint"
+
     def __init__(self, name: str, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
         self.name = f"{name}@{preprocess.image_size}"
@@ -82,9 +86,9 @@ class HFImageTower(nn.Module):
 class HFTextTower(nn.Module):
     """L2-normalised text embeddings of a CLIP / SigLIP text tower."""
 
-    def __init__(self, name: str, model: nn.Module, tokenizer) -> None:
+    def __init__(self, name: str, model: nn.Module, tokenizer, cache_key: str) -> None:
         super().__init__()
-        self.name = name
+        self.name, self.cache_key = name, cache_key
         self.text_model = model.text_model
         self.projection = getattr(model, "text_projection", None)
         self.tokenizer = tokenizer
@@ -110,6 +114,18 @@ class HFTextTower(nn.Module):
         return torch.cat(chunks)
 
 
+def _weights_stamp(model_id: str, cached_file) -> str:
+    """The weights file's size and time: label embeddings on disk are kept under them, so a folder
+    trained again (same path, new weights) gets new ones."""
+    for name in ("model.safetensors", "model.safetensors.index.json"):  # one file, or shards and their index
+        try:
+            stat = Path(cached_file(model_id, name)).stat()
+        except (OSError, TypeError):  # TypeError: no such file, in some transformers versions (a None path)
+            continue
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    raise OSError(f"no model.safetensors in {model_id}")
+
+
 @register_backbone("hf")
 def hf_backbone(model_id: str | None) -> Backbone:
     """Load a transformers CLIP or SigLIP model (hub id or local folder)."""
@@ -125,6 +141,7 @@ def hf_backbone(model_id: str | None) -> Backbone:
             tokenizer = AutoTokenizer.from_pretrained(model_id)
         with open(cached_file(model_id, "preprocessor_config.json"), encoding="utf-8") as f:
             preprocess = preprocess_from_config(json.load(f))
+        stamp = _weights_stamp(model_id, cached_file)
     except (OSError, ValueError, KeyError) as error:
         raise ClipDecoderError(f"cannot load hf model {model_id!r}: {error}") from error
     if model.config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -137,5 +154,5 @@ def hf_backbone(model_id: str | None) -> Backbone:
     return Backbone(
         name=name,
         image=HFImageTower(name, model, preprocess),
-        text=HFTextTower(name, model, tokenizer),
+        text=HFTextTower(name, model, tokenizer, f"{name}/{stamp}"),
     )

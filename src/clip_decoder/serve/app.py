@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from importlib import resources
 from typing import TypeVar
@@ -28,45 +28,20 @@ from PIL import Image
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..decisions import Decider
 from ..errors import ClipDecoderError
-from ..images import MAX_IMAGE_PIXELS, load_image
-from ..predict import Decider, heatmap
+from ..heatmaps import heatmap
+from ..images import load_image
+from ..prompts import split_labels
+from ..writers import result_record
+from .limits import Limits
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for and how many may wait; each excess is answered with a 4xx naming the limit."""
-
-    max_body_bytes: int = 64 * 2**20  # the whole request body, multipart framing included
-    max_upload_bytes: int = 20 * 2**20  # per image file
-    max_images: int = 32
-    max_image_pixels: int = MAX_IMAGE_PIXELS  # per image, read from its header before anything is decoded
-    max_labels: int = 1000
-    max_label_chars: int = 200
-    max_heatmaps: int = 20  # per image, when no decision rule picks the labels
-    max_request_seconds: float = 30.0  # from the request head to the answer: body, waiting, embedding labels, inference
-    max_queue: int = 16  # requests waiting for the model while one runs
-    max_cached_labels: int = 20_000  # label embeddings kept between requests (least recently used go first)
-    max_connections: int = 512  # open connections; one more is answered 429 and closed
-    max_header_seconds: float = 10.0  # to send a request head, from connecting or from the first byte of the next
-
-    def __post_init__(self) -> None:
-        """Refuse limits that would refuse every request, or pixels above what load_image accepts."""
-        values = asdict(self)
-        if bad := [f"{name}={value}" for name, value in values.items() if value < 0 or (value == 0 and name != "max_queue")]:
-            raise ClipDecoderError(f"service limits must be positive (max_queue may be 0): {', '.join(bad)}")
-        if self.max_cached_labels < self.max_labels:  # a request's labels must stay cached while it is scored
-            raise ClipDecoderError(f"max_cached_labels={self.max_cached_labels} must be at least max_labels={self.max_labels}")
-        if self.max_image_pixels > MAX_IMAGE_PIXELS:
-            raise ClipDecoderError(f"max_image_pixels={self.max_image_pixels}: images are decoded up to"
-                                   f" {MAX_IMAGE_PIXELS} pixels")
-
-
 def parse_labels(fields: list[str], limits: Limits) -> list[str]:
     """Labels from form fields: each field may hold several, comma-separated."""
-    labels = [part.strip() for field in fields for part in field.split(",") if part.strip()]
+    labels = split_labels(fields)
     if not labels:
         raise HTTPException(422, "no labels given: send 'labels' as a comma-separated string or repeat the field")
     if len(labels) > limits.max_labels:
@@ -129,11 +104,8 @@ def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], dec
             for index, message in batch.failed.items():
                 results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
             for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
-                result = results[index]
-                result["scores"] = {label: round(float(s), 6) for label, s in zip(names, scores)}
                 chosen = decider(names, scores) if decider.active else None
-                if chosen is not None:
-                    result["labels"] = chosen
+                result = results[index] = result_record(uploads[index][0], names, scores, chosen)
                 if heatmaps:
                     drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
                     image = load_image(uploads[index][1], limits.max_image_pixels)

@@ -14,7 +14,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import ClipDecoderError
-from .app import Limits
+from .limits import Limits
 
 LINGER_SECONDS = 1.0  # a refused connection stays open this long after its answer: the client reads it, not a reset
 SPARE_FILES = 64  # file descriptors the service needs beside its connections (model files, pipes, threads)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ClipDecoderError
-from ..prior import ZeroShotPrior
+from ..prior import CONSE_TEMPERATURE, ZeroShotPrior
 from .losses import AsymmetricLoss
 
 LINEAR_EPOCHS = 30
@@ -32,7 +32,7 @@ class ConSE:
 
     @torch.inference_mode()
     def score(self, pooled: torch.Tensor, label_embeddings: torch.Tensor) -> np.ndarray:
-        return (self.prior(pooled) @ label_embeddings.float().T).numpy()
+        return (self.prior(pooled, CONSE_TEMPERATURE) @ label_embeddings.float().T).numpy()
 
 
 class LinearMap(nn.Module):

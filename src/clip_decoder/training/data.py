@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -12,13 +11,12 @@ from tqdm.auto import tqdm
 
 from ..data.folder import Sample, target_matrix
 from ..decoding import decoded_batches
+from ..distributed import World
 from ..encoders import TextTower
 from ..errors import ClipDecoderError
-from ..feature_store import FeatureStore, StoredRows
-from ..features import FeatureCache
+from ..features import FeatureSource, StoredRows
 from ..images import Preprocess
 from ..prompts import describe
-from .distributed import World
 
 
 class LabelledImages:
@@ -50,18 +48,14 @@ class FeatureSet(LabelledImages):
     samples: list[Sample]
 
     @classmethod
-    def build(cls, samples: list[Sample], source: FeatureCache | FeatureStore, progress: bool = True,
+    def build(cls, samples: list[Sample], source: FeatureSource, progress: bool = True,
               world: World = World()) -> FeatureSet:
         """Features of ``samples``; under torchrun each rank extracts its share of the distinct
         files first, so every image goes through the tower once, then all ranks read them all
         (from a store: each rank maps them all and reads the rows it is given)."""
         paths = [s.image for s in samples]
         if world.size > 1:
-            if isinstance(source, FeatureStore):
-                source.extract_missing(paths, world.shard, progress=progress and world.is_main)
-            else:
-                with contextlib.suppress(ClipDecoderError):  # no readable image in this share: reported below
-                    source.get(world.shard(source.distinct(paths)), progress=progress and world.is_main, report=False)
+            source.extract_missing(paths, world.shard, progress=progress and world.is_main)  # failures: reported below
             world.barrier()
         features = source.get(paths, progress=progress and world.is_main, report=world.is_main)
         return cls(features.tokens, features.pooled, [samples[i] for i in features.kept])

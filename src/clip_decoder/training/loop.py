@@ -12,27 +12,23 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..decoding import decoded_batches
+from ..distributed import World
 from ..errors import ClipDecoderError
 from ..metrics import mean_average_precision
 from ..model import CLIPDecoder
 from ..scoring import Scorer
 from .checkpoint import save_checkpoint
 from .data import FeatureSet, ImageSet, encode_sentences
-from .distributed import World
+from .recipe import Recipe
 from .trainer import Trainer
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
 CHECKPOINT_EVERY = 100  # optimizer steps between checkpoints, besides one at each epoch's end
-LOSSES = ("loss", "cls", "clip")
 
 
 @dataclass
@@ -41,7 +37,7 @@ class RunState:
 
     epoch: int = 1
     step: int = 0  # optimizer steps done in this epoch
-    totals: dict = field(default_factory=lambda: dict.fromkeys(LOSSES, 0.0))  # this epoch's mean losses so far
+    totals: dict = field(default_factory=dict)  # this epoch's mean losses so far (the total and each term)
     history: list = field(default_factory=list)  # one record per finished epoch
     best_map: float = -1.0
     best_state: dict | None = None  # the EMA weights of the best epoch
@@ -65,19 +61,25 @@ class TrainingRun:
     """One training run of ``model`` on the seen labels: its trainer, batch order and state."""
 
     def __init__(self, model: CLIPDecoder, train: FeatureSet | ImageSet, val: FeatureSet | ImageSet | None,
-                 seen: tuple[str, ...], config: TrainConfig, world: World = World()) -> None:
+                 seen: tuple[str, ...], recipe: Recipe, world: World = World()) -> None:
+        config = recipe.config
         if config.batch_size % (world.size * config.accumulate):
             raise ClipDecoderError(f"batch size {config.batch_size} must be a multiple of the number of processes"
                                    f" ({world.size}) times --accumulate ({config.accumulate})")
-        self.model, self.train, self.val, self.seen, self.config, self.world = model, train, val, seen, config, world
+        self.model, self.train, self.val, self.seen, self.world = model, train, val, seen, world
+        self.recipe, self.config = recipe, config
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.label_embeddings = model.embed_labels(list(seen), config.template_set).to(model.device)
+        self.label_embeddings = model.embed_labels(list(seen), recipe.templates).to(model.device)
         self.sentence_embeddings, self.sentence_rows = encode_sentences(model.text_tower, train.sentences(seen))
         self.steps_per_epoch = max(1, len(train.samples) // config.batch_size)  # the last partial batch is dropped
-        self.trainer = Trainer(model, config, config.num_epochs * self.steps_per_epoch, world)
-        self.state = RunState()
+        self.trainer = Trainer(model, recipe, recipe.epochs * self.steps_per_epoch, world)
+        self.state = RunState(totals=self.zero_totals())
         ema = self.trainer.ema.module
-        self.ema_scorer = Scorer(ema["head"], ema["alignment"], model.embed_labels, config.template_set)
+        alignment = ema["alignment"] if "alignment" in ema else model.alignment
+        self.ema_scorer = Scorer(ema["head"], alignment, model.embed_labels, recipe.templates)
+
+    def zero_totals(self) -> dict[str, float]:
+        return dict.fromkeys(self.trainer.loss_names, 0.0)
 
     @property
     def steps_done(self) -> int:
@@ -124,8 +126,8 @@ class TrainingRun:
         # No val image with a seen label (nan mAP): nothing to select on, keep the latest.
         if val_map > self.state.best_map or math.isnan(val_map):
             self.state.best_map, self.state.best_state = val_map, copy.deepcopy(self.trainer.ema.module.state_dict())
-        self.state = RunState(epoch=self.state.epoch + 1, history=self.state.history, best_map=self.state.best_map,
-                              best_state=self.state.best_state)
+        self.state = RunState(epoch=self.state.epoch + 1, totals=self.zero_totals(), history=self.state.history,
+                              best_map=self.state.best_map, best_state=self.state.best_state)
         return record
 
     def keep_best(self) -> None:
@@ -151,7 +153,7 @@ def fit(
     train: FeatureSet | ImageSet,
     val: FeatureSet | ImageSet,
     seen: tuple[str, ...],
-    config: TrainConfig,
+    recipe: Recipe,
     progress: bool = True,
     on_epoch: Callable[[list[dict]], None] | None = None,
     world: World = World(),
@@ -166,7 +168,7 @@ def fit(
     ``checkpoint_every`` steps and at each epoch's end; ``resume`` (a loaded checkpoint)
     continues such a run where it stopped, with the same result as if it had never stopped.
     """
-    run = TrainingRun(model, train, val, seen, config, world)
+    run = TrainingRun(model, train, val, seen, recipe, world)
     if resume is not None:
         run.resume(resume)
 
@@ -178,9 +180,9 @@ def fit(
             save_checkpoint(checkpoint, state)
 
     # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
-    with tqdm(total=config.num_epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {config.method}",
+    with tqdm(total=recipe.epochs * run.steps_per_epoch, initial=run.steps_done, desc=f"train {recipe.method}",
               unit="step", disable=not progress or not world.is_main) as bar:
-        for _ in range(run.state.epoch, config.num_epochs + 1):
+        for _ in range(run.state.epoch, recipe.epochs + 1):
             model.train()
             started, epoch_generator = time.perf_counter(), run.generator.get_state()
             for rows, inputs in train.batches(run.epoch_batches(run.epoch_order(), run.state.step)):
@@ -203,4 +205,4 @@ def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, seen: tupl
     model.eval()
     model.set_trained_labels(seen)
     if isinstance(train, FeatureSet):  # (a fine-tuned tower's pooled features are not at hand: offset stays 0)
-        model.center_prior(train.pooled, seen)
+        model.set_prior(model.scorer.centred_prior(train.pooled, seen))

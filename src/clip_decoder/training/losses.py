@@ -1,7 +1,11 @@
-"""Training losses: asymmetric loss on seen labels, contrastive image-text alignment, their sum."""
+"""What training minimises: asymmetric loss on seen labels and contrastive image-text alignment,
+declared as loss terms in a registry, and the ``Objective`` that sums a recipe's weighted terms.
+
+A new loss is one ``register_loss(LossTerm(...))`` and a method whose recipe names it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..alignment import Alignment
-from .distributed import gather_rows
+from ..distributed import gather_rows
 
 
 class AsymmetricLoss(nn.Module):
@@ -59,14 +63,64 @@ def contrastive_loss(alignment: Alignment, pooled: torch.Tensor, text_embeddings
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
+@dataclass
+class StepOutputs:
+    """What a training step computed, for the loss terms: the model, its memory and logits, the batch's targets
+    and the embeddings of its images' sentences."""
+
+    model: nn.Module  # the CLIPDecoder being trained (its head and alignment)
+    memory: torch.Tensor  # (B, N, d)
+    logits: torch.Tensor  # (B, seen labels)
+    targets: torch.Tensor  # (B, seen labels) 0/1
+    sentences: torch.Tensor  # (B, text_dim): each image's sentence naming its labels
+
+
 @dataclass(frozen=True)
-class LossWeights:
-    """Total loss = cls * ASL + clip * alignment (the authors' code defaults: 1 and 0.1)."""
+class LossTerm:
+    """One term of the training objective, declared once (``register_loss``); a method's recipe names its terms."""
 
-    cls: float = 1.0
-    clip: float = 0.1
+    name: str  # also the key of its value in the training log
+    compute: Callable[[StepOutputs], torch.Tensor]
+    weight: float | str = 1.0  # its weight: a number, or the TrainConfig option that holds it
+    trains: tuple[str, ...] = ()  # the model's parts it trains besides the head, e.g. ("alignment",)
 
 
-def total_loss(classification: torch.Tensor, alignment: torch.Tensor, weights: LossWeights) -> torch.Tensor:
-    """The weighted sum of the two losses."""
-    return weights.cls * classification + weights.clip * alignment
+LOSS_TERMS: dict[str, LossTerm] = {}
+
+
+def register_loss(term: LossTerm) -> LossTerm:
+    """Add ``term`` to the registry (a name can be registered once)."""
+    if term.name in LOSS_TERMS or term.name == "loss":
+        raise ValueError(f"loss term {term.name!r} is registered already (or reserved)")
+    LOSS_TERMS[term.name] = term
+    return term
+
+
+_ASL = AsymmetricLoss()
+register_loss(LossTerm("cls", lambda out: _ASL(out.logits, out.targets)))
+register_loss(LossTerm("clip", lambda out: contrastive_loss(out.model.alignment, out.memory.mean(dim=1), out.sentences),
+                       weight="clip_weight", trains=("alignment",)))
+
+
+class Objective(nn.Module):
+    """A batch's training loss as one module (what DDP wraps): the tower when it trains, the head, and the
+    weighted loss terms of a recipe."""
+
+    def __init__(self, model: nn.Module, losses: dict[str, float], finetune: bool) -> None:
+        super().__init__()
+        self.model, self.losses, self.finetune = model, losses, finetune
+
+    def forward(self, inputs: torch.Tensor, label_embeddings: torch.Tensor, targets: torch.Tensor,
+                sentence_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tokens (or pixels when the tower trains), seen-label embeddings, targets and sentence
+        embeddings -> the total loss ("loss") and each term's value."""
+        tokens = self.model.image_tower(inputs).tokens if self.finetune else inputs
+        head = self.model.head
+        memory = head.memory(tokens.float())
+        logits = head.decode(memory, head.queries(label_embeddings))
+        outputs = StepOutputs(self.model, memory, logits, targets, sentence_embeddings)
+        values = {name: LOSS_TERMS[name].compute(outputs) for name in self.losses}
+        total = None
+        for name, weight in self.losses.items():
+            total = weight * values[name] if total is None else total + weight * values[name]
+        return {"loss": total, **values}

@@ -1,18 +1,18 @@
 """Methods declared once: each names what it trains, how long, and how it scores unseen labels.
 
-A method is one ``register_method`` call. The benchmark harness runs any registered method;
-``clip-decoder train --method`` takes the ones that train a decoder head (``epochs`` set).
-Adding a method touches nothing else.
+Two kinds. A ``DecoderMethod`` trains the decoder head: it resolves the options into a
+``Recipe`` (head options, loss terms, prior, epochs), and ``clip-decoder train --method`` offers
+it. A ``ScoreMethod`` is anything else, a function from a run to a score function (CONSE and the
+prior alone, which train nothing; the linear map). A method is one ``register_method`` call; the
+benchmark harness runs any registered method, and adding one touches nothing else.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,59 +20,133 @@ import torch
 from ..data.folder import LabelSplit
 from ..encoders import Backbone
 from ..errors import ClipDecoderError
-from ..model import CLIPDecoder
-from ..prompts import LabelEmbedder
-from ..prior import CONSE_TEMPERATURE, CONSE_TOP, ZeroShotPrior
+from ..prior import CONSE_TEMPERATURE, CONSE_TOP, PriorConfig, ZeroShotPrior, imagenet_class_names
+from ..prompts import TEMPLATE_SETS, LabelEmbedder
 from .baselines import LINEAR_EPOCHS, ConSE, LinearMap
+from .config import TrainConfig
 from .data import FeatureSet
 from .loop import finish_training, fit
+from .losses import LOSS_TERMS
+from .recipe import HEAD_DEFAULTS, Recipe, untrained_model
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
-
-
-# TrainConfig's options that say how the prior enters the scores; training does not depend on them.
-PRIOR_OPTIONS = ("prior_weight", "seen_prior_weight", "prior_temperature")
 # A trained method: stored features (tokens and pooled) and any label names -> scores (images, labels).
 ScoreFunction = Callable[[FeatureSet, list[str]], np.ndarray]
+FROM_OPTIONS = "options"  # a decoder method's prior: the one the options give (--prior-weight ...)
 
 
 @dataclass
 class MethodRun:
     """One method, one seed, one label split: what a method gets to train on."""
 
-    towers: CLIPDecoder  # the loaded towers, shared by every run
+    backbone: Backbone  # the loaded towers, shared by every run
     parts: dict[str, FeatureSet]  # "train", "val" and "test" features
     split: LabelSplit
-    config: TrainConfig  # the training options, with this run's method and seed
+    config: TrainConfig  # the training options, with this run's seed
     progress: bool = False
-    # Decoder heads trained so far on these parts, by what their training depends on: methods that
-    # differ only in how the prior enters their scores share one training (the harness passes one dict).
+    # Shared by the runs of one benchmark (the harness passes the same dicts): decoder heads trained so far,
+    # by what their training depends on (methods that differ only in their prior share one training), and
+    # the towers' ImageNet class-name embeddings per template set (embedded once for every run).
     trained: dict = field(default_factory=dict)
+    class_embeddings: dict = field(default_factory=dict)
     save_to: Path | None = None  # decoder methods write their trained model folder here
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return TEMPLATE_SETS[self.config.templates]
 
     def embedder(self) -> LabelEmbedder:
         """A label embedder of its own, so every run embeds its labels as a fresh model would."""
-        return LabelEmbedder(self.towers.text_tower)
+        return LabelEmbedder(self.backbone.text)
+
+    def share_class_embeddings(self, zero_shot: ZeroShotPrior, templates: tuple[str, ...]) -> ZeroShotPrior:
+        """``zero_shot`` with the towers' class-name embeddings through ``templates``: computed by the first run
+        that needs them, copied for the others."""
+        if zero_shot.conse:
+            if templates not in self.class_embeddings:
+                embed = self.embedder()
+                self.class_embeddings[templates] = embed(imagenet_class_names(), templates).float()
+            zero_shot.load_state_dict({"class_embeddings": self.class_embeddings[templates]})  # (copied in)
+        return zero_shot
+
+    def zero_shot(self) -> ZeroShotPrior:
+        """The towers' zero-shot prior, its class names embedded (through the run's templates)."""
+        embed = self.embedder()
+        prior = ZeroShotPrior(self.backbone.image, self.backbone.text.dim, lambda names: embed(names, self.templates))
+        return self.share_class_embeddings(prior, self.templates)
 
 
 @dataclass(frozen=True)
-class Method:
-    """A zero-shot method as the benchmark runs it."""
+class DecoderMethod:
+    """A method that trains the decoder head: ``head`` options and loss terms fixed, trained for ``epochs``
+    unless told otherwise; its trained model scores with ``prior`` (FROM_OPTIONS: the options' prior;
+    None: no prior)."""
 
     name: str
     summary: str  # one line for --help
-    train: Callable[[MethodRun], ScoreFunction]  # train on the split's seen labels only
-    recipe: Callable[[TrainConfig], str]  # what it trains and how, for the results page
-    epochs: int | None = None  # set for decoder methods: their tuned length (docs/EXPERIMENTS.md)
-    head: dict = field(default_factory=dict)  # HeadConfig options the method fixes
-    alignment: bool = True  # decoder methods: whether the alignment loss trains
-    prior: bool = True  # decoder methods: whether the zero-shot prior enters the logits (TrainConfig.model_prior)
-    prior_options: dict = field(default_factory=dict)  # TrainConfig prior options the method fixes
-    seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
+    epochs: int  # its tuned length (docs/EXPERIMENTS.md)
+    head: dict = field(default_factory=dict)
+    losses: tuple[str, ...] = ("cls", "clip")
+    prior: PriorConfig | str | None = FROM_OPTIONS
     ablation: bool = False  # True: run by the benchmark only when asked for by name
+    seeded = True
+
+    def recipe(self, config: TrainConfig) -> Recipe:
+        """This method's training under ``config``: the options, with what the method fixes."""
+        unknown = [name for name in self.losses if name not in LOSS_TERMS]
+        if unknown:
+            raise ClipDecoderError(f"method {self.name!r} names unregistered loss terms: {', '.join(unknown)}")
+        weights = {name: _weight(LOSS_TERMS[name].weight, config) for name in self.losses}
+        prior = config.prior if self.prior == FROM_OPTIONS else self.prior
+        return Recipe(self.name, replace(config, method=self.name), {**HEAD_DEFAULTS, **config.head, **self.head},
+                      weights, prior or PriorConfig.off(), config.epochs or self.epochs)
+
+    def describe(self, config: TrainConfig) -> str:
+        return self.recipe(config).describe()
+
+    def train(self, run: MethodRun) -> ScoreFunction:
+        """Train (or take the head a method with the same training already trained), then score through the
+        trained model's own scorer."""
+        recipe = self.recipe(run.config)
+        model, key = untrained_model(recipe, run.backbone), (run.split.seen, recipe.training_key())
+        if recipe.prior.on:
+            run.share_class_embeddings(model.zero_shot, recipe.templates)
+        if key in run.trained:
+            for part, state in run.trained[key].items():
+                getattr(model, part).load_state_dict(state)
+            finish_training(model, run.parts["train"], run.split.seen)
+        else:
+            fit(model, run.parts["train"], run.parts["val"], run.split.seen, recipe, progress=run.progress)
+            run.trained[key] = copy.deepcopy({part: getattr(model, part).state_dict() for part in ("head", "alignment")})
+        if run.save_to is not None:
+            model.save_pretrained(run.save_to)
+        return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
+                                                                  model.scorer.vocabulary(labels))
 
 
+def _weight(weight: float | str, config: TrainConfig) -> float:
+    return getattr(config, weight) if isinstance(weight, str) else weight
+
+
+@dataclass(frozen=True)
+class ScoreMethod:
+    """A method that is not a decoder head: ``build`` trains what it needs on the run's seen labels (or
+    nothing) and returns its score function; ``description`` is its line on the results page."""
+
+    name: str
+    summary: str
+    build: Callable[[MethodRun], ScoreFunction]
+    description: Callable[[TrainConfig], str]
+    seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
+    ablation: bool = False
+
+    def describe(self, config: TrainConfig) -> str:
+        return self.description(config)
+
+    def train(self, run: MethodRun) -> ScoreFunction:
+        return self.build(run)
+
+
+Method = DecoderMethod | ScoreMethod
 _METHODS: dict[str, Method] = {}
 
 
@@ -90,6 +164,14 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
+def decoder_method(name: str) -> DecoderMethod:
+    """The decoder method called ``name`` (what `clip-decoder train --method` trains)."""
+    method = get_method(name)
+    if not isinstance(method, DecoderMethod):
+        raise ClipDecoderError(f"method {name!r} trains no decoder head; choose from {', '.join(decoder_methods())}")
+    return method
+
+
 def method_names(ablations: bool = True) -> tuple[str, ...]:
     """Registered methods; without ``ablations``, those the benchmark runs by default."""
     return tuple(name for name, method in _METHODS.items() if ablations or not method.ablation)
@@ -97,131 +179,56 @@ def method_names(ablations: bool = True) -> tuple[str, ...]:
 
 def decoder_methods() -> tuple[str, ...]:
     """The methods ``clip-decoder train`` can train: a decoder head."""
-    return tuple(name for name, method in _METHODS.items() if method.epochs is not None)
-
-
-def fresh_model(towers: CLIPDecoder, config: TrainConfig) -> CLIPDecoder:
-    """A new, seeded head for ``config.method`` on the already loaded towers of ``towers``."""
-    torch.manual_seed(config.seed)
-    head = replace(towers.config.head, **config.head_options)
-    model_config = replace(towers.config, head=head, templates=config.template_set, prior=config.model_prior)
-    model = CLIPDecoder(model_config, Backbone(towers.config.backbone, towers.image_tower, towers.text_tower))
-    if model_config.prior.on:
-        _share_class_embeddings(towers, model.prior, model_config.templates)
-    return model
-
-
-def _share_class_embeddings(towers: CLIPDecoder, prior: ZeroShotPrior, templates: tuple[str, ...]) -> None:
-    """Give ``prior`` the towers' ImageNet class-name embeddings when they are made with the same
-    templates: the 1,000 class names are embedded once for all runs, not once per run."""
-    if prior.conse and templates == towers.config.templates:
-        towers.prior.prepare()
-        prior.load_state_dict(towers.prior.state_dict())
-
-
-def _training_key(run: MethodRun) -> tuple:
-    """What a decoder head's training depends on; the prior enters at scoring, so not its settings."""
-    config = run.config
-    options = {k: v for k, v in asdict(config).items() if k not in ("method", "head", *PRIOR_OPTIONS)}
-    return (run.split.seen, json.dumps(options, sort_keys=True), json.dumps(config.head_options, sort_keys=True),
-            config.loss_weights, config.num_epochs)
-
-
-def _train_decoder(run: MethodRun) -> ScoreFunction:
-    model, key = fresh_model(run.towers, run.config), _training_key(run)
-    if key in run.trained:
-        model.head.load_state_dict(run.trained[key]["head"])
-        model.alignment.load_state_dict(run.trained[key]["alignment"])
-        finish_training(model, run.parts["train"], run.split.seen)
-    else:
-        fit(model, run.parts["train"], run.parts["val"], run.split.seen, run.config, progress=run.progress)
-        run.trained[key] = copy.deepcopy({"head": model.head.state_dict(), "alignment": model.alignment.state_dict()})
-    if run.save_to is not None:
-        model.save_pretrained(run.save_to)
-    return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
-                                                              model.scorer.vocabulary(labels))
-
-
-def _decoder_recipe(config: TrainConfig) -> str:
-    head = config.head_options
-    skip = "with" if head["cosine_skip"] else "without"
-    clip = config.loss_weights.clip
-    loss = "ASL" + (f" + {clip} x alignment" if clip else "")
-    mix = config.model_prior
-    prior = (f"; + zero-shot prior (weight {mix.weight}, {mix.seen_weight} on trained labels, temperature"
-             f" {mix.temperature})" if mix.on else "")
-    return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
-            f" {loss}; {config.num_epochs} epochs, batch {config.batch_size}, lr {config.lr},"
-            f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts{prior}")
-
-
-def decoder_method(name: str, summary: str, epochs: int, head: dict | None = None, alignment: bool = True,
-                   prior: bool = True, prior_options: dict | None = None, ablation: bool = False) -> Method:
-    """A method that trains the decoder head (with ``head`` options fixed) for ``epochs``; ``prior_options``
-    fix TrainConfig's prior options (how the prior enters its scores)."""
-    return Method(name, summary, _train_decoder, _decoder_recipe, epochs, head or {}, alignment, prior,
-                  prior_options or {}, ablation=ablation)
+    return tuple(name for name, method in _METHODS.items() if isinstance(method, DecoderMethod))
 
 
 def _train_linear(run: MethodRun) -> ScoreFunction:
-    embed, templates, train = run.embedder(), run.config.template_set, run.parts["train"]
+    embed, templates, train = run.embedder(), run.templates, run.parts["train"]
     torch.manual_seed(run.config.seed)
-    linear = LinearMap(train.pooled.shape[1], run.towers.text_tower.dim)
+    linear = LinearMap(train.pooled.shape[1], run.backbone.text.dim)
     linear.fit(train.pooled, train.targets(run.split.seen), embed(list(run.split.seen), templates), run.config.seed)
-    return lambda features, labels: linear.score(features.pooled, embed(labels, templates))
-
-
-def _prior(run: MethodRun, temperature: float) -> ZeroShotPrior:
-    """A zero-shot prior on the run's towers at ``temperature``, its class names embedded."""
-    embed, templates = run.embedder(), run.config.template_set
-    prior = ZeroShotPrior(run.towers.image_tower, run.towers.text_tower.dim, lambda names: embed(names, templates),
-                          temperature)
-    _share_class_embeddings(run.towers, prior, templates)
-    prior.prepare()  # (when the towers' templates differ: embedded here)
-    return prior
+    return lambda features, labels: linear.score(features.pooled[:], embed(labels, templates))  # ([:] reads a store's rows)
 
 
 def _train_conse(run: MethodRun) -> ScoreFunction:
-    embed, templates = run.embedder(), run.config.template_set
-    conse = ConSE(_prior(run, CONSE_TEMPERATURE))
-    return lambda features, labels: conse.score(features.pooled, embed(labels, templates))
+    embed, conse = run.embedder(), ConSE(run.zero_shot())
+    return lambda features, labels: conse.score(features.pooled[:], embed(labels, run.templates))
 
 
 def _train_prior_alone(run: MethodRun) -> ScoreFunction:
-    embed, templates = run.embedder(), run.config.template_set
-    prior = _prior(run, run.config.prior_temperature)
+    embed, prior, temperature = run.embedder(), run.zero_shot(), run.config.prior.temperature
 
     @torch.inference_mode()
     def score(features: FeatureSet, labels: list[str]) -> np.ndarray:
-        return (prior(features.pooled) @ embed(labels, templates).float().T).numpy()
+        return (prior(features.pooled[:], temperature) @ embed(labels, run.templates).float().T).numpy()
     return score
 
 
-register_method(decoder_method(
+register_method(DecoderMethod(
     "clip-decoder", "CLIP-Decoder: the decoder head with the cosine skip, ASL + alignment loss, zero-shot prior",
     epochs=10))
-register_method(decoder_method(
-    "clip-decoder-no-prior", "ablation: CLIP-Decoder without the zero-shot prior", epochs=10, prior=False,
+register_method(DecoderMethod(
+    "clip-decoder-no-prior", "ablation: CLIP-Decoder without the zero-shot prior", epochs=10, prior=None,
     ablation=True))
-register_method(decoder_method(
+register_method(DecoderMethod(
     "clip-decoder-one-prior-weight", "ablation: CLIP-Decoder with the prior as it was: one weight (10) for every"
     " label, the ImageNet classifier's own probabilities (temperature 1)", epochs=10,
-    prior_options={"prior_weight": 10.0, "seen_prior_weight": 10.0, "prior_temperature": 1.0}, ablation=True))
-register_method(decoder_method(
-    "clip-decoder-no-alignment", "ablation: CLIP-Decoder without the alignment loss", epochs=10, alignment=False,
+    prior=PriorConfig(weight=10.0, seen_weight=10.0, temperature=CONSE_TEMPERATURE), ablation=True))
+register_method(DecoderMethod(
+    "clip-decoder-no-alignment", "ablation: CLIP-Decoder without the alignment loss", epochs=10, losses=("cls",),
     ablation=True))
-register_method(decoder_method(
+register_method(DecoderMethod(
     "ml-decoder", "ML-Decoder's head (no cosine skip), ASL only, no prior", epochs=20, head={"cosine_skip": False},
-    alignment=False, prior=False))
-register_method(Method(
+    losses=("cls",), prior=None))
+register_method(ScoreMethod(
     "linear", "a linear map from the pooled image into the text space (DeViSE-style), ASL", _train_linear,
     lambda config: (f"linear map pooled image -> text space, cosine x learned scale, ASL, {LINEAR_EPOCHS} epochs;"
                     f" {config.templates} prompts")))
-register_method(Method(
+register_method(ScoreMethod(
     "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _train_conse,
     lambda config: (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
                     f" {config.templates} prompts"), seeded=False))
-register_method(Method(
+register_method(ScoreMethod(
     "zero-shot-prior", "CLIP-Decoder's zero-shot prior alone (CONSE at the prior's temperature), no training",
     _train_prior_alone, lambda config: (f"the prior alone: CONSE's top-{CONSE_TOP} classes at temperature"
-                                        f" {config.prior_temperature}; {config.templates} prompts"), seeded=False))
+                                        f" {config.prior.temperature}; {config.templates} prompts"), seeded=False))

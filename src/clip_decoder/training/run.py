@@ -7,28 +7,24 @@ writes the model folder, ``train_log.jsonl``, ``training.json`` and ``curves.png
 from __future__ import annotations
 
 import io
-import json
 import sys
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
-
-import torch
 
 from ..atomic import remove_leftovers, write_file
 from ..data.folder import LabelSplit, training_parts, warn_label_coverage
+from ..distributed import World, close_world, init_world, local_device
 from ..errors import ClipDecoderError
-from ..feature_store import FeatureStore
-from ..features import FeatureCache
+from ..features import FeatureLocation
 from ..model import CLIPDecoder
+from ..model_folder import CHECKPOINT_FILE, CURVES_FILE, TRAINING_FILE, ModelFolder
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .data import FeatureSet, ImageSet
-from .distributed import World, close_world, init_world, local_device
 from .loop import CHECKPOINT_EVERY, fit
-
-CHECKPOINT_FILE = "checkpoint.safetensors"
-LOG_FILE = "train_log.jsonl"
+from .losses import LOSS_TERMS
+from .methods import decoder_method
+from .recipe import Recipe, untrained_model
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -40,7 +36,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("loss", "cls", "clip"):
+    for key in [key for key in history[0] if key == "loss" or key in LOSS_TERMS]:
         left.plot(epochs, [r[key] for r in history], label=key)
     left.set(xlabel="epoch", ylabel="training loss", yscale="log")
     left.legend()
@@ -60,7 +56,7 @@ def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) 
     """Refuse to continue a checkpoint with other options or another number of processes."""
     differ = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
     if differ:
-        changes = ", ".join(f"{key} {state['config'].get(key)!r} -> {getattr(config, key)!r}" for key in differ)
+        changes = ", ".join(f"{key} {state['config'].get(key)!r} -> {asdict(config)[key]!r}" for key in differ)
         raise ClipDecoderError(f"{path} was written with other training options ({changes});"
                                " resume with the same options, or delete it to start again")
     if state["world_size"] != world.size:
@@ -68,95 +64,86 @@ def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) 
                                f" (this run has {world.size})")
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write a JSON file atomically (temporary file, then rename)."""
-    write_file(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_log(out: Path, history: list[dict]) -> None:
-    """``out/train_log.jsonl``: one JSON record per finished epoch, rewritten whole (atomically) each time."""
-    write_file(out / LOG_FILE, "".join(json.dumps(record) + "\n" for record in history), fsync=False)
-
-
-def new_model(config: TrainConfig, backbone: str) -> CLIPDecoder:
-    """The seeded, untrained model that ``config`` trains."""
-    torch.manual_seed(config.seed)
-    return CLIPDecoder.create(backbone=backbone, templates=config.template_set, prior=config.model_prior,
-                              **config.head_options)
-
-
 def train_model(
     data_dir: str | Path,
     split: LabelSplit,
     out: str | Path,
     backbone: str = "offline",
-    config: TrainConfig | None = None,
-    cache_dir: str | Path | None = None,
+    config: TrainConfig = TrainConfig(),
+    features: FeatureLocation = FeatureLocation(),
     progress: bool = True,
     resume: bool = False,
     checkpoint_every: int = CHECKPOINT_EVERY,
-    store_dir: str | Path | None = None,
 ) -> CLIPDecoder:
     """Train on the folder's train part (seen labels only) and write a model folder to ``out``.
 
     ``out/checkpoint.safetensors`` holds the run's state until the model folder is written;
-    ``resume`` continues from it. With ``store_dir`` the frozen tower's features go to a sharded
-    ``FeatureStore`` there and are read a batch at a time, instead of the per-image cache held in memory.
+    ``resume`` continues from it. ``features`` says where the frozen tower's features are kept
+    (the per-image cache, or a feature store read a batch at a time).
     """
     world = init_world()
     try:
-        return _train_model(data_dir, split, Path(out), backbone, config or TrainConfig(), cache_dir, progress,
-                            resume, checkpoint_every, world, store_dir)
+        recipe = decoder_method(config.method).recipe(config)
+        folder = ModelFolder(out)
+        model = untrained_model(recipe, backbone)
+        model.to(local_device())
+        state = _saved_state(folder, recipe, world, resume)
+        train, val, extracted = _training_data(model, data_dir, split, recipe, features, progress, world)
+        if state is not None and state["train_images"] != len(train.samples):
+            raise ClipDecoderError(f"{folder / CHECKPOINT_FILE} was written for {state['train_images']} training images,"
+                                   f" the data now has {len(train.samples)}; delete it to start again")
+        on_epoch = None
+        if world.is_main:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(folder.path)  # of a run killed while writing (a half checkpoint can be large)
+            folder.write_train_log(state["history"] if state else [])
+            on_epoch = folder.write_train_log
+        history = fit(model, train, val, split.seen, recipe, progress, on_epoch, world, folder / CHECKPOINT_FILE,
+                      checkpoint_every, state)
+        if world.is_main:
+            _write_outputs(folder, model, recipe, history, backbone, world, {
+                "train_images": len(train.samples), "val_images": len(val.samples), "images_encoded_per_process": extracted})
+        world.barrier()
+        return model
     finally:
         close_world(world)
 
 
-def _train_model(data_dir, split: LabelSplit, out: Path, backbone: str, config: TrainConfig, cache_dir, progress: bool,
-                 resume: bool, checkpoint_every: int, world: World, store_dir=None) -> CLIPDecoder:
-    model = new_model(config, backbone)
-    model.config.image_tower_trained = config.finetune_image_tower
-    model.to(local_device())
-    checkpoint, state = out / CHECKPOINT_FILE, None
+def _saved_state(folder: ModelFolder, recipe: Recipe, world: World, resume: bool) -> dict | None:
+    """The checkpoint to continue from, checked (with ``resume``), or None."""
+    checkpoint = folder / CHECKPOINT_FILE
     if resume and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
-        check_resumable(state, config, world, checkpoint)
-    elif resume and world.is_main:
-        print(f"no checkpoint in {out}: training from the start", file=sys.stderr)
-    train_samples, val_samples = training_parts(data_dir, config.val_fraction)
+        check_resumable(state, recipe.config, world, checkpoint)
+        return state
+    if resume and world.is_main:
+        print(f"no checkpoint in {folder.path}: training from the start", file=sys.stderr)
+    return None
+
+
+def _training_data(model: CLIPDecoder, data_dir, split: LabelSplit, recipe: Recipe, features: FeatureLocation,
+                   progress: bool, world: World) -> tuple:
+    """(train, val, images encoded per process): decoded images when the tower trains, else its features."""
+    train_samples, val_samples = training_parts(data_dir, recipe.config.val_fraction)
     if world.is_main:
         warn_label_coverage(train_samples + val_samples, split, split.seen, "training")
-    extracted = []
-    if config.finetune_image_tower:
+    if recipe.config.finetune_image_tower:
         preprocess = model.image_tower.preprocess
         train, val = (ImageSet.build(samples, preprocess, progress, world) for samples in (train_samples, val_samples))
-    else:
-        source = FeatureCache(model.image_tower, cache_dir) if store_dir is None else FeatureStore.for_tower(
-            model.image_tower, store_dir)
-        if store_dir is not None:
-            if world.is_main:
-                source.remove_leftovers()  # before any rank writes to it
-            world.barrier()
-        train, val = (FeatureSet.build(samples, source, progress, world) for samples in (train_samples, val_samples))
-        extracted = world.all_gather_objects(source.encoded)
-    if state is not None and state["train_images"] != len(train.samples):
-        raise ClipDecoderError(f"{checkpoint} was written for {state['train_images']} training images, the data now"
-                               f" has {len(train.samples)}; delete it to start again")
-    on_epoch = None
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(out)  # of a run killed while writing (a half checkpoint can be large)
-        write_log(out, state["history"] if state else [])
-        on_epoch = partial(write_log, out)
-    history = fit(model, train, val, split.seen, config, progress, on_epoch, world, checkpoint, checkpoint_every, state)
-    if world.is_main:
-        model.save_pretrained(out)
-        best = max(history, key=lambda r: r["val_mAP_seen"])
-        write_json(out / "training.json", {
-            "config": {**asdict(config), "epochs": config.num_epochs, "head": config.head_options},
-            "backbone": backbone, "processes": world.size,
-            "train_images": len(train.samples), "val_images": len(val.samples),
-            "images_encoded_per_process": extracted, "selected_epoch": best["epoch"], "val_mAP_seen": best["val_mAP_seen"]})
-        plot_curves(history, out / "curves.png")
-        checkpoint.unlink(missing_ok=True)
-    world.barrier()
-    return model
+        return train, val, []
+    source = features.open(model.image_tower)
+    world.main_first(source.remove_leftovers)  # before any rank writes to it
+    train, val = (FeatureSet.build(samples, source, progress, world) for samples in (train_samples, val_samples))
+    return train, val, world.all_gather_objects(source.encoded)
+
+
+def _write_outputs(folder: ModelFolder, model: CLIPDecoder, recipe: Recipe, history: list[dict], backbone: str,
+                   world: World, data: dict) -> None:
+    """The model folder, training.json and curves.png (rank 0); the checkpoint is done with."""
+    model.save_pretrained(folder.path)
+    best = max(history, key=lambda r: r["val_mAP_seen"])
+    folder.write_json(TRAINING_FILE, {
+        "config": {**asdict(recipe.config), "epochs": recipe.epochs, "head": recipe.head}, "backbone": backbone,
+        "processes": world.size, **data, "selected_epoch": best["epoch"], "val_mAP_seen": best["val_mAP_seen"]})
+    plot_curves(history, folder / CURVES_FILE)
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -1,45 +1,25 @@
-"""One optimizer step: the training objective (what DDP wraps), AdamW, OneCycle and the weight EMA."""
+"""One optimizer step: AdamW, OneCycle and the weight EMA around a recipe's objective (what DDP wraps)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..distributed import World
 from ..model import CLIPDecoder
-from .distributed import World
-from .losses import AsymmetricLoss, contrastive_loss, total_loss
+from .recipe import Recipe
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+HEAD_PARTS = ("head", "alignment")  # the model's parts that train on features (the image tower aside)
 
 
-class Objective(nn.Module):
-    """A batch's training loss as one module: the tower when it trains, the head, the alignment.
-
-    ASL on the seen labels plus the alignment of the pooled memory with per-image sentences.
-    """
-
-    def __init__(self, model: CLIPDecoder, config: TrainConfig) -> None:
-        super().__init__()
-        self.model, self.finetune, self.weights = model, config.finetune_image_tower, config.loss_weights
-        self.asl = AsymmetricLoss()
-
-    def forward(self, inputs: torch.Tensor, label_embeddings: torch.Tensor, targets: torch.Tensor,
-                sentence_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Tokens (or pixels when the tower trains), seen-label embeddings, targets and sentence
-        embeddings -> the total loss and its two parts."""
-        tokens = self.model.image_tower(inputs).tokens if self.finetune else inputs
-        head = self.model.head
-        memory = head.memory(tokens.float())
-        logits = head.decode(memory, head.queries(label_embeddings))
-        classification = self.asl(logits, targets)
-        alignment = contrastive_loss(self.model.alignment, memory.mean(dim=1), sentence_embeddings)
-        return {"loss": total_loss(classification, alignment, self.weights), "cls": classification, "clip": alignment}
+def autocast(precision: str, device: torch.device):
+    """The forward's precision: bf16 autocast on CUDA unless fp32 is asked for; fp32 on CPU."""
+    wanted = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=wanted)
 
 
 def parameter_groups(modules: nn.Module, weight_decay: float, lr: float) -> list[dict]:
@@ -54,13 +34,17 @@ def parameter_groups(modules: nn.Module, weight_decay: float, lr: float) -> list
 class Trainer:
     """One training run's optimiser (AdamW), OneCycle schedule, weight EMA and step.
 
-    What trains: the head and the alignment projections, plus the image tower's last
-    ``tower_blocks`` blocks (all by default) at ``tower_lr`` when ``finetune_image_tower`` is set.
+    What trains: the head and the parts the recipe's loss terms train (the alignment projections
+    for the alignment loss), plus the image tower's last ``tower_blocks`` blocks (all by default) at
+    ``tower_lr`` when ``finetune_image_tower`` is set. The other parts keep their weights.
     """
 
-    def __init__(self, model: CLIPDecoder, config: TrainConfig, total_steps: int, world: World = World()) -> None:
-        self.model, self.config, self.world = model, config, world
-        self.trained = nn.ModuleDict({"head": model.head, "alignment": model.alignment})
+    def __init__(self, model: CLIPDecoder, recipe: Recipe, total_steps: int, world: World = World()) -> None:
+        self.model, self.config, self.world = model, recipe.config, world
+        config = recipe.config
+        for part in HEAD_PARTS:
+            getattr(model, part).requires_grad_(part in recipe.trains)
+        self.trained = nn.ModuleDict({part: getattr(model, part) for part in HEAD_PARTS if part in recipe.trains})
         groups = parameter_groups(self.trained, config.weight_decay, config.lr)
         if config.finetune_image_tower:
             blocks = model.image_tower.trainable_blocks()
@@ -78,7 +62,8 @@ class Trainer:
         )
         self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.device = model.device
-        objective = Objective(model, config)
+        self.loss_names = ("loss", *recipe.losses)
+        objective = recipe.objective(model)
         self.objective = objective if world.size == 1 else nn.parallel.DistributedDataParallel(
             objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -87,13 +72,13 @@ class Trainer:
         """One optimizer step on this rank's share of a batch (tokens, or pixels when the tower
         trains), in ``accumulate`` micro-batches; returns the batch's mean losses over ranks."""
         self.optimizer.zero_grad(set_to_none=True)
-        parts, totals = self.config.accumulate, {"loss": 0.0, "cls": 0.0, "clip": 0.0}
+        parts, totals = self.config.accumulate, dict.fromkeys(self.loss_names, 0.0)
         micro = zip(*(x.tensor_split(parts) for x in (inputs, targets, sentence_embeddings)))
         for index, (x, t, e) in enumerate(micro):
             # DDP averages gradients over ranks only after the last micro-batch.
             last = index == parts - 1 or self.world.size == 1
             with contextlib.nullcontext() if last else self.objective.no_sync():
-                with self.config.autocast(self.device):
+                with autocast(self.config.precision, self.device):
                     out = self.objective(x.to(self.device), label_embeddings, t.to(self.device), e.to(self.device))
                 (out["loss"] / parts).backward()
             for key in totals:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import remove_leftovers, write_file
-from .decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
-from .encoders import ImageTower
-from .errors import ClipDecoderError
-from .features import encoded_batches, file_keys, tower_folder
+from ..atomic import remove_leftovers, write_file
+from ..caches import SPEC_FILE
+from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from ..encoders import ImageTower
+from ..errors import ClipDecoderError
+from .common import Features, encoded_batches, file_keys, first_of_each_content, kept_indices, tower_folder
 
 SHARD_ROWS = 1024  # images per shard: 128 MB of offline-tower tokens, 300 MB of ViT-B/16's
 FORMAT = 1
@@ -87,16 +88,6 @@ class StoredRows:
         return torch.from_numpy(out)
 
 
-@dataclass
-class StoredFeatures:
-    """Features of the images that could be read, in input order (read on indexing), and the ones that could not."""
-
-    tokens: StoredRows  # (n, N, D) float16
-    pooled: StoredRows  # (n, D) float32
-    kept: list[int]  # indices into the requested paths
-    failed: dict[int, str]  # index -> error message
-
-
 def _npy(array: np.ndarray) -> list:
     """An .npy file's contents as [header, the array's own buffer]: written without a copy of the array."""
     header = io.BytesIO()
@@ -105,7 +96,7 @@ def _npy(array: np.ndarray) -> list:
 
 
 class StoreWriter:
-    """Adds rows to a store, one atomically written shard per ``shard_rows`` rows; ``close`` writes the last.
+    """Adds rows to a store, one atomically written shard per ``shard_rows`` rows; ``flush`` writes the last.
 
     Rows are copied into one shard-sized buffer per array as they come: a writer holds one shard.
     """
@@ -146,9 +137,6 @@ class StoreWriter:
         self.written += rows
         self.keys = []
 
-    def close(self) -> None:
-        self.flush()
-
 
 class FeatureStore:
     """Frozen-tower features of many images in memory-mapped shards, keyed by file content."""
@@ -172,7 +160,7 @@ class FeatureStore:
         self.shards: list[Shard] = []
         self.index: dict[str, tuple[int, int]] = {}  # key -> (shard, row)
         for manifest in sorted(self.folder.glob("*.json")):
-            if manifest.name == "tower.json":
+            if manifest.name == SPEC_FILE:
                 continue
             shard = self._open(manifest)
             for row, key in enumerate(shard.keys):
@@ -237,62 +225,59 @@ class FeatureStore:
         return (StoredRows([s.tokens for s in self.shards], where[:, 0], where[:, 1]),
                 StoredRows([s.pooled for s in self.shards], where[:, 0], where[:, 1]))
 
-    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list, progress: bool = True) -> dict[int, str]:
+    def score_matrix(self, shape: tuple[int, int]) -> np.ndarray:
+        """A float32 matrix memory-mapped from a file beside the store, its space allocated first (a full disk
+        is then one error, not a crash on a later write); the file is unlinked at once, so it goes with the process."""
+        path = self.folder / f".scores.{os.getpid()}.tmp"
+        try:
+            with open(path, "wb") as file:
+                os.posix_fallocate(file.fileno(), 0, max(1, shape[0] * shape[1] * 4))
+            scores = np.memmap(path, dtype=np.float32, mode="r+", shape=shape)
+        except OSError as error:
+            raise ClipDecoderError(f"cannot write the score matrix {path} ({shape[0]} x {shape[1]} float32):"
+                                   f" {error.strerror or error}") from error
+        finally:
+            path.unlink(missing_ok=True)
+        return scores
+
+    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list, progress: bool = True,
+                        batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS) -> dict[int, str]:
         """Run the first file of each content among ``paths`` that is not stored yet, or this
-        process's ``shard`` of them (``World.shard`` under torchrun), through the tower; each file is
-        hashed once. Unreadable files are left for ``get`` to report; returns {index into the
-        share: error} of the images that could not be decoded."""
+        process's ``shard`` of them (``World.shard`` under torchrun), through the tower into new
+        shards; each file is hashed once. Unreadable files are left for ``get`` to report; returns
+        {index into ``paths``: error} of the images that could not be decoded."""
         keys, _ = file_keys(paths)
-        first = {}
-        for index, key in keys.items():
-            if key not in self.index:
-                first.setdefault(key, index)
-        share = shard(list(first.values()))
-        return self._extract([paths[i] for i in share], {row: keys[i] for row, i in enumerate(share)}, {},
-                             DEFAULT_BATCH_SIZE, progress)
-
-    def extract(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-                shard_rows: int = SHARD_ROWS) -> dict[int, str]:
-        """Run the images of ``paths`` that are not stored through the tower into new shards;
-        returns {index: error} of the images that could not be read."""
-        keys, failed = file_keys(paths)
-        return self._extract(paths, keys, failed, batch_size, progress, shard_rows)
-
-    @torch.inference_mode()
-    def _extract(self, paths: list[Path], keys: dict[int, str], failed: dict[int, str], batch_size: int,
-                 progress: bool, shard_rows: int = SHARD_ROWS) -> dict[int, str]:
         self.refresh()  # other processes may have written shards since this one last looked
-        first = {}  # key -> the first image of that content not stored: each content is encoded once
-        for index, key in keys.items():
-            if key not in self.index:
-                first.setdefault(key, index)
-        if first and self.tower is None:
-            raise ClipDecoderError(f"the feature store {self.folder} was opened without a tower: it cannot extract")
-        missing = list(first.values())
-        writer = self.writer(shard_rows)
-        with tqdm(total=len(missing), desc="extract features", unit="img", disable=not progress or not missing) as bar:
-            sources = [paths[index] for index in missing]
-            for indices, failures, tokens, pooled in encoded_batches(self.tower, sources, batch_size, self.decode_workers):
-                failed.update({missing[k]: message for k, message in failures.items()})
-                writer.add([keys[missing[k]] for k in indices], tokens, pooled)
-                self.encoded += len(indices)
-                bar.update(len(indices) + len(failures))
-        writer.close()
-        self.refresh()
-        return failed
+        return self._encode(paths, shard(first_of_each_content(keys, self.index)), keys, batch_size, progress, shard_rows)
 
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
-            report: bool = True) -> StoredFeatures:
-        """Features of ``paths`` (extracting those not stored); unreadable images are left out (and
-        reported on stderr if ``report``)."""
+            report: bool = True) -> Features:
+        """Features of ``paths`` (extracting those not stored), read on indexing; unreadable images are
+        left out (and reported on stderr if ``report``)."""
         keys, failed = file_keys(paths)
-        failed = self._extract(paths, keys, failed, batch_size, progress)
+        self.refresh()
+        failed.update(self._encode(paths, first_of_each_content(keys, self.index), keys, batch_size, progress))
         by_key = {keys[i]: message for i, message in failed.items() if i in keys}
         failed.update({i: by_key[key] for i, key in keys.items() if key not in self.index})  # copies of failed content
-        for index in sorted(failed) if report else ():
-            print(f"error: {failed[index]}", file=sys.stderr)
-        kept = [i for i in range(len(paths)) if i not in failed]
-        if not kept:
-            raise ClipDecoderError(f"none of the {len(paths)} images could be read")
+        kept = kept_indices(len(paths), failed, report)
         tokens, pooled = self.rows([keys[i] for i in kept])
-        return StoredFeatures(tokens, pooled, kept, failed)
+        return Features(tokens, pooled, kept, failed)
+
+    @torch.inference_mode()
+    def _encode(self, paths: list[Path], wanted: list[int], keys: dict[int, str], batch_size: int, progress: bool,
+                shard_rows: int = SHARD_ROWS) -> dict[int, str]:
+        """Run ``paths[i]`` for i in ``wanted`` through the tower into new shards; {index: error} of those
+        that could not be decoded."""
+        if wanted and self.tower is None:
+            raise ClipDecoderError(f"the feature store {self.folder} was opened without a tower: it cannot extract")
+        failed, writer = {}, self.writer(shard_rows)
+        with tqdm(total=len(wanted), desc="extract features", unit="img", disable=not progress or not wanted) as bar:
+            sources = [paths[index] for index in wanted]
+            for indices, failures, tokens, pooled in encoded_batches(self.tower, sources, batch_size, self.decode_workers):
+                failed.update({wanted[k]: message for k, message in failures.items()})
+                writer.add([keys[wanted[k]] for k in indices], tokens, pooled)
+                self.encoded += len(indices)
+                bar.update(len(indices) + len(failures))
+        writer.flush()
+        self.refresh()
+        return failed

@@ -1,4 +1,4 @@
-"""torch.distributed for training under torchrun: who am I, one writer, gathers that backprop.
+"""torch.distributed under torchrun (training, extraction): who am I, one writer, gathers that backprop.
 
 One process without torchrun is the world of size 1, and every helper here is then a no-op,
 so the training code has a single path.
@@ -7,6 +7,7 @@ so the training code has a single path.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,11 @@ class World:
 
     rank: int = 0
     size: int = 1
+
+    @classmethod
+    def from_env(cls) -> World:
+        """This process's place as torchrun set it (RANK, WORLD_SIZE), without joining the process group."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +40,12 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    def main_first(self, work: Callable[[], object]) -> None:
+        """Run ``work`` on rank 0 alone, then wait for it on every rank (e.g. clearing a folder others write to)."""
+        if self.is_main:
+            work()
+        self.barrier()
 
     def all_gather_objects(self, value) -> list:
         """Every rank's ``value``, in rank order (picklable Python objects from our own ranks)."""

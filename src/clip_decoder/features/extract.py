@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from ..data.folder import read_part
+from ..distributed import close_world, init_world, local_device
 from ..encoders import ImageTower
-from ..feature_store import FeatureStore
-from .distributed import close_world, init_world, local_device
+from .store import FeatureStore
 
 PARTS = ("train", "val", "test")
 
@@ -27,9 +27,7 @@ def extract_features(data_dir: str | Path, store_dir: str | Path, tower: ImageTo
     try:
         tower.to(local_device())
         store = FeatureStore.for_tower(tower, store_dir)
-        if world.is_main:
-            store.remove_leftovers()  # before any rank writes to it
-        world.barrier()
+        world.main_first(store.remove_leftovers)  # before any rank writes to it
         for part in parts:
             if part == "val" and not (Path(data_dir) / "val.csv").is_file():
                 continue
