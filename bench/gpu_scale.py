@@ -29,6 +29,7 @@ from bench.report import bench_parser, command, interleaved_medians, machine, pu
 from clip_decoder.encoders import Backbone
 from clip_decoder.model import CLIPDecoder
 from clip_decoder.training.config import TrainConfig
+from clip_decoder.training.methods import decoder_method
 from clip_decoder.training.trainer import Trainer
 
 VIT_B_16 = {
@@ -97,7 +98,7 @@ def main() -> None:
     pixels = torch.randn(batch, 3, size, size, device=device)
     names = [f"concept {i}" for i in range(args.labels)]
     vocabulary = model.scorer.vocabulary(names)
-    seen_embeddings = model.embed_labels(names[: args.seen]).to(device)
+    seen_embeddings = model.embed_labels(names[: args.seen], model.config.templates).to(device)
     targets = (torch.rand(batch, args.seen, device=device) < 0.01).float()
     sentences = torch.nn.functional.normalize(torch.randn(batch, model.text_tower.dim, device=device), dim=-1)
     with torch.no_grad(), autocast:
@@ -116,8 +117,11 @@ def main() -> None:
     # A second head on the same towers for the frozen mode; built first, because building a model
     # freezes its towers and the end-to-end trainer then unfreezes the shared image tower.
     frozen_model = CLIPDecoder(model.config, Backbone(model.config.backbone, model.image_tower, model.text_tower))
-    frozen = Trainer(frozen_model.to(device), TrainConfig(batch_size=batch, precision="bf16"), total_steps=10**6)
-    tuned = Trainer(model, TrainConfig(batch_size=batch, finetune_image_tower=True, precision="bf16"), total_steps=10**6)
+    method = decoder_method("clip-decoder")
+    frozen = Trainer(frozen_model.to(device), method.recipe(TrainConfig(batch_size=batch, precision="bf16")),
+                     total_steps=10**6)
+    tuned = Trainer(model, method.recipe(TrainConfig(batch_size=batch, finetune_image_tower=True, precision="bf16")),
+                    total_steps=10**6)
     cases = {
         "bare vision tower forward (baseline)": bare_forward,
         f"inference: tower + head, {args.labels} labels": score,

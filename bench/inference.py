@@ -27,7 +27,7 @@ from clip_decoder import CLIPDecoder
 from clip_decoder.data.folder import read_part
 from clip_decoder.decoding import DEFAULT_BATCH_SIZE, decoded_batches
 from clip_decoder.encoders import ImageFeatures
-from clip_decoder.prompts import DEFAULT_TEMPLATES
+from clip_decoder.prompts import SINGLE_TEMPLATE
 
 SIZES = (10, 100, 1000, 10000)
 
@@ -86,7 +86,7 @@ def main() -> None:
     check_inputs(args.data, part="test")
 
     torch.manual_seed(0)
-    model = CLIPDecoder.create(backbone="offline", templates=DEFAULT_TEMPLATES)  # the trained head; one template: see below
+    model = CLIPDecoder.create(backbone="offline", templates=SINGLE_TEMPLATE)  # the trained head; one template: see below
     images = [sample.image for sample in read_part(args.data, "test")[: args.images]]
     projection = torch.nn.Linear(model.config.head.image_dim, model.config.head.text_dim)
 

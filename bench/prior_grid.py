@@ -25,6 +25,7 @@ from bench.report import bench_parser, check_inputs, command, machine, publish, 
 from bench.tune import DOC, HEADER, nested_split
 from clip_decoder.benchmark import PhotoCheck
 from clip_decoder.data.folder import carve_validation, read_split, training_parts
+from clip_decoder.encoders import create_backbone
 from clip_decoder.features import FeatureCache
 from clip_decoder.metrics import per_image_metrics, zsl_gzsl_metrics
 from clip_decoder.model import CLIPDecoder
@@ -32,7 +33,7 @@ from clip_decoder.prior import PriorConfig
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.data import FeatureSet
 from clip_decoder.training.loop import fit
-from clip_decoder.training.methods import fresh_model
+from clip_decoder.training.methods import MethodRun, decoder_method, untrained_model
 
 COLUMNS = ("ZSL mAP", "GZSL mAP", "dev photos AP", "ZSL F1@3", "GZSL F1@3", "dev photos top-1")
 
@@ -42,18 +43,18 @@ Setting = tuple[float, float, float]  # (temperature, weight on trained labels, 
 
 def grid_scores(model: CLIPDecoder, train: FeatureSet, evaluated: FeatureSet, photos: PhotoCheck, labels, unseen,
                 grid: list[Setting]) -> dict[Setting, tuple[float, ...]]:
-    """Each setting of ``grid`` -> the COLUMNS of one trained model, scored through its own scorer."""
-    results, prior = {}, model.config.prior  # the scorer shares this object
+    """Each setting of ``grid`` -> the COLUMNS of one trained model, scored through its own scorer with that prior."""
+    results = {}
     for temperature, settings in itertools.groupby(grid, key=lambda setting: setting[0]):
-        model.prior.temperature = prior.temperature = temperature
-        prior.weight = prior.seen_weight = 1.0
-        model.center_prior(train.pooled, model.config.labels)  # the offset depends on the temperature only
+        # The offset depends on the temperature only.
+        centred = model.scorer.with_prior(PriorConfig(temperature=temperature)).centred_prior(train.pooled, model.config.labels)
         for setting in settings:
-            _, prior.seen_weight, prior.weight = setting
-            scores = model.scorer.score_stored(evaluated.tokens, evaluated.pooled, model.scorer.vocabulary(labels))
+            _, seen_weight, weight = setting
+            scorer = model.scorer.with_prior(replace(centred, weight=weight, seen_weight=seen_weight))
+            scores = scorer.score_stored(evaluated.tokens, evaluated.pooled, scorer.vocabulary(labels))
             metrics = zsl_gzsl_metrics(scores, evaluated.targets(labels).numpy(), list(labels), list(unseen))
-            on_photos = per_image_metrics(model.scorer.score_stored(photos.features.tokens, photos.features.pooled,
-                                                                    model.scorer.vocabulary(photos.labels)),
+            on_photos = per_image_metrics(scorer.score_stored(photos.features.tokens, photos.features.pooled,
+                                                              scorer.vocabulary(photos.labels)),
                                           photos.features.targets(photos.labels).numpy())
             results[setting] = (metrics["zsl"]["mAP"], metrics["gzsl"]["mAP"], on_photos["per_image_AP"],
                                 metrics["zsl"]["F1@3"], metrics["gzsl"]["F1@3"], on_photos["top1_correct"])
@@ -80,8 +81,8 @@ def main() -> None:
         sys.exit(f"error: no dev photos at {shown(args.photos)}; build them with `python -m bench.photos --set dev`")
 
     grid = list(itertools.product(args.temperatures, args.seen_weights, args.weights))
-    towers = CLIPDecoder.create(backbone="offline")
-    cache = FeatureCache(towers.image_tower, args.cache)
+    towers, class_embeddings = create_backbone("offline"), {}  # the class names embedded once for every model
+    cache = FeatureCache(towers.image, args.cache)
     photos = PhotoCheck.load(args.photos, cache, progress=False)
     config = TrainConfig()
     train_samples, val_samples = training_parts(args.data, config.val_fraction)
@@ -91,8 +92,11 @@ def main() -> None:
     runs, started = [], time.perf_counter()
     for split_path, seed in itertools.product(splits, args.seeds):
         split = nested_split(read_split(split_path))
-        model = fresh_model(towers, replace(config, seed=seed))
-        fit(model, parts["train"], parts["val"], split.seen, replace(config, seed=seed), progress=False)
+        recipe = decoder_method("clip-decoder").recipe(replace(config, seed=seed))
+        model = untrained_model(recipe, towers)
+        MethodRun(towers, parts, split, recipe.config, class_embeddings=class_embeddings).share_class_embeddings(
+            model.zero_shot, recipe.templates)
+        fit(model, parts["train"], parts["val"], split.seen, recipe, progress=False)
         runs.append(grid_scores(model, parts["train"], parts["evaluated"], photos, split.all, split.unseen, grid))
         print(f"{shown(split_path)} seed {seed}: trained and scored ({time.perf_counter() - started:.0f} s)", flush=True)
 

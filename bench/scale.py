@@ -111,13 +111,13 @@ def worker(args: argparse.Namespace) -> None:
     """One process of the run (a torchrun worker): build, train, evaluate; write this rank's results."""
     memory = Memory()
     from clip_decoder.data.folder import LabelSplit
+    from clip_decoder.distributed import close_world, init_world
     from clip_decoder.evaluate import stored_metrics
-    from clip_decoder.feature_store import FeatureStore
+    from clip_decoder.features import FeatureStore
     from clip_decoder.training.config import TrainConfig
     from clip_decoder.training.data import FeatureSet
-    from clip_decoder.training.distributed import close_world, init_world
     from clip_decoder.training.loop import TrainingRun, finish_training
-    from clip_decoder.training.run import new_model
+    from clip_decoder.training.methods import decoder_method, untrained_model
 
     world = init_world()
     seen = [f"tag{i:04d}" for i in range(SEEN)]
@@ -134,11 +134,11 @@ def worker(args: argparse.Namespace) -> None:
     store.refresh()
     store_seconds = time.perf_counter() - started
 
-    config = TrainConfig(batch_size=args.batch_size, epochs=1)
-    model = new_model(config, "offline")
+    recipe = decoder_method("clip-decoder").recipe(TrainConfig(batch_size=args.batch_size, epochs=1))
+    model = untrained_model(recipe, "offline")
     tokens, pooled = store.rows(train_keys)
     train = FeatureSet(tokens, pooled, train_samples)
-    run = TrainingRun(model, train, None, split.seen, config, world)
+    run = TrainingRun(model, train, None, split.seen, recipe, world)
     model.train()
     steps = []
     for rows, inputs in train.batches(run.epoch_batches(run.epoch_order())):
@@ -157,7 +157,8 @@ def worker(args: argparse.Namespace) -> None:
     if world.is_main:
         start = time.perf_counter()
         tokens, pooled = store.rows(test_keys)
-        metrics = stored_metrics(model, tokens, pooled, test_samples, split, scores_dir=store.folder)
+        metrics = stored_metrics(model, tokens, pooled, test_samples, split,
+                                 out=store.score_matrix((len(test_samples), len(split.all))))
         result.update(eval_seconds=time.perf_counter() - start, metrics=metrics)
     world.barrier()
     result.update(memory.peaks_mib())

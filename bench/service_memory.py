@@ -11,7 +11,6 @@ Run: python -m bench.service_memory [--data DIR] [--model openclipart] [--reques
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import httpx
 from bench.load import MAX_LABELS, MAX_UPLOAD_BYTES, free_port, planned, rss_mb, wait_until_healthy
 from bench.report import bench_parser, check_inputs, machine
 from clip_decoder.data.folder import read_part
-from clip_decoder.model_folder import model_folder
+from clip_decoder.model_folder import ModelFolder
 
 CONCURRENCY, EVERY = 16, 250
 
@@ -43,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     check_inputs(args.data, part="test")
 
-    labels = json.loads((model_folder(args.model) / "config.json").read_text())["labels"][:20]
+    labels = list(ModelFolder.find(args.model).read_config().labels[:20])
     pictures = [(sample.image.name, sample.image.read_bytes()) for sample in read_part(args.data, "test")[:32]]
     plans = [with_new_vocabulary(i, planned(i, pictures, labels)) for i in range(args.requests)]
     port = free_port()

@@ -18,13 +18,15 @@ import numpy as np
 from bench.report import bench_parser, check_inputs, command, machine, publish, shown, split_of
 from bench.vocabulary import large_vocabulary
 from clip_decoder.data.folder import read_part, read_split, training_parts
+from clip_decoder.encoders import create_backbone
 from clip_decoder.features import FeatureCache
 from clip_decoder.metrics import zsl_gzsl_metrics
 from clip_decoder.model import CLIPDecoder
+from clip_decoder.prompts import LabelEmbedder
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.data import FeatureSet
 from clip_decoder.training.loop import fit
-from clip_decoder.training.methods import fresh_model
+from clip_decoder.training.methods import decoder_method, untrained_model
 
 TOLERANCE = 0.5  # mAP points
 
@@ -57,18 +59,19 @@ def main() -> None:
 
     config = TrainConfig()
     split = read_split(split_path)
-    towers = CLIPDecoder.create(backbone="offline")
-    cache = FeatureCache(towers.image_tower)
+    towers = create_backbone("offline")
+    embed_labels = LabelEmbedder(towers.text)  # shared by the seeds' models: each label is embedded once
+    cache = FeatureCache(towers.image)
     train_samples, val_samples = training_parts(args.data, config.val_fraction)
     train, val, test = (FeatureSet.build(samples, cache) for samples in (train_samples, val_samples, read_part(args.data, "test")))
     cases = [(f"shortlist {k}", k, 0) for k in args.ks] + [(f"+{n:,} distractors, shortlist {args.distractor_k}", args.distractor_k, n)
                                                           for n in args.distractors]
     results: dict[str, list[tuple[float, float]]] = {"exact": []} | {name: [] for name, _, _ in cases}
     for seed in args.seeds:
-        seed_config = TrainConfig(seed=seed)
-        model = fresh_model(towers, seed_config)
-        model.scorer.embed_labels = towers.embed_labels  # share the label-embedding cache across seeds
-        fit(model, train, val, split.seen, seed_config)
+        recipe = decoder_method("clip-decoder").recipe(TrainConfig(seed=seed))
+        model = untrained_model(recipe, towers)
+        model.scorer.embed_labels = embed_labels
+        fit(model, train, val, split.seen, recipe)
         model.eval()
         results["exact"].append(zsl_gzsl_maps(model, test, split, None, []))
         for name, k, count in cases:

@@ -30,7 +30,8 @@ from clip_decoder.model import CLIPDecoder
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.data import FeatureSet
 from clip_decoder.training.loop import TrainingRun
-from clip_decoder.training.run import new_model
+from clip_decoder.training.methods import decoder_method, untrained_model
+from clip_decoder.training.recipe import Recipe
 
 BACKBONE = "offline"  # train_model's default
 TARGET = 20.0
@@ -62,9 +63,9 @@ def tower_epoch(run: TrainingRun, samples: list[Sample]) -> None:
         run.step(order[decoded.indices], tokens)
 
 
-def training_run(model: CLIPDecoder, config: TrainConfig, features: FeatureSet, seen: tuple[str, ...]) -> TrainingRun:
+def training_run(model: CLIPDecoder, recipe: Recipe, features: FeatureSet, seen: tuple[str, ...]) -> TrainingRun:
     """fit's run state (Trainer, batch order, step) without validation: no val part."""
-    return TrainingRun(model, features, None, seen, config)
+    return TrainingRun(model, features, None, seen, recipe)
 
 
 def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_size: int, cache_dir: str) -> float:
@@ -73,15 +74,15 @@ def one_case(variant: str, samples: list[Sample], seen: tuple[str, ...], batch_s
     The cached case reads the features from the already filled cache (no extraction here); the
     tower case never touches the cache. Both hold the whole model, towers included, as training does.
     """
-    config = TrainConfig(batch_size=batch_size, epochs=1)
-    model = new_model(config, BACKBONE)
+    recipe = decoder_method("clip-decoder").recipe(TrainConfig(batch_size=batch_size, epochs=1))
+    model = untrained_model(recipe, BACKBONE)
     if variant == "cached":
         features = FeatureSet.build(samples, FeatureCache(model.image_tower, cache_dir), progress=False)
-        run = training_run(model, config, features, seen)
+        run = training_run(model, recipe, features, seen)
         start = time.perf_counter()
         cached_epoch(run, features.tokens)
     else:
-        run = training_run(model, config, FeatureSet(torch.empty(0), torch.empty(0), samples), seen)
+        run = training_run(model, recipe, FeatureSet(torch.empty(0), torch.empty(0), samples), seen)
         start = time.perf_counter()
         tower_epoch(run, samples)
     return time.perf_counter() - start
@@ -102,7 +103,7 @@ def main() -> None:
     train_samples, _ = training_parts(args.data, config.val_fraction)
     requested = train_samples[: args.images]
 
-    model = new_model(config, BACKBONE)
+    model = untrained_model(decoder_method("clip-decoder").recipe(config), BACKBONE)
     # A temporary cache: the features of exactly these images, extracted in this run; the user's
     # cache is neither read (a warm entry would hide nothing from (a), but would skip the one-time
     # extraction reported below) nor filled with a benchmark's leftovers.

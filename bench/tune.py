@@ -18,11 +18,11 @@ from dataclasses import replace
 from bench.report import ROOT, bench_parser, check_inputs, command, machine, publish, shown, split_of
 from clip_decoder.benchmark import run_method
 from clip_decoder.data.folder import LabelSplit, carve_validation, read_split, training_parts
+from clip_decoder.encoders import create_backbone
 from clip_decoder.features import FeatureCache
-from clip_decoder.model import CLIPDecoder
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.data import FeatureSet
-from clip_decoder.training.methods import get_method
+from clip_decoder.training.methods import MethodRun, get_method
 
 # name -> (method, TrainConfig changes against the base)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -74,8 +74,8 @@ def main() -> None:
 
     base = replace(TrainConfig(), **changes(args.base))
     split = nested_split(read_split(split_path))
-    towers = CLIPDecoder.create(backbone="offline")
-    cache = FeatureCache(towers.image_tower, args.cache)
+    towers = create_backbone("offline")
+    cache = FeatureCache(towers.image, args.cache)
     train_samples, val_samples = training_parts(args.data, base.val_fraction)
     inner_train, inner_val = carve_validation(train_samples, 0.1, salt="tune")
     parts = {name: FeatureSet.build(items, cache) for name, items in
@@ -91,7 +91,7 @@ def main() -> None:
         runs = []
         started = time.perf_counter()
         for seed in args.seeds if get_method(method).seeded else args.seeds[:1]:
-            runs.append(run_method(method, towers, parts, split, replace(config, seed=seed)))
+            runs.append(run_method(method, MethodRun(towers, parts, split, replace(config, seed=seed))))
         seconds = (time.perf_counter() - started) / len(runs)
         cells = [statistics.mean(r[p]["mAP"] for r in runs) for p in ("zsl", "gzsl")]
         row = f"| {name} | {method} | {text if ':' in variant else extra or '-'} | {cells[0]:.1f} | {cells[1]:.1f} | {seconds:.0f} s |"

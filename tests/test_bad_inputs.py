@@ -225,7 +225,7 @@ def test_training_reports_bad_images_and_trains_on_the_good_ones(trained_on_mess
     assert len(lines) == len(BAD_TRAINING_IMAGES)
     summary = json.loads((trained_on_messy_data["out"] / "training.json").read_text())
     assert summary["train_images"] + summary["val_images"] == 32 + 1  # tiny_dataset's 32 and plain.png, once each
-    assert CLIPDecoder.from_pretrained(trained_on_messy_data["out"]).config.labels == SPLIT["seen"]
+    assert list(CLIPDecoder.from_pretrained(trained_on_messy_data["out"]).config.labels) == SPLIT["seen"]
 
 
 def test_training_warns_once_about_labels_outside_the_split_and_split_labels_without_images(trained_on_messy_data):

@@ -14,8 +14,7 @@ from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.prompts import ENSEMBLE_TEMPLATES
 from clip_decoder.training.losses import AsymmetricLoss, contrastive_loss
 from clip_decoder.training.config import TrainConfig
-from clip_decoder.training.methods import decoder_method
-from clip_decoder.training.recipe import untrained_model
+from clip_decoder.training.methods import decoder_method, untrained_model
 
 LABELS = ["cat", "dog", "car", "a red bicycle"]
 

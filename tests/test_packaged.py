@@ -12,7 +12,7 @@ def test_the_packaged_model_loads_by_name_and_holds_the_prior():
     model = CLIPDecoder.from_pretrained("openclipart")
     assert model.config.backbone == "offline" and model.config.prior.on
     assert len(model.config.labels) == 68  # every label of the OpenClipart benchmark
-    assert model.prior.ready  # the class-name embeddings came with it, none computed
+    assert model.zero_shot.ready  # the class-name embeddings came with it, none computed
 
 
 def test_predict_with_no_model_tags_a_photo_with_the_packaged_model(cat_photo, capsys):

@@ -180,8 +180,7 @@ def test_training_centres_the_prior_so_it_moves_no_score_on_average(trained, tin
 def test_benchmark_models_share_the_towers_class_embeddings():
     from clip_decoder.encoders import create_backbone
     from clip_decoder.training.config import TrainConfig
-    from clip_decoder.training.methods import MethodRun, decoder_method
-    from clip_decoder.training.recipe import untrained_model
+    from clip_decoder.training.methods import MethodRun, decoder_method, untrained_model
 
     towers, shared = create_backbone("offline"), {}
     recipe = decoder_method("clip-decoder").recipe(TrainConfig())

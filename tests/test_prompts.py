@@ -7,13 +7,13 @@ import torch
 from torch.nn import functional as F
 
 from clip_decoder import ClipDecoderError
-from clip_decoder.prompts import ENSEMBLE_TEMPLATES, LabelEmbedder, check_labels, check_templates, describe
+from clip_decoder.prompts import ENSEMBLE_TEMPLATES, SINGLE_TEMPLATE, LabelEmbedder, check_labels, check_templates, describe
 
 
 class CountingTower:
     """A deterministic text tower (hash-seeded vectors) that counts the texts it encodes."""
 
-    name, dim = "counting", 16
+    name, dim, cache_key = "counting", 16, "counting/v1"
 
     def __init__(self) -> None:
         self.encoded: list[str] = []
@@ -36,9 +36,9 @@ def test_ensemble_is_the_normalised_mean_of_template_embeddings():
 def test_each_label_is_embedded_once_per_tower_and_template_set():
     tower = CountingTower()
     embed = LabelEmbedder(tower)
-    first = embed(["cat", "dog"])
+    first = embed(["cat", "dog"], SINGLE_TEMPLATE)
     assert tower.encoded == ["a photo of a cat.", "a photo of a dog."]
-    again = embed(["dog", "cat", "car"])
+    again = embed(["dog", "cat", "car"], SINGLE_TEMPLATE)
     assert tower.encoded[2:] == ["a photo of a car."]  # only the new label
     torch.testing.assert_close(again[:2], first[[1, 0]])
     embed(["cat"], ENSEMBLE_TEMPLATES)  # another template set is another key
@@ -48,12 +48,33 @@ def test_each_label_is_embedded_once_per_tower_and_template_set():
 def test_cache_keeps_only_the_most_recent_labels():
     tower = CountingTower()
     embed = LabelEmbedder(tower, max_entries=2)
-    embed(["a", "b"])
-    embed(["a"])  # refresh a; b is now the oldest
-    embed(["c"])
+    embed(["a", "b"], SINGLE_TEMPLATE)
+    embed(["a"], SINGLE_TEMPLATE)  # refresh a; b is now the oldest
+    embed(["c"], SINGLE_TEMPLATE)
     assert len(embed) == 2
-    embed(["a", "b"])
+    embed(["a", "b"], SINGLE_TEMPLATE)
     assert tower.encoded[-1] == "a photo of a b."
+
+
+def test_label_embeddings_kept_on_disk_are_found_by_the_next_process_without_the_text_tower(tmp_path):
+    first = LabelEmbedder(CountingTower(), folder=tmp_path)
+    expected = first(["cat", "dog"], ENSEMBLE_TEMPLATES)
+    tower = CountingTower()
+    later = LabelEmbedder(tower, folder=tmp_path)  # a new process: an empty memory cache
+    assert later.missing(["dog", "cat", "car"], ENSEMBLE_TEMPLATES) == ["car"]
+    torch.testing.assert_close(later(["dog", "cat"], ENSEMBLE_TEMPLATES), expected[[1, 0]], atol=0, rtol=0)
+    assert tower.encoded == []  # identical embeddings, and the tower never ran
+    later(["cat"], SINGLE_TEMPLATE)  # other templates, other embeddings
+    assert tower.encoded == ["a photo of a cat."]
+    for entry in (tmp_path / "labels").glob("*/*.safetensors"):
+        entry.write_bytes(b"corrupt")  # a bad entry is embedded again, never used
+    again = CountingTower()
+    torch.testing.assert_close(LabelEmbedder(again, folder=tmp_path)(["cat", "dog"], ENSEMBLE_TEMPLATES), expected)
+    assert len(again.encoded) == 2 * len(ENSEMBLE_TEMPLATES)
+    other = CountingTower()
+    other.cache_key = "counting/v2"  # other weights: nothing of v1's is used
+    LabelEmbedder(other, folder=tmp_path)(["cat"], ENSEMBLE_TEMPLATES)
+    assert len(other.encoded) == len(ENSEMBLE_TEMPLATES)
 
 
 @pytest.mark.parametrize("templates", [(), ("no slot",), ("{} and {}",)])

@@ -182,29 +182,30 @@ def test_a_thousand_new_labels_answer_within_the_deadline(offline_model, cat_pho
           f" ({len(offline_model.embed_labels) - cached} labels embedded)")
 
 
-def test_a_full_queue_gets_429_with_retry_after(model, cat_photo):
+def while_the_model_is_busy(model, cat_photo, limits: Limits) -> tuple:
+    """(the first request's status, a second request's answer, seconds it took): the second is sent while the
+    first holds the model."""
     held = Held(model)
-    app = create_app(held, Limits(max_queue=0))
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(TestClient(app).post, "/v1/predict", files=cat_upload(cat_photo), data={"labels": "cat"})
-        assert held.running.wait(10)
-        refused = TestClient(app).post("/v1/predict", files=cat_upload(cat_photo), data={"labels": "cat"})
-        held.go.set()
-        assert first.result().status_code == 200
-    assert refused.status_code == 429 and "max_queue" in refused.text and int(refused.headers["retry-after"]) >= 1
-
-
-def test_waiting_for_the_model_past_the_deadline_gets_429(model, cat_photo):
-    held = Held(model)
-    app = create_app(held, Limits(max_request_seconds=0.5))
+    app = create_app(held, limits)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(TestClient(app).post, "/v1/predict", files=cat_upload(cat_photo), data={"labels": "cat"})
         assert held.running.wait(10)
         start = time.monotonic()
-        waited = TestClient(app).post("/v1/predict", files=cat_upload(cat_photo), data={"labels": "cat"})
+        second = TestClient(app).post("/v1/predict", files=cat_upload(cat_photo), data={"labels": "cat"})
         elapsed = time.monotonic() - start
         held.go.set()
-        assert first.result().status_code == 408  # its own time ran out while held
+        return first.result().status_code, second, elapsed
+
+
+def test_a_full_queue_gets_429_with_retry_after(model, cat_photo):
+    first, refused, _ = while_the_model_is_busy(model, cat_photo, Limits(max_queue=0))
+    assert first == 200
+    assert refused.status_code == 429 and "max_queue" in refused.text and int(refused.headers["retry-after"]) >= 1
+
+
+def test_waiting_for_the_model_past_the_deadline_gets_429(model, cat_photo):
+    first, waited, elapsed = while_the_model_is_busy(model, cat_photo, Limits(max_request_seconds=0.5))
+    assert first == 408  # its own time ran out while held
     assert waited.status_code == 429 and "max_request_seconds" in waited.text and "retry-after" in waited.headers
     assert 0.4 < elapsed < 3
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .alignment import Alignment
 from .decoding import DEFAULT_BATCH_SIZE, decoded_batches
-from .encoders import Backbone, ImageFeatures, create_backbone
+from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig
 from .model_folder import CONFIG_FILE, ModelConfig, ModelFolder

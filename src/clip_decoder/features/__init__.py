@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from ..decoding import DEFAULT_WORKERS
+from ..distributed import World
 from ..encoders import ImageTower
 from .cache import FeatureCache
 from .common import Features, default_cache_dir, encoded_batches, file_key, file_keys, first_of_each_content
@@ -33,10 +34,9 @@ class FeatureSource(Protocol):
         reported on stderr if ``report``); none readable is an error."""
         ...
 
-    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list,
-                        progress: bool = True) -> dict[int, str]:
-        """Run the first file of each content among ``paths`` not kept yet, or this process's ``shard`` of
-        them (under torchrun), through the tower; {index into ``paths``: error} of those that failed."""
+    def extract_missing(self, paths: list[Path], world: World = World(), progress: bool = True) -> dict[int, str]:
+        """Run the first file of each content among ``paths`` not kept yet, or under torchrun this rank's share
+        of them, through the tower (every rank calls it); {index into ``paths``: error} of those that failed."""
         ...
 
     def remove_leftovers(self) -> None:

@@ -11,7 +11,6 @@ or was written for other file content is reported and recomputed, never used.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import remove_leftovers, write_file
 from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from ..distributed import World
 from ..encoders import ImageTower
 from .common import Features, encoded_batches, file_keys, first_of_each_content, kept_indices, tower_folder
 
@@ -77,13 +77,14 @@ class FeatureCache:
     def score_matrix(self, shape: tuple[int, int]) -> np.ndarray | None:
         return None  # the features are in memory, and so are their scores
 
-    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list,
-                        progress: bool = True) -> dict[int, str]:
-        """Encode the first file of each content among ``paths`` that has no entry yet, or this
-        process's ``shard`` of them; {index into ``paths``: error} of those that could not be decoded."""
+    def extract_missing(self, paths: list[Path], world: World = World(), progress: bool = True) -> dict[int, str]:
+        """Encode the first file of each content among ``paths`` that has no entry yet, or under torchrun this
+        rank's share of them (every rank lists them before any writes); {index into ``paths``: error} of
+        those that could not be decoded."""
         keys, _ = file_keys(paths)
-        share = shard(first_of_each_content(keys, {key for key in set(keys.values()) if self._entry(key).is_file()}))
-        return self._encode(paths, share, keys, DEFAULT_BATCH_SIZE, progress, {})
+        missing = [index for index in first_of_each_content(keys) if not self._entry(keys[index]).is_file()]
+        world.barrier()
+        return self._encode(paths, world.shard(missing), keys, DEFAULT_BATCH_SIZE, progress, {})
 
     @torch.inference_mode()
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,

@@ -61,7 +61,7 @@ def file_keys(paths: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
     return keys, failed
 
 
-def first_of_each_content(keys: dict[int, str], kept: Container[str]) -> list[int]:
+def first_of_each_content(keys: dict[int, str], kept: Container[str] = ()) -> list[int]:
     """The index of the first file of each content key not in ``kept``: files with the same content are encoded once."""
     first: dict[str, int] = {}
     for index, key in keys.items():

@@ -32,7 +32,7 @@ def extract_features(data_dir: str | Path, store_dir: str | Path, tower: ImageTo
             if part == "val" and not (Path(data_dir) / "val.csv").is_file():
                 continue
             paths = [sample.image for sample in read_part(data_dir, part)]
-            failed = store.extract_missing(paths, world.shard, progress=progress and world.is_main)
+            failed = store.extract_missing(paths, world, progress=progress and world.is_main)
             for message in failed.values():
                 print(f"error: {message}", file=sys.stderr)
             world.barrier()

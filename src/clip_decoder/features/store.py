@@ -33,7 +33,6 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from ..atomic import remove_leftovers, write_file
 from ..caches import SPEC_FILE
 from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from ..distributed import World
 from ..encoders import ImageTower
 from ..errors import ClipDecoderError
 from .common import Features, encoded_batches, file_keys, first_of_each_content, kept_indices, tower_folder
@@ -240,15 +240,17 @@ class FeatureStore:
             path.unlink(missing_ok=True)
         return scores
 
-    def extract_missing(self, paths: list[Path], shard: Callable[[list], list] = list, progress: bool = True,
+    def extract_missing(self, paths: list[Path], world: World = World(), progress: bool = True,
                         batch_size: int = DEFAULT_BATCH_SIZE, shard_rows: int = SHARD_ROWS) -> dict[int, str]:
-        """Run the first file of each content among ``paths`` that is not stored yet, or this
-        process's ``shard`` of them (``World.shard`` under torchrun), through the tower into new
-        shards; each file is hashed once. Unreadable files are left for ``get`` to report; returns
-        {index into ``paths``: error} of the images that could not be decoded."""
+        """Run the first file of each content among ``paths`` that is not stored yet, or under torchrun this
+        rank's share of them (every rank lists them before any writes), through the tower into new shards;
+        each file is hashed once. Unreadable files are left for ``get`` to report; returns {index into
+        ``paths``: error} of the images that could not be decoded."""
         keys, _ = file_keys(paths)
         self.refresh()  # other processes may have written shards since this one last looked
-        return self._encode(paths, shard(first_of_each_content(keys, self.index)), keys, batch_size, progress, shard_rows)
+        missing = first_of_each_content(keys, self.index)
+        world.barrier()
+        return self._encode(paths, world.shard(missing), keys, batch_size, progress, shard_rows)
 
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
             report: bool = True) -> Features:

@@ -232,6 +232,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     app = FastAPI(title="clip-decoder", summary="Zero-shot multi-label image tagging: a probability for any label name.")
     app.state.limits = limits  # for the server's connection limits (connections.server_options)
     model.embed_labels.max_entries = limits.max_cached_labels
+    model.text_tower.encode([])  # a text tower that loads on first use loads now, not in a request's time
     app.add_middleware(RequestGuard, limits=limits)
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")

@@ -55,7 +55,7 @@ class FeatureSet(LabelledImages):
         (from a store: each rank maps them all and reads the rows it is given)."""
         paths = [s.image for s in samples]
         if world.size > 1:
-            source.extract_missing(paths, world.shard, progress=progress and world.is_main)  # failures: reported below
+            source.extract_missing(paths, world, progress=progress and world.is_main)  # failures: reported below
             world.barrier()
         features = source.get(paths, progress=progress and world.is_main, report=world.is_main)
         return cls(features.tokens, features.pooled, [samples[i] for i in features.kept])

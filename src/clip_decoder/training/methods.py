@@ -18,8 +18,11 @@ import numpy as np
 import torch
 
 from ..data.folder import LabelSplit
-from ..encoders import Backbone
+from ..encoders import Backbone, create_backbone
 from ..errors import ClipDecoderError
+from ..head import HeadConfig
+from ..model import CLIPDecoder
+from ..model_folder import ModelConfig
 from ..prior import CONSE_TEMPERATURE, CONSE_TOP, PriorConfig, ZeroShotPrior, imagenet_class_names
 from ..prompts import TEMPLATE_SETS, LabelEmbedder
 from .baselines import LINEAR_EPOCHS, ConSE, LinearMap
@@ -27,7 +30,7 @@ from .config import TrainConfig
 from .data import FeatureSet
 from .loop import finish_training, fit
 from .losses import LOSS_TERMS
-from .recipe import HEAD_DEFAULTS, Recipe, untrained_model
+from .recipe import HEAD_DEFAULTS, Recipe
 
 # A trained method: stored features (tokens and pooled) and any label names -> scores (images, labels).
 ScoreFunction = Callable[[FeatureSet, list[str]], np.ndarray]
@@ -121,6 +124,17 @@ class DecoderMethod:
             model.save_pretrained(run.save_to)
         return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
                                                                   model.scorer.vocabulary(labels))
+
+
+def untrained_model(recipe: Recipe, backbone: str | Backbone) -> CLIPDecoder:
+    """The seeded, untrained model ``recipe`` trains: on the named backbone (created after seeding, so its
+    own random initialisation comes first, as `clip-decoder train` always did) or on loaded towers."""
+    torch.manual_seed(recipe.config.seed)
+    towers = create_backbone(backbone) if isinstance(backbone, str) else backbone
+    head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **recipe.head)
+    config = ModelConfig(backbone=towers.name, head=head, templates=recipe.templates, prior=recipe.prior,
+                         image_tower_trained=recipe.config.finetune_image_tower)
+    return CLIPDecoder(config, towers)
 
 
 def _weight(weight: float | str, config: TrainConfig) -> float:

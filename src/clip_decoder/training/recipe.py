@@ -11,12 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 
-import torch
-
-from ..encoders import Backbone, create_backbone
 from ..head import HeadConfig
 from ..model import CLIPDecoder
-from ..model_folder import ModelConfig
 from ..prior import PriorConfig
 from ..prompts import TEMPLATE_SETS
 from .config import TrainConfig
@@ -72,14 +68,3 @@ def name_of_loss(name: str, weight: float) -> str:
     """How the results page names a weighted loss term: 'ASL', '0.1 x alignment', 'w x name'."""
     shown = {"cls": "ASL", "clip": "alignment"}.get(name, name)
     return shown if name == "cls" and weight == 1.0 else f"{weight} x {shown}"
-
-
-def untrained_model(recipe: Recipe, backbone: str | Backbone) -> CLIPDecoder:
-    """The seeded, untrained model ``recipe`` trains: on the named backbone (created after seeding, so its
-    own random initialisation comes first, as `clip-decoder train` always did) or on loaded towers."""
-    torch.manual_seed(recipe.config.seed)
-    towers = create_backbone(backbone) if isinstance(backbone, str) else backbone
-    head = HeadConfig(text_dim=towers.text.dim, image_dim=towers.image.dim, **recipe.head)
-    config = ModelConfig(backbone=towers.name, head=head, templates=recipe.templates, prior=recipe.prior,
-                         image_tower_trained=recipe.config.finetune_image_tower)
-    return CLIPDecoder(config, towers)

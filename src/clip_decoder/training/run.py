@@ -23,8 +23,8 @@ from .config import TrainConfig
 from .data import FeatureSet, ImageSet
 from .loop import CHECKPOINT_EVERY, fit
 from .losses import LOSS_TERMS
-from .methods import decoder_method
-from .recipe import Recipe, untrained_model
+from .methods import decoder_method, untrained_model
+from .recipe import Recipe
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
