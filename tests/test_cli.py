@@ -99,6 +99,23 @@ def test_bad_images_are_reported_and_skipped_and_the_exit_status_says_so(model_d
     assert "2 of 3 images failed" in captured.err and "Traceback" not in captured.err
 
 
+def test_predict_checks_every_input_before_it_loads_a_model(cat_photo, tmp_path, capsys, monkeypatch):
+    from clip_decoder.model import CLIPDecoder
+
+    loaded = []
+    monkeypatch.setattr(CLIPDecoder, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(a)))
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--labels", "cat", str(tmp_path / "missing.jpg"), str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: cannot load image {str(tmp_path / 'missing.jpg')!r}: file not found",
+        f"error: folder {tmp_path / 'empty'} holds no image files (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp)",
+        "2 of 2 images failed"]
+    (tmp_path / "t.json").write_text('{"cat": 7}')
+    assert main(["predict", "--labels", "cat", "--thresholds", str(tmp_path / "t.json"), str(cat_photo)]) == 2
+    assert "threshold of 'cat' must be a number in [0, 1]" in capsys.readouterr().err
+    assert loaded == []  # nothing was loaded for any of them
+
+
 def test_user_errors_print_one_line_and_exit_2(tmp_path, cat_photo, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), "--labels", "cat", str(cat_photo)]) == 2
     assert main(["predict", "--labels", ",", str(cat_photo)]) == 2

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 from PIL import Image
 
-from clip_decoder import ClipDecoderError
-from clip_decoder.encoders import ImageTower, TextTower, create_backbone, list_backbones, register_backbone
+from clip_decoder import CLIPDecoder, ClipDecoderError
+from clip_decoder.encoders import Backbone, ImageTower, TextTower, create_backbone, list_backbones, register_backbone
 from clip_decoder.encoders.hf import preprocess_from_config
 from clip_decoder.images import load_image
+from clip_decoder.prior import PriorConfig
 
 
 def test_registry_knows_the_builtin_backbones_and_rejects_unknown_names():
@@ -136,3 +140,30 @@ def test_hf_refuses_a_folder_with_pickled_weights_only(tmp_path, tiny_clip_dir):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ClipDecoderError, match="cannot load hf model"):
         create_backbone(f"hf:{folder}")
+
+
+def test_a_backbone_that_breaks_the_tower_contract_is_refused_naming_what(tiny_clip_dir, monkeypatch):
+    from clip_decoder.encoders import registry
+
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+    good = create_backbone(f"hf:{tiny_clip_dir}")
+
+    def declaring(view, image_dim=None):
+        image = copy.copy(good.image)
+        image.zero_shot = view
+        if image_dim is not None:
+            image.dim = image_dim
+        return lambda argument: Backbone("broken", image, good.text)
+
+    for kind, factory, message in [
+            ("imagenet-without-classifier", declaring("imagenet"), "an 'imagenet' tower needs imagenet_logits"),
+            ("joint-with-other-widths", declaring("joint", image_dim=7), "must have its text tower's width"),
+            ("unknown-view", declaring("telepathy"), "zero_shot must be one of")]:
+        register_backbone(kind)(factory)
+        with pytest.raises(ClipDecoderError, match=message):
+            create_backbone(kind)
+    register_backbone("no-view")(declaring(None))
+    assert not CLIPDecoder(replace(CLIPDecoder.create(f"hf:{tiny_clip_dir}", prior=PriorConfig.off()).config,
+                                   backbone="no-view")).zero_shot.available
+    with pytest.raises(ClipDecoderError, match="gives no zero-shot prior"):
+        CLIPDecoder(replace(CLIPDecoder.create(f"hf:{tiny_clip_dir}").config, backbone="no-view"))

@@ -35,7 +35,8 @@ def test_vocabulary_is_computed_once_and_matches_the_uncached_head(model):
     assert model.scorer.vocabulary(LABELS) is vocabulary
     x = tokens(model)
     with torch.inference_mode():
-        expected = torch.sigmoid(model.head(x, model.embed_labels(LABELS, model.config.templates)))
+        head, embeddings = model.head, model.embed_labels(LABELS, model.config.templates)
+        expected = torch.sigmoid(head.decode(head.memory(x), head.queries(embeddings)))
     torch.testing.assert_close(probabilities(model, x, vocabulary), expected)
 
 

@@ -281,3 +281,23 @@ def test_command_line_defaults_are_the_config_defaults(tmp_path):
     assert config.prior == PriorConfig(seen_weight=2.0)
     assert methods.decoder_method(config.method).recipe(config).head == {
         **methods.decoder_method("ml-decoder").recipe(TrainConfig()).head, "dim": 64}
+
+
+def test_a_new_loss_is_one_registry_entry(tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch, request):
+    """A loss term and a decoder method naming it, declared only through the registries, train from the CLI."""
+    from clip_decoder.training import losses
+
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))  # the registries as they were, after the test
+    request.addfinalizer(lambda: losses.LOSS_TERMS.pop("small-logits", None))
+    losses.register_loss(losses.LossTerm("small-logits", lambda out: out.logits.pow(2).mean(), weight=0.5))
+    methods.register_method(methods.DecoderMethod("toy-decoder", "ASL plus small logits", epochs=2,
+                                                  losses=("cls", "small-logits")))
+    out = tmp_path / "toy"
+    assert main(["train", "--data", str(tiny_dataset), "--split", str(tiny_dataset / "split.json"), "--out", str(out),
+                 "--backbone", f"hf:{tiny_clip_dir}", "--method", "toy-decoder", "--batch-size", "8",
+                 "--val-fraction", "0.25", "--cache", str(tmp_path / "cache"), *HEAD]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(set(record) >= {"loss", "cls", "small-logits"} and "clip" not in record for record in log)
+    for record in log:  # epoch means of the total and its terms
+        assert record["loss"] == pytest.approx(record["cls"] + 0.5 * record["small-logits"], abs=1e-4)
+    assert "ASL + 0.5 x small-logits" in methods.get_method("toy-decoder").describe(TrainConfig())

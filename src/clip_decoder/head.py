@@ -172,11 +172,3 @@ class DecoderHead(nn.Module):
         """
         image = F.normalize(self.skip_proj(memory.mean(dim=1)), dim=-1)
         return self.skip_scale * (directions @ image.unsqueeze(-1)).squeeze(-1)
-
-    def probabilities(self, tokens: torch.Tensor, queries: LabelQueries) -> torch.Tensor:
-        """Image tokens (B, N, image_dim) and a vocabulary's queries -> float probabilities (B, L)."""
-        return torch.sigmoid(self.decode(self.memory(tokens), queries).float())
-
-    def forward(self, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:
-        """Image tokens (B, N, image_dim) and label embeddings (L, text_dim) -> logits (B, L)."""
-        return self.decode(self.memory(tokens), self.queries(label_embeddings))
