@@ -103,7 +103,7 @@ def write_store(store, keys: list[str], world) -> int:
     for start in range(0, len(mine), ROWS_PER_WRITE):
         rows = np.array(mine[start : start + ROWS_PER_WRITE]) % BANK
         writer.add([keys[i] for i in mine[start : start + ROWS_PER_WRITE]], bank[rows], bank_pooled[rows])
-    writer.close()
+    writer.flush()
     return writer.written
 
 

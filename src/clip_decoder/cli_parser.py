@@ -141,11 +141,12 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
     from .thresholds import DEFAULT_THRESHOLD
     from .writers import FORMATS
 
-    predict.description = ("Score every label for each image. Images: files, folders (searched recursively),"
-        " glob patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one JSON"
-        " line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when a decision rule"
-        " (--top-k, --threshold, --thresholds) is given; or CSV, or a readable table. Bad images are reported"
-        " on stderr and skipped; the exit status is 1 if any failed, 2 for a usage error.")
+    predict.description = ("Score every label for each image. Images: files, folders (searched recursively), glob "
+                            "patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one "
+                            "JSON line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when "
+                            "a decision rule (--top-k, --threshold, --thresholds) is given; or CSV, or a readable "
+                            "table. Bad images are reported on stderr and skipped; the exit status is 1 if any "
+                            "failed, 2 for a usage error.")
     add_model_option(predict, packaged=True)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
@@ -181,12 +182,11 @@ def add_train(train: argparse.ArgumentParser) -> None:
     """clip-decoder train"""
     from .training.loop import CHECKPOINT_EVERY
 
-    train.description = ("Train the CLIP-Decoder head on frozen-tower features (seen labels only;"
-                                " or end to end with --finetune-image-tower) and write a model folder with"
-                                " train_log.jsonl, training.json and curves.png. The run's state is checkpointed in"
-                                " OUT/checkpoint.safetensors until it ends; --resume continues from it. Under"
-                                " `torchrun --nproc_per_node N -m clip_decoder train ...` the same arguments train"
-                                " on N processes (see README, Scaling out).")
+    train.description = ("Train the CLIP-Decoder head on frozen-tower features (seen labels only; or end to end with"
+                          " --finetune-image-tower) and write a model folder with train_log.jsonl, training.json and "
+                          "curves.png. The run's state is checkpointed in OUT/checkpoint.safetensors until it ends; "
+                          "--resume continues from it. Under `torchrun --nproc_per_node N -m clip_decoder train ...` "
+                          "the same arguments train on N processes (see README, Scaling out).")
     train.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
     train.add_argument("--split", required=True, metavar="JSON", help='label split {"seen": [...], "unseen": [...]}')
     train.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
@@ -203,9 +203,10 @@ def add_train(train: argparse.ArgumentParser) -> None:
 
 def add_calibrate(calibrate: argparse.ArgumentParser) -> None:
     """clip-decoder calibrate"""
-    calibrate.description = ("Choose each seen label's threshold (best F1 on the validation images, labels with at least"
-        " 5 positives) and a default for every other label (best micro-F1 over all validation labels);"
-        " report what they achieve on the test part; write MODEL/thresholds.json for `predict --calibrated`.")
+    calibrate.description = ("Choose each seen label's threshold (best F1 on the validation images, labels with at "
+                             "least 5 positives) and a default for every other label (best micro-F1 over all "
+                             "validation labels); report what they achieve on the test part; write "
+                             "MODEL/thresholds.json for `predict --calibrated`.")
     add_model_option(calibrate)
     calibrate.add_argument("--data", required=True, metavar="DIR", help="dataset folder: val.csv or a part carved from train.csv, and test.csv")
     calibrate.add_argument("--split", required=True, metavar="JSON", help="label split: thresholds are chosen for its seen labels")
@@ -216,9 +217,10 @@ def add_calibrate(calibrate: argparse.ArgumentParser) -> None:
 
 def add_serve(serve: argparse.ArgumentParser) -> None:
     """clip-decoder serve"""
-    serve.description = ("Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET /health,"
-        " OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, pixels, labels and time"
-        " are bounded, and so is the queue for the model; an excess is answered with a 4xx naming the limit.")
+    serve.description = ("Serve one model over HTTP: POST /v1/predict (multipart: 'images' files, 'labels'), GET "
+                         "/health, OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, "
+                         "pixels, labels and time are bounded, and so is the queue for the model; an excess is "
+                         "answered with a 4xx naming the limit.")
     add_model_option(serve, packaged=True)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -247,8 +249,8 @@ def add_limit_options(group) -> None:
 
 def add_evaluate(evaluate: argparse.ArgumentParser) -> None:
     """clip-decoder evaluate"""
-    evaluate.description = ("Score the test part's images for all labels of the split and print"
-                                   " mAP and P/R/F1 at top-3 and top-5 (percent), ZSL and GZSL.")
+    evaluate.description = ("Score the test part's images for all labels of the split and print mAP and P/R/F1 at "
+                            "top-3 and top-5 (percent), ZSL and GZSL.")
     add_model_option(evaluate)
     evaluate.add_argument("--data", required=True, metavar="DIR")
     evaluate.add_argument("--split", required=True, metavar="JSON")
@@ -259,11 +261,11 @@ def add_evaluate(evaluate: argparse.ArgumentParser) -> None:
 
 def add_extract(extract: argparse.ArgumentParser) -> None:
     """clip-decoder extract"""
-    extract.description = ("Run the images of the dataset folder (train, val if present, test)"
-                                  " through the frozen image tower into the sharded feature store in --store, for"
-                                  " `train --store` and `evaluate --store`. Images already stored are skipped, so an"
-                                  " interrupted extraction resumes. Under `torchrun --nproc_per_node N -m clip_decoder"
-                                  " extract ...` the N processes split the images (README, Scaling out).")
+    extract.description = ("Run the images of the dataset folder (train, val if present, test) through the frozen "
+                           "image tower into the sharded feature store in --store, for `train --store` and `evaluate "
+                           "--store`. Images already stored are skipped, so an interrupted extraction resumes. Under "
+                           "`torchrun --nproc_per_node N -m clip_decoder extract ...` the N processes split the "
+                           "images (README, Scaling out).")
     extract.add_argument("--data", required=True, metavar="DIR", help="dataset folder (train.csv, test.csv)")
     extract.add_argument("--store", required=True, metavar="DIR", help="feature store folder (created if missing)")
     extract.add_argument("--parts", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
@@ -324,9 +326,9 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
     """clip-decoder bench"""
     from .training.methods import get_method, method_names
 
-    bench.description = ("Train and evaluate each method for each seed and label split on one"
-                                " dataset folder; print mean ± std of the ZSL / GZSL metrics. Each run's ZSL is"
-                                " also measured on the other image set, in its own table.")
+    bench.description = ("Train and evaluate each method for each seed and label split on one dataset folder; print "
+                          "mean ± std of the ZSL / GZSL metrics. Each run's ZSL is also measured on the other image "
+                          "set, in its own table.")
     bench.add_argument("--data", required=True, metavar="DIR")
     bench.add_argument("--splits", required=True, nargs="+", metavar="JSON")
     bench.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

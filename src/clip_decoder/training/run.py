@@ -54,9 +54,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) -> None:
     """Refuse to continue a checkpoint with other options or another number of processes."""
-    differ = sorted(key for key, value in asdict(config).items() if state["config"].get(key) != value)
+    options = asdict(config)
+    differ = sorted(key for key, value in options.items() if state["config"].get(key) != value)
     if differ:
-        changes = ", ".join(f"{key} {state['config'].get(key)!r} -> {asdict(config)[key]!r}" for key in differ)
+        changes = ", ".join(f"{key} {state['config'].get(key)!r} -> {options[key]!r}" for key in differ)
         raise ClipDecoderError(f"{path} was written with other training options ({changes});"
                                " resume with the same options, or delete it to start again")
     if state["world_size"] != world.size:
