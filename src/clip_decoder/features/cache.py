@@ -84,7 +84,7 @@ class FeatureCache:
         keys, _ = file_keys(paths)
         missing = [index for index in first_of_each_content(keys) if not self._entry(keys[index]).is_file()]
         world.barrier()
-        return self._encode(paths, world.shard(missing), keys, DEFAULT_BATCH_SIZE, progress, {})
+        return self._encode(paths, world.shard(missing), keys, DEFAULT_BATCH_SIZE, progress)
 
     @torch.inference_mode()
     def get(self, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True,
@@ -108,9 +108,9 @@ class FeatureCache:
         return self.folder / f"{key}.safetensors"
 
     def _encode(self, paths: list[Path], wanted: list[int], keys: dict[int, str], batch_size: int, progress: bool,
-                encoded: dict[str, dict[str, torch.Tensor]]) -> dict[int, str]:
-        """Run ``paths[i]`` for i in ``wanted`` through the tower into new entries (and ``encoded``, by key);
-        returns {index: error} of those that could not be decoded."""
+                encoded: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[int, str]:
+        """Run ``paths[i]`` for i in ``wanted`` through the tower into new entries (and ``encoded``, by key, when
+        given); returns {index: error} of those that could not be decoded."""
         failed = {}
         # In a with block, the bar ends its line even when a write fails: the error is then a line of its own.
         with tqdm(total=len(wanted), desc="extract features", unit="img", disable=not progress or not wanted) as bar:
@@ -120,7 +120,8 @@ class FeatureCache:
                 for row, k in enumerate(indices):
                     key = keys[wanted[k]]
                     self._write(self._entry(key), tokens[row], pooled[row])
-                    encoded[key] = {"tokens": tokens[row], "pooled": pooled[row]}
+                    if encoded is not None:
+                        encoded[key] = {"tokens": tokens[row], "pooled": pooled[row]}
                 self.encoded += len(indices)
                 bar.update(len(indices) + len(failures))
         return failed
