@@ -189,10 +189,10 @@ def test_extract_fills_the_store_that_train_and_evaluate_then_read(tiny_dataset,
     assert main(["calibrate", "--model", str(out), "--data", str(tiny_dataset), "--split",
                  str(tiny_dataset / "split.json"), "--val-fraction", "0.25", "--store", str(store)]) == 0
     assert main(["bench", "--data", str(tiny_dataset), "--splits", str(tiny_dataset / "split.json"), "--seeds", "0",
-                 "--methods", "linear", "conse", "--backbone", f"hf:{tiny_clip_dir}", "--store", str(store),
-                 "--json", str(tmp_path / "bench.json")]) == 0  # conse: the tiny CLIP's own view (joint space)
+                 "--methods", "linear", "zero-shot-prior", "--backbone", f"hf:{tiny_clip_dir}", "--store", str(store),
+                 "--json", str(tmp_path / "bench.json")]) == 0  # the prior alone: the tiny CLIP's own view (joint space)
     assert not list(tmp_path.glob("cache/features/*/*.safetensors"))  # the per-image cache was never used
     assert len(list((store / "store").iterdir())) == 1  # one tower: the model's is the backbone's
     assert json.loads((tmp_path / "m.json").read_text())["gzsl"]["n_images"] == 16
     assert (out / "thresholds.json").is_file()
-    assert set(json.loads((tmp_path / "bench.json").read_text())["split"]) == {"linear", "conse"}
+    assert set(json.loads((tmp_path / "bench.json").read_text())["split"]) == {"linear", "zero-shot-prior"}
