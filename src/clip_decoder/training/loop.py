@@ -67,7 +67,7 @@ class TrainingRun:
             raise ClipDecoderError(f"batch size {config.batch_size} must be a multiple of the number of processes"
                                    f" ({world.size}) times --accumulate ({config.accumulate})")
         self.model, self.train, self.val, self.seen, self.world = model, train, val, seen, world
-        self.recipe, self.config = recipe, config
+        self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
         self.label_embeddings = model.embed_labels(list(seen), recipe.templates).to(model.device)
         self.sentence_embeddings, self.sentence_rows = encode_sentences(model.text_tower, train.sentences(seen))
