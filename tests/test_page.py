@@ -58,3 +58,58 @@ def test_the_page_shows_the_apis_scores(server, cat_photo, tmp_path):
     assert [label for label, _ in rows] == sorted(expected, key=lambda label: -expected[label])  # by score
     for label, shown in rows:
         assert float(shown) == pytest.approx(expected[label], abs=5e-4)  # the page shows 3 decimals
+
+
+def test_the_page_never_shows_a_photo_beside_another_ones_results_and_says_what_it_is_doing(server, cat_photo, tmp_path):
+    """A new photo and a failed request clear the results; errors read as words; Score is disabled while a
+    request runs; the favicon is served."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found: install Debian's package (apt-get install chromium) to run the page test")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a JPEG")
+    rows = "document.querySelectorAll('tr.label').length"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        refused = []  # every answer of 400 or more the page's own loading met (e.g. a missing favicon)
+        page.on("response", lambda response: response.status >= 400 and refused.append(response.url))
+        page.goto(server + "/")
+        page.wait_for_load_state("networkidle")
+
+        def scored(labels: str) -> None:
+            page.fill("#labels", labels)
+            page.click("#run")
+            page.wait_for_function("!document.getElementById('run').disabled")
+
+        page.set_input_files("#file", str(cat_photo))
+        scored("cat, dog")
+        assert page.evaluate(rows) == 2
+        page.set_input_files("#file", str(broken))  # a new photo: the cat's results go
+        assert page.evaluate(rows) == 0 and page.text_content("#error") == ""
+        scored("cat, dog")  # the service cannot read it: said in words, nothing else shown
+        error = page.text_content("#error")
+        assert page.evaluate(rows) == 0 and "broken.jpg" in error and "not a recognised image format" in error
+
+        page.set_input_files("#file", str(cat_photo))
+        scored("cat, dog")
+        assert page.evaluate(rows) == 2
+        scored(" , ")  # no labels: the request fails, and the old results go with it
+        error = page.text_content("#error")
+        assert page.evaluate(rows) == 0 and "no labels given" in error and not error.startswith(('"', "[", "{"))
+
+        held = []  # a request held back until the page has shown that it runs
+        page.route("**/v1/predict", lambda route: held.append(route))
+        page.fill("#labels", "cat")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('run').disabled")
+        assert "Scoring" in page.text_content("#status")
+        page.wait_for_function("document.getElementById('run').disabled", timeout=500)  # still held
+        assert len(held) == 1
+        held[0].continue_()
+        page.wait_for_function("!document.getElementById('run').disabled")
+        assert page.evaluate(rows) == 1 and page.text_content("#status") == ""
+        page.unroute("**/v1/predict")
+        icon = page.evaluate("fetch('/favicon.ico').then(r => [r.status, r.headers.get('content-type')])")
+        browser.close()
+    assert icon == [200, "image/svg+xml"] and not [url for url in refused if "/v1/predict" not in url]

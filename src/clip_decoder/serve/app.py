@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import anyio
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -236,6 +236,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     app.add_middleware(RequestGuard, limits=limits)
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+    icon = resources.files(__package__).joinpath("favicon.svg").read_bytes()
 
     # async: answered on the event loop, never queued behind predictions for a worker thread
     @app.get("/health")
@@ -246,6 +247,10 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
+
+    @app.get("/favicon.ico", include_in_schema=False)  # where browsers look; the page names it too
+    async def favicon() -> Response:
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.post("/v1/predict")
     def predict(
