@@ -63,9 +63,6 @@ class CLIPDecoder(nn.Module):
         embed_labels = LabelEmbedder(self.text_tower, folder=label_cache)
         self.zero_shot = ZeroShotPrior(self.image_tower, self.text_tower.dim,
                                        lambda names: embed_labels(names, config.templates))
-        if config.prior.on and not self.zero_shot.available:
-            raise ClipDecoderError(f"backbone {config.backbone!r} gives no zero-shot prior; turn the prior off"
-                                   " (weights 0)")
         self.scorer = Scorer(self.head, self.alignment, embed_labels, config.templates, self.zero_shot, config.prior,
                              config.labels)
         self.eval()

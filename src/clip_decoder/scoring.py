@@ -62,14 +62,19 @@ class Scorer:
         the zero-shot prior; ``trained_labels`` are the labels the head was trained on."""
         self.head, self.alignment, self.embed_labels = head, alignment, embed_labels
         self.templates = tuple(templates)
-        self.zero_shot, self.prior, self.trained_labels = zero_shot, prior, tuple(trained_labels)
+        self.zero_shot, self.trained_labels = zero_shot, tuple(trained_labels)
+        self.prior = self._checked(prior)
         self._vocabularies: OrderedDict[tuple, Vocabulary] = OrderedDict()
+
+    def _checked(self, prior: PriorConfig) -> PriorConfig:
+        if prior.on and (self.zero_shot is None or not self.zero_shot.available):
+            tower = self.zero_shot.tower_name if self.zero_shot is not None else "this model's image tower"
+            raise ClipDecoderError(f"{tower} gives no zero-shot prior; turn the prior off (weights 0)")
+        return prior
 
     def with_prior(self, prior: PriorConfig) -> Scorer:
         """This scorer with ``prior`` instead of its own (sharing its modules and vocabulary cache)."""
-        if prior.on and (self.zero_shot is None or not self.zero_shot.available):
-            raise ClipDecoderError("this model's image tower gives no zero-shot prior: its weights must stay 0")
-        return self._with(prior=prior)
+        return self._with(prior=self._checked(prior))
 
     def with_trained_labels(self, labels: Sequence[str]) -> Scorer:
         """This scorer for a head trained on ``labels`` (their prior weight is ``PriorConfig.seen_weight``)."""
