@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clip_decoder import ClipDecoderError
-from clip_decoder.calibrate import best_threshold, calibrate
+from clip_decoder.calibrate import calibrate
 from clip_decoder.cli import main
-from clip_decoder.thresholds import Thresholds
+from clip_decoder.thresholds import NEW_LABEL_THRESHOLD, Thresholds, best_threshold
 
 
 def f1_at(scores, targets, threshold):
@@ -60,7 +60,7 @@ def test_calibrate_and_predict_calibrated(trained, tiny_dataset, tmp_path, capsy
     record = json.loads(capsys.readouterr().out)
     limits = dict(zip(["red", "white"], Thresholds.read(model / "thresholds.json").for_labels(["red", "white"])))
     assert record["labels"] == [l for l in sorted(limits, key=lambda l: -record["scores"][l]) if record["scores"][l] >= limits[l]]
-    assert limits["white"] == 0.5  # never trained on: the model's decision boundary
+    assert limits["white"] == NEW_LABEL_THRESHOLD  # never trained on: the models' default for new labels
 
 
 def test_predict_calibrated_needs_a_calibrated_model(trained, tiny_dataset, tmp_path, capsys):

@@ -88,8 +88,8 @@ def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes
     for temperature in (1.0, 4.0):
         run = methods.MethodRun(towers, {}, None, TrainConfig(prior=PriorConfig(temperature=temperature)),
                                 class_embeddings=shared)
-        scores["conse", temperature] = methods.get_method("conse").train(run)(stored, LABELS)
-        scores["prior", temperature] = methods.get_method("zero-shot-prior").train(run)(stored, LABELS)
+        scores["conse", temperature] = methods.get_method("conse").train(run).score(stored, LABELS)
+        scores["prior", temperature] = methods.get_method("zero-shot-prior").train(run).score(stored, LABELS)
     np.testing.assert_allclose(scores["conse", 1.0], scores["conse", 4.0], atol=1e-6)
     np.testing.assert_allclose(scores["prior", 1.0], scores["conse", 1.0], atol=1e-5)
     assert not np.allclose(scores["prior", 4.0], scores["prior", 1.0], atol=1e-3)
@@ -161,20 +161,24 @@ def test_bad_prior_settings_in_a_config_name_the_field(tmp_path):
 
 
 
-def test_training_centres_the_prior_so_it_moves_no_score_on_average(trained, tiny_dataset):
+def test_training_centres_the_prior_per_label_so_no_label_gains_on_an_average_training_image(trained, tiny_dataset):
     from clip_decoder.data.folder import training_parts
     from clip_decoder.features import FeatureCache
 
     out, cache, _ = trained
     model = CLIPDecoder.from_pretrained(out)
-    assert model.config.prior == replace(PriorConfig(), offset=model.config.prior.offset) and model.config.prior.offset != 0
+    prior = model.config.prior
+    assert replace(prior, reference_mean=()) == PriorConfig() and len(prior.reference_mean) == model.text_tower.dim
     train, _ = training_parts(tiny_dataset, 0.25)
     features = FeatureCache(model.image_tower, cache).get([s.image for s in train], progress=False)
-    vocabulary = model.scorer.vocabulary(model.config.labels)
+    # Trained labels and new ones, among them a "hub" near every image's prior vector: the reference mean itself.
+    vocabulary = model.scorer.vocabulary([*model.config.labels, "a new label", "cat"])
     with torch.inference_mode():
         shift = model.scorer.prior_logits(features.pooled, vocabulary)
-    assert abs(float(shift.mean())) < 1e-4  # over the training images and labels; per image and label it varies
-    assert float(shift.std()) > 0
+        uncentred = model.scorer.with_prior(replace(prior, reference_mean=())).prior_logits(features.pooled, vocabulary)
+    np.testing.assert_allclose(shift.mean(dim=0).numpy(), 0, atol=1e-4)  # every label's own mean: 0
+    assert float(shift.std()) > 0 and float(uncentred.mean(dim=0).abs().min()) > 1e-2  # uncentred, no label is at 0
+    np.testing.assert_allclose((uncentred - shift).std(dim=0).numpy(), 0, atol=1e-4)  # per label: a constant shift
 
 
 def test_benchmark_models_share_the_towers_class_embeddings():

@@ -10,17 +10,21 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .data.folder import read_part, read_split, training_parts
 from .encoders import create_backbone
 from .errors import ClipDecoderError
 from .features import FeatureLocation, FeatureSource
-from .metrics import ZSL_IMAGES, check_zsl_images, per_image_metrics, zsl_by_images, zsl_gzsl_metrics
+from .metrics import (ZSL_IMAGES, check_zsl_images, micro_prf, per_image_metrics, top_k_mask, zsl_by_images,
+                      zsl_gzsl_metrics)
 from .prompts import check_labels
+from .thresholds import Thresholds
 from .training.config import TrainConfig
 from .training.data import FeatureSet
 from .training.methods import DecoderMethod, MethodRun, get_method, method_names
@@ -61,16 +65,34 @@ def run_method(name: str, run: MethodRun, photos: PhotoCheck | None = None, zsl_
     ``zsl_by_images`` (ZSL on each image set), the run's ``seconds`` and, with ``photos``,
     ``per_image_metrics`` of the photo check."""
     started = time.perf_counter()
-    score = get_method(name).train(run)
+    trained = get_method(name).train(run)
     test, labels, unseen = run.parts["test"], list(run.split.all), list(run.split.unseen)
-    scores, targets = score(test, labels), test.targets(run.split.all).numpy()
+    scores, targets = trained.score(test, labels), test.targets(run.split.all).numpy()
     metrics = zsl_gzsl_metrics(scores, targets, labels, unseen, zsl_images=zsl_images)
     metrics["zsl_by_images"] = zsl_by_images(scores, targets, labels, unseen)
+    if trained.decision is not None:
+        columns = {"seen": [labels.index(label) for label in run.split.seen], "unseen": [labels.index(label) for label in unseen]}
+        metrics["decisions"] = {part: decisions(scores[:, cols], targets[:, cols], [labels[c] for c in cols], trained.decision)
+                                for part, cols in columns.items()}
     if photos is not None:
-        metrics["photos"] = per_image_metrics(score(photos.features, list(photos.labels)),
-                                              photos.features.targets(photos.labels).numpy())
+        photo_scores, photo_targets = trained.score(photos.features, list(photos.labels)), photos.features.targets(photos.labels).numpy()
+        metrics["photos"] = per_image_metrics(photo_scores, photo_targets)
+        if trained.decision is not None:
+            metrics["photos"]["decisions"] = decisions(photo_scores, photo_targets, photos.labels, trained.decision)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return metrics
+
+
+DECISION_RULES = ("default rule", "0.5", "top 3")  # how decisions are reported: the model's own rule against two others
+
+
+def decisions(scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], rule: Thresholds) -> dict:
+    """Micro P/R/F1 and yes per true label (metrics.micro_prf) of each of DECISION_RULES on these images
+    and labels: the model's default ``rule``, 0.5 everywhere, and each image's 3 best labels."""
+    top3 = top_k_mask(scores, min(3, len(labels)))
+    return {"default rule": micro_prf(scores, targets, rule.for_labels(labels)),
+            "0.5": micro_prf(scores, targets, np.full(len(labels), 0.5)),
+            "top 3": micro_prf(top3.astype(np.float32), targets, np.full(len(labels), 0.5))}
 
 
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
@@ -149,14 +171,41 @@ def zsl_section(per_method: dict[str, list[dict]], zsl_images: str) -> str:
     return f"ZSL with `--zsl-images {other}`: {ZSL_IMAGES[other]}.\n\n{zsl_table(per_method, other)}"
 
 
+def decision_cells(runs: list[dict]) -> list[str]:
+    """Mean ± spread of decision F1 under each of DECISION_RULES and the default rule's yes per true label,
+    from each run's ``decisions`` part (dashes for a method without a decision rule)."""
+    if runs[0] is None:
+        return ["–"] * (len(DECISION_RULES) + 1)
+    cells = [mean_and_spread([run[rule]["F1"] for run in runs]) for rule in DECISION_RULES]
+    spread = statistics.stdev([run["default rule"]["yes_per_true"] for run in runs]) if len(runs) > 1 else 0.0
+    return [cells[0], f"{statistics.mean(run['default rule']['yes_per_true'] for run in runs):.2f} ± {spread:.2f}", *cells[1:]]
+
+
+DECISION_HEADER = "decision F1, default rule | yes per true label | F1 at 0.5 | F1 of the top 3"
+
+
+def decisions_table(per_method: dict[str, list[dict]]) -> str:
+    """Markdown: decision F1 (micro over test image-label pairs) of the seen and of the unseen labels, over
+    every test image, for each rule of DECISION_RULES; the default rule's yes per true label."""
+    header = " | ".join(f"{part}: {column}" for part in ("seen", "unseen") for column in DECISION_HEADER.split(" | "))
+    lines = [f"| method | runs | {header} |", "|---|---|" + "---|" * 8]
+    for method, runs in per_method.items():
+        if "decisions" in runs[0]:
+            cells = [cell for part in ("seen", "unseen") for cell in decision_cells([run["decisions"][part] for run in runs])]
+            lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def photos_table(per_method: dict[str, list[dict]]) -> str:
-    """Markdown: each method's photo check, mean ± standard deviation over seeds."""
-    lines = ["| method | runs | top-1 correct | per-image AP |", "|---|---|---|---|"]
+    """Markdown: each method's photo check, mean ± standard deviation over seeds: ranking and decisions."""
+    lines = [f"| method | runs | top-1 correct | per-image AP | {DECISION_HEADER} |", "|---|---|---|---|" + "---|" * 4]
     for method, runs in per_method.items():
         if "photos" not in runs[0]:
             continue
         cells = [mean_and_spread([run["photos"][key] for run in runs]) for key in ("top1_correct", "per_image_AP")]
-        lines.append(f"| {method} | {len(runs)} | {cells[0]} of {runs[0]['photos']['images']} | {cells[1]} |")
+        decided = decision_cells([run["photos"].get("decisions") for run in runs])
+        lines.append(f"| {method} | {len(runs)} | {cells[0]} of {runs[0]['photos']['images']} | {cells[1]} | "
+                     + " | ".join(decided) + " |")
     return "\n".join(lines)
 
 
@@ -183,6 +232,10 @@ def results_markdown(results: dict, data_dir: str | Path, command: str, seconds:
     for name, per_method in results.items():
         lines += ["", f"## Label split `{name}`", "", summary_table(per_method), "",
                   zsl_section(per_method, zsl_images)]
+        if any("decisions" in runs[0] for runs in per_method.values()):
+            lines += ["", "Decisions (yes / no per label) on every test image, micro over image-label pairs: the"
+                          " model's default rule (`predict` with no decision option), 0.5 everywhere, each image's 3"
+                          " best labels (of the seen, or of the unseen labels):", "", decisions_table(per_method)]
         if any("photos" in runs[0] for runs in per_method.values()):
             lines += ["", f"Real photos (`--photos`), each ranking the photo check's own vocabulary with the models"
                           f" trained on split `{name}`:", "", photos_table(per_method)]

@@ -3,8 +3,8 @@
 For each label with at least ``min_positives`` positive validation images, the threshold is the
 one that maximises that label's F1 there. The other training labels get the default: the single
 threshold that maximises micro-F1 over all validation labels. Labels the model never saw get
-NEW_LABEL_THRESHOLD, the model's own decision boundary: no labelled data exists to choose it, and
-the seen labels' default does not transfer (unseen labels score lower; docs/CALIBRATION.md).
+thresholds.NEW_LABEL_THRESHOLD, the models' default for them: no labelled data exists to choose
+it here (docs/CALIBRATION.md).
 Written as ``thresholds.json`` beside the model (``ModelFolder.write_thresholds``), read by
 ``predict --calibrated`` through ``thresholds.Thresholds``.
 """
@@ -19,36 +19,11 @@ import numpy as np
 from .data.folder import LabelSplit, read_part, target_matrix, training_parts
 from .errors import ClipDecoderError
 from .features import FeatureLocation
+from .metrics import micro_prf
 from .model import CLIPDecoder
-from .thresholds import DEFAULT_THRESHOLD, Thresholds
+from .thresholds import NEW_LABEL_THRESHOLD, Thresholds, best_threshold
 
 MIN_POSITIVES = 5
-NEW_LABEL_THRESHOLD = DEFAULT_THRESHOLD  # sigmoid(0): where the trained head's logit changes sign
-
-
-def best_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1): the score cut ``score >= threshold`` with the best F1 (ties: the higher cut)."""
-    scores, targets = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(targets).ravel() > 0
-    positives = int(targets.sum())
-    if positives == 0:
-        raise ClipDecoderError("cannot choose a threshold without a positive example")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, hits = scores[order], np.cumsum(targets[order])
-    kept = np.arange(1, len(scores) + 1)
-    last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # cut only between distinct scores
-    f1 = np.where(last, 2 * hits / (kept + positives), -1.0)
-    best = int(np.argmax(f1))
-    return float(sorted_scores[best]), float(f1[best])
-
-
-def micro_prf(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
-    """Micro precision, recall and F1 (percent) of ``scores >= thresholds`` (one per column)."""
-    chosen, truth = scores >= thresholds[None, :], targets > 0
-    tp = float((chosen & truth).sum())
-    precision = 100 * tp / max(chosen.sum(), 1)
-    recall = 100 * tp / max(truth.sum(), 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": round(precision, 2), "recall": round(recall, 2), "F1": round(f1, 2)}
 
 
 def calibrate(scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], min_positives: int = MIN_POSITIVES) -> dict:
@@ -79,13 +54,15 @@ def calibrate_model(model: CLIPDecoder, data_dir: str | Path, split: LabelSplit,
     _, val_samples = training_parts(data_dir, val_fraction)
     seen, everything = list(split.seen), list(split.all)
     table = calibrate(*scored(val_samples, seen), seen)
-    thresholds = Thresholds.from_dict(table)
+    thresholds, default_rule = Thresholds.from_dict(table), model.config.default_thresholds()
     test_scores, test_targets = scored(read_part(data_dir, "test"), everything)
     columns = {"seen": [everything.index(label) for label in seen],
                "unseen": [everything.index(label) for label in split.unseen], "all": list(range(len(everything)))}
     table["held_out"] = {
         name: {"own thresholds": micro_prf(test_scores[:, cols], test_targets[:, cols],
                                            thresholds.for_labels([everything[c] for c in cols])),
+               "the model's default rule": micro_prf(test_scores[:, cols], test_targets[:, cols],
+                                                      default_rule.for_labels([everything[c] for c in cols])),
                "0.5 everywhere": micro_prf(test_scores[:, cols], test_targets[:, cols], np.full(len(cols), 0.5))}
         for name, cols in columns.items() if cols
     }

@@ -47,7 +47,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from .caches import default_cache_dir
     from .decisions import Decider
-    from .heatmaps import HEATMAP_TOP, write_heatmaps
+    from .heatmaps import write_heatmaps
     from .inputs import expand_images
     from .model_folder import ModelFolder
     from .prompts import TEMPLATE_SETS
@@ -57,10 +57,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model loads.
     labels = read_labels(args)
     paths, problems = expand_images(args.images, args.images_from)  # problems: missing files, empty folders, ...
+    folder = ModelFolder.find(args.model)
     thresholds = Thresholds.read(args.thresholds) if args.thresholds else None
     if args.calibrated:
-        thresholds = ModelFolder.find(args.model).thresholds()
-    writer = Writer(sys.stdout, args.format, labels, Decider(args.top_k, args.threshold, thresholds))
+        thresholds = folder.thresholds()
+    decider = Decider.for_options(folder.read_config().default_thresholds(), args.top_k, args.threshold, thresholds)
+    writer = Writer(sys.stdout, args.format, labels, decider)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
     failures, inputs = len(problems), len(paths) + len(problems)
@@ -77,8 +79,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
                     chosen = writer.write(str(paths[index]), scores)
                     if args.heatmaps:
-                        drawn = chosen if chosen is not None else Decider(top_k=HEATMAP_TOP)(labels, scores)
-                        write_heatmaps(args.heatmaps, str(paths[index]), labels, drawn, batch.attention[row],
+                        write_heatmaps(args.heatmaps, str(paths[index]), labels, chosen, batch.attention[row],
                                        model.image_tower.preprocess)
                 bar.update(len(batch.indices) + len(batch.failed))
     if failures:

@@ -16,8 +16,18 @@ class Decider:
     With ``top_k`` only: the K best labels. With thresholds: the labels at or above their own
     threshold (``thresholds``; a label without one gets ``threshold`` if given, else the thresholds'
     own fallback: thresholds.Thresholds.for_labels), and at most ``top_k`` of them when both are
-    given. With neither, no decision is made.
+    given. With neither, no decision is made. ``for_options`` is what predict and serve decide by.
     """
+
+    @classmethod
+    def for_options(cls, model_rule: Thresholds, top_k: int | None = None, threshold: float | None = None,
+                    thresholds: Thresholds | None = None) -> Decider:
+        """The decision the options ask for; with none, the model's default rule (``model_rule``:
+        ModelConfig.default_thresholds). Labels without a threshold of their own in a plain thresholds
+        file get the model's rule too (or ``threshold``)."""
+        if top_k is None and threshold is None and thresholds is None:
+            return cls(thresholds=model_rule)
+        return cls(top_k, threshold, thresholds.falling_back_to(model_rule) if thresholds is not None else None)
 
     def __init__(self, top_k: int | None = None, threshold: float | None = None,
                  thresholds: Thresholds | None = None) -> None:

@@ -16,7 +16,6 @@ from .atomic import write_file
 from .errors import ClipDecoderError
 from .images import Preprocess, load_image
 
-HEATMAP_TOP = 3  # labels drawn per image with --heatmaps when no decision rule is given
 
 
 def heatmap(image: Image.Image, weights: np.ndarray, preprocess: Preprocess, opacity: float = 0.55) -> Image.Image:

@@ -110,7 +110,20 @@ def per_image_metrics(scores: np.ndarray, targets: np.ndarray) -> dict:
             "per_image_AP": 100 * _map(scores.T, targets.T)}
 
 
-def _top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
+def micro_prf(scores: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> dict[str, float]:
+    """Decisions ``scores >= thresholds`` (one per column) against the targets, micro over every
+    (image, label) pair: precision, recall and F1 in percent, and ``yes_per_true``, how many labels
+    were decided per true one (1: as many as are true)."""
+    chosen, truth = np.asarray(scores) >= np.asarray(thresholds)[None, :], np.asarray(targets) > 0
+    tp = float((chosen & truth).sum())
+    precision = 100 * tp / max(chosen.sum(), 1)
+    recall = 100 * tp / max(truth.sum(), 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 2), "recall": round(recall, 2), "F1": round(f1, 2),
+            "yes_per_true": round(float(chosen.sum()) / max(float(truth.sum()), 1.0), 3)}
+
+
+def top_k_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of each row's k highest scores; ties go to the lower label index (as a stable sort)."""
     kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # k-th largest score of each row
     above, tied = scores > kth, scores == kth
@@ -128,7 +141,7 @@ def _prf(scores: np.ndarray, targets: np.ndarray, k: int) -> tuple[float, float,
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ClipDecoderError(f"precision_recall_f1_at_k: k must be a positive integer, got {k!r}")
     n_images, n_labels = scores.shape
-    hits = sum(int(targets[start : start + ROWS_PER_CHUNK][_top_k_mask(scores[start : start + ROWS_PER_CHUNK],
+    hits = sum(int(targets[start : start + ROWS_PER_CHUNK][top_k_mask(scores[start : start + ROWS_PER_CHUNK],
                                                                        min(int(k), n_labels))].sum())
                for start in range(0, n_images, ROWS_PER_CHUNK))
     n_pos = int(targets.sum(dtype=np.int64))

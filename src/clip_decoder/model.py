@@ -139,6 +139,10 @@ class CLIPDecoder(nn.Module):
         ``PriorConfig.seen_weight``)."""
         self.scorer = self.scorer.with_trained_labels(labels)
 
+    def set_decision_threshold(self, threshold: float) -> None:
+        """The trained labels' threshold in the model's default decision (ModelConfig.default_thresholds)."""
+        self._config = replace(self._config, decision_threshold=float(threshold))
+
     def train(self, mode: bool = True) -> CLIPDecoder:
         """Train mode for the head; the frozen towers stay in eval mode (BatchNorm, dropout)."""
         super().train(mode)

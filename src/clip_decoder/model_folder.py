@@ -20,9 +20,11 @@ from .errors import ClipDecoderError
 from .head import HeadConfig
 from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
-from .thresholds import Thresholds, write_thresholds
+from .thresholds import NEW_LABEL_THRESHOLD, Thresholds, write_thresholds
 
-FORMAT_VERSION = 2  # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
+# 3: the prior's reference mean and the trained labels' decision threshold; 2: the prior's settings are
+# one object, "prior" (1 had prior_weight, prior_offset)
+FORMAT_VERSION = 3
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"
@@ -33,8 +35,9 @@ CHECKPOINT_FILE = "checkpoint.safetensors"  # a training run's state, until the 
 # What config.json must hold for each field type of ModelConfig and HeadConfig (ints are sizes or
 # versions, so positive); a field of a type missing here is left to the dataclass.
 _JSON_TYPES = {"str": ((str,), "a string"), "int": ((int,), "a positive integer"), "float": ((int, float), "a number"),
-               "bool": ((bool,), "true or false"), "HeadConfig": ((dict,), "an object"), "PriorConfig": ((dict,), "an object"),
-               "tuple[str, ...]": ((list,), "a list")}
+               "bool": ((bool,), "true or false"),
+               "float | None": ((int, float, type(None)), "a number or null"), "HeadConfig": ((dict,), "an object"), "PriorConfig": ((dict,), "an object"),
+               "tuple[str, ...]": ((list,), "a list"), "tuple[float, ...]": ((list,), "a list of numbers")}
 
 
 def _check_json_types(data: dict, config_class: type, source: str, prefix: str = "") -> None:
@@ -62,7 +65,22 @@ class ModelConfig:
     image_tower_trained: bool = False
     # How the zero-shot prior enters each logit (prior.PriorConfig); its offset is set by training.
     prior: PriorConfig = PriorConfig()
+    # The trained labels' decision threshold, chosen by training on its validation part (the best
+    # micro-F1 there); None in models from before it (format 2): they decide at 0.5.
+    decision_threshold: float | None = None
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.decision_threshold is not None and not 0.0 <= self.decision_threshold <= 1.0:
+            raise ValueError(f"decision_threshold must be in [0, 1], got {self.decision_threshold}")
+
+    def default_thresholds(self) -> Thresholds:
+        """The model's default decision (``predict`` and ``serve`` with no decision option): its trained
+        labels at ``decision_threshold``, every other label at thresholds.NEW_LABEL_THRESHOLD."""
+        if self.decision_threshold is None:
+            return Thresholds()
+        return Thresholds(default=self.decision_threshold, new_labels=NEW_LABEL_THRESHOLD,
+                          trained_labels=frozenset(self.labels))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -75,7 +93,7 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ClipDecoderError(f"{source}: expected a JSON object, got {type(data).__name__}")
         _check_json_types(data, cls, source)
-        for name, config_class in (("head", HeadConfig), ("prior", PriorConfig)):
+        for name, config_class in (("head", HeadConfig), ("prior", PriorConfig)):  # (their own fields too)
             if isinstance(data.get(name), dict):
                 _check_json_types(data[name], config_class, source, prefix=f"{name}.")
         version = data.get("format_version", 0)
@@ -94,6 +112,7 @@ class ModelConfig:
                 labels=tuple(check_labels(data.get("labels", []))),
                 image_tower_trained=bool(data.get("image_tower_trained", False)),
                 prior=_prior_config(data),
+                decision_threshold=data.get("decision_threshold"),
                 format_version=int(version),
             )
         except ClipDecoderError as error:

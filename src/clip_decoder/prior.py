@@ -29,15 +29,20 @@ CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabil
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """How the prior enters each logit: + weight x (cos(the image's prior vector, the label's text) - offset).
+    """How the prior enters each logit: + weight x (cos(p, t) - cos(m, t) - offset), where p is the image's
+    prior vector, t the label's text embedding and m ``reference_mean``.
 
     Labels the head was trained on get ``seen_weight``: the head learned them from examples and
     knows them better than the prior does. Every other label gets ``weight``: there the head only
     transfers, and the prior carries what the towers know. ``temperature`` softens the ImageNet
     classifier's distribution before CONSE's top classes are averaged (classifier towers only).
-    ``offset`` is the prior's mean cosine over the training images and labels (set by training),
-    so that the prior moves no probability on average. The defaults were chosen on nested splits
-    of the seen labels and the dev photos (docs/EXPERIMENTS.md); 0 and 0 turn the prior off.
+    ``reference_mean`` is the mean prior vector over the training images (set by training): a label's
+    prior is measured from its own mean over those images, cos(m, t) (the prior is linear in p), so a
+    label whose text sits near every image's prior vector (a "hub": person, object) gets no more
+    than any other label on an average image. It was computed at ``temperature``. ``offset`` is one
+    mean cosine for every label, what models from before the reference mean (format 2) centre by;
+    0 otherwise. The defaults were chosen on nested splits of the seen labels and the dev photos
+    (docs/EXPERIMENTS.md); 0 and 0 turn the prior off.
     Frozen: a changed setting is a new config (``dataclasses.replace``). Fields with ``help``
     metadata are command-line options, ``--prior-<name>``.
     """
@@ -48,11 +53,14 @@ class PriorConfig:
                                                                " both 0: the prior is off"})
     temperature: float = field(default=3.0, metadata={"help": "softens the ImageNet classifier's distribution before"
                                                               " CONSE's top classes make the prior (ImageNet towers)"})
+    reference_mean: tuple[float, ...] = ()
     offset: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0:
-            raise ValueError(f"prior weights must be >= 0 and its temperature > 0, got {self}")
+            raise ValueError(f"prior weights must be >= 0 and its temperature > 0, got weight {self.weight},"
+                             f" seen_weight {self.seen_weight}, temperature {self.temperature}")
+        object.__setattr__(self, "reference_mean", tuple(float(value) for value in self.reference_mean))
 
     @property
     def on(self) -> bool:
@@ -63,7 +71,9 @@ class PriorConfig:
         return cls(weight=0.0, seen_weight=0.0)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["reference_mean"] = list(self.reference_mean)
+        return data
 
 
 @functools.cache

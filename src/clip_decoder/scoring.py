@@ -52,7 +52,7 @@ class Scorer:
     """Image features x a vocabulary -> independent probabilities, through one head and alignment.
 
     It holds the one ``PriorConfig`` in use: ``with_prior`` gives a scorer with another (the
-    same modules and vocabulary cache), ``centred_prior`` the config whose offset centres the prior.
+    same modules and vocabulary cache), ``centred_prior`` the config centred on the training images.
     """
 
     def __init__(self, head: DecoderHead, alignment: Alignment, embed_labels: LabelEmbedder,
@@ -130,25 +130,34 @@ class Scorer:
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """weight * (cos(the image's zero-shot prior vector, the label's text embedding) - offset): (B, L);
-        the weight is ``prior.seen_weight`` for labels the head was trained on, ``prior.weight`` for the others."""
-        prior = self.prior
+        """weight * (cos(the image's prior vector, the label's text) - the label's reference cosine - offset): (B, L)
+        (PriorConfig); the weight is ``prior.seen_weight`` for labels the head was trained on, ``prior.weight``
+        for the others."""
+        prior, directions = self.prior, vocabulary.queries.directions
         weights = torch.where(vocabulary.seen, prior.seen_weight, prior.weight)
-        return weights * (self._prior_cosines(pooled, vocabulary.queries.directions) - prior.offset)
+        reference = directions @ self._reference_mean() if prior.reference_mean else 0.0
+        return weights * (self._prior_cosines(pooled, directions) - reference - prior.offset)
+
+    def _reference_mean(self) -> torch.Tensor:
+        mean = torch.tensor(self.prior.reference_mean, dtype=torch.float32, device=self.device)
+        if mean.shape != (self.zero_shot.class_embeddings.shape[1],):
+            raise ClipDecoderError(f"the prior's reference mean has {len(mean)} values; the text tower gives"
+                                   f" {self.zero_shot.class_embeddings.shape[1]}")
+        return mean
 
     def _prior_cosines(self, pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
         return self.zero_shot(pooled, self.prior.temperature) @ directions.T
 
     @torch.inference_mode()
-    def centred_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> PriorConfig:
-        """This scorer's prior with the offset that centres it: its mean cosine over these images (pooled
-        features, any device) and labels, so that it moves no probability on average; no ranking changes."""
+    def centred_prior(self, pooled: torch.Tensor, rows_per_batch: int = 4096) -> PriorConfig:
+        """This scorer's prior centred on these images (pooled features, any device; the training images):
+        their mean prior vector becomes its reference mean, so that on an average image of theirs the prior
+        moves no label's probability, hub or not. Each label's ranking of images does not change."""
         if not self.prior.on:
             return self.prior
-        directions = self.vocabulary(labels).queries.directions
-        total = sum(float(self._prior_cosines(pooled[start : start + rows_per_batch].to(self.device), directions).sum())
+        total = sum(self.zero_shot(pooled[start : start + rows_per_batch].to(self.device), self.prior.temperature).sum(0)
                     for start in range(0, len(pooled), rows_per_batch))
-        return replace(self.prior, offset=total / (len(pooled) * len(labels)))
+        return replace(self.prior, reference_mean=tuple((total / len(pooled)).tolist()), offset=0.0)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

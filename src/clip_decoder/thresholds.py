@@ -20,7 +20,11 @@ import numpy as np
 from .atomic import write_file
 from .errors import ClipDecoderError
 
-DEFAULT_THRESHOLD = 0.5  # sigmoid(0): where a logit changes sign; for labels without a threshold of their own
+DEFAULT_THRESHOLD = 0.5  # sigmoid(0): where a logit changes sign; what models from before their own rule use
+# A model's default decision for the labels it was not trained on: no labelled data exists for them, so
+# it was chosen on held-out labels (nested splits of the seen labels) and the dev photos, for models
+# whose prior is centred per label (docs/CALIBRATION.md). Trained labels get the model's own threshold.
+NEW_LABEL_THRESHOLD = 0.62
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,13 @@ class Thresholds:
 
         return np.array([threshold(label) for label in labels], dtype=np.float64)
 
+    def falling_back_to(self, rule: Thresholds) -> Thresholds:
+        """These thresholds; in the plain form (no fallbacks of its own), a label without its own threshold
+        gets ``rule``'s (a model's default decision)."""
+        if self.default is not None or self.new_labels is not None:
+            return self
+        return Thresholds({**rule.labels, **self.labels}, rule.default, rule.new_labels, rule.trained_labels)
+
     @classmethod
     def read(cls, path: str | Path) -> Thresholds:
         """A thresholds file of either form, checked; any problem is one error naming the file."""
@@ -66,6 +77,21 @@ class Thresholds:
         if not isinstance(trained, list) or not all(isinstance(label, str) for label in trained):
             raise ClipDecoderError(f"thresholds file {path}: 'trained_labels' must be a list of label names")
         return cls(_checked(path, data["labels"]), fallbacks.get("default"), fallbacks.get("new_labels"), frozenset(trained))
+
+
+def best_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1): the score cut ``score >= threshold`` with the best F1 (ties: the higher cut)."""
+    scores, targets = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(targets).ravel() > 0
+    positives = int(targets.sum())
+    if positives == 0:
+        raise ClipDecoderError("cannot choose a threshold without a positive example")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, hits = scores[order], np.cumsum(targets[order])
+    kept = np.arange(1, len(scores) + 1)
+    last = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # cut only between distinct scores
+    f1 = np.where(last, 2 * hits / (kept + positives), -1.0)
+    best = int(np.argmax(f1))
+    return float(sorted_scores[best]), float(f1[best])
 
 
 def _checked(path: str | Path, values: dict) -> dict[str, float]:

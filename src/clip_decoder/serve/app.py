@@ -95,8 +95,9 @@ def embed_new_labels(model, labels: list[str], deadline: float, limits: Limits) 
 
 
 def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], decider: Decider, heatmaps: bool,
-                  deadline: float, limits: Limits) -> list[dict]:
-    """One result per upload: its name and scores (or its error), decided labels, heatmaps; 408 past the deadline."""
+                  deadline: float, limits: Limits, draw: Decider | None = None) -> list[dict]:
+    """One result per upload: its name and scores (or its error), decided labels, heatmaps (of the labels ``draw``
+    decides, by default the decided ones); 408 past the deadline."""
     results: list[dict] = [{"image": name} for name, _ in uploads]
     with closing(model.predict_batches([data for _, data in uploads], names, attention=heatmaps)) as batches:
         embed_new_labels(model, names, deadline, limits)
@@ -104,10 +105,10 @@ def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], dec
             for index, message in batch.failed.items():
                 results[index]["error"] = message.replace("'<bytes>'", repr(uploads[index][0]))
             for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
-                chosen = decider(names, scores) if decider.active else None
+                chosen = decider(names, scores)
                 result = results[index] = result_record(uploads[index][0], names, scores, chosen)
                 if heatmaps:
-                    drawn = chosen if chosen is not None else Decider(top_k=limits.max_heatmaps)(names, scores)
+                    drawn = chosen if draw is None else draw(names, scores)
                     image = load_image(uploads[index][1], limits.max_image_pixels)
                     result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
                                                                       model.image_tower.preprocess))
@@ -237,6 +238,7 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     icon = resources.files(__package__).joinpath("favicon.svg").read_bytes()
+    default_rule = model.config.default_thresholds()  # the decision when a request names none
 
     # async: answered on the event loop, never queued behind predictions for a worker thread
     @app.get("/health")
@@ -259,17 +261,20 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         labels: list[str] = Form(..., description="label names, comma-separated, or the field repeated"),
         top_k: int | None = Form(None, ge=1),
         threshold: float | None = Form(None, ge=0.0, le=1.0),
-        heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no decision rule,"
-                                                  " for the best labels up to the server's limit (20 by default)"),
+        heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no top_k or"
+                                                  " threshold, for the best labels up to the server's limit (20 by"
+                                                  " default)"),
     ) -> dict:
         deadline = request.state.deadline
         names = parse_labels(labels, limits)
         if len(images) > limits.max_images:
             raise HTTPException(413, f"{len(images)} images; at most {limits.max_images} per request (max_images)")
-        decider = Decider(top_k, threshold)
+        decider = Decider.for_options(default_rule, top_k, threshold)
+        # The page asks for no rule and shows any label's heatmap: draw the best ones then.
+        draw = Decider(top_k=limits.max_heatmaps) if top_k is None and threshold is None else None
         with gate.admitted():
             uploads = [read_upload(upload, limits) for upload in images]
-            work = partial(score_uploads, model, uploads, names, decider, heatmaps, deadline, limits)
+            work = partial(score_uploads, model, uploads, names, decider, heatmaps, deadline, limits, draw)
             return {"results": gate.run(work, deadline, limits)}
 
     @app.exception_handler(ClipDecoderError)

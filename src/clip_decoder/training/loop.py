@@ -23,6 +23,7 @@ from ..errors import ClipDecoderError
 from ..metrics import mean_average_precision
 from ..model import CLIPDecoder
 from ..scoring import Scorer
+from ..thresholds import best_threshold
 from .checkpoint import save_checkpoint
 from .data import FeatureSet, ImageSet, encode_sentences
 from .recipe import Recipe
@@ -196,13 +197,22 @@ def fit(
             bar.set_postfix(loss=f"{record['loss']:.3f}", val_mAP=f"{record['val_mAP_seen']:.1f}")
             save(run.generator.get_state())
     run.keep_best()
-    finish_training(model, train, seen)
+    finish_training(model, train, val, seen)
     return run.state.history
 
 
-def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, seen: tuple[str, ...]) -> None:
-    """What a trained model records of its training: the labels it was trained on and the prior's offset."""
+def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, val: FeatureSet | ImageSet,
+                    seen: tuple[str, ...]) -> None:
+    """What a trained model records of its training: the labels it was trained on, the prior centred on the
+    training images, and the trained labels' decision threshold, the best micro-F1 cut on the validation part.
+    (With a fine-tuned tower the stored features are not at hand: the prior stays uncentred and the model
+    decides at 0.5.)"""
     model.eval()
     model.set_trained_labels(seen)
-    if isinstance(train, FeatureSet):  # (a fine-tuned tower's pooled features are not at hand: offset stays 0)
-        model.set_prior(model.scorer.centred_prior(train.pooled, seen))
+    if isinstance(train, FeatureSet):
+        model.set_prior(model.scorer.centred_prior(train.pooled))
+    if isinstance(val, FeatureSet):
+        scores = model.scorer.score_stored(val.tokens, val.pooled, model.scorer.vocabulary(seen))
+        targets = val.targets(seen).numpy()
+        if targets.any():
+            model.set_decision_threshold(best_threshold(scores, targets)[0])

@@ -25,6 +25,7 @@ from ..model import CLIPDecoder
 from ..model_folder import ModelConfig
 from ..prior import CONSE_TEMPERATURE, CONSE_TOP, PriorConfig, ZeroShotPrior, imagenet_class_names
 from ..prompts import TEMPLATE_SETS, LabelEmbedder
+from ..thresholds import Thresholds
 from .baselines import LINEAR_EPOCHS, ConSE, LinearMap
 from .config import TrainConfig
 from .data import FeatureSet
@@ -34,6 +35,16 @@ from .recipe import HEAD_DEFAULTS, Recipe
 
 # A trained method: stored features (tokens and pooled) and any label names -> scores (images, labels).
 ScoreFunction = Callable[[FeatureSet, list[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainedMethod:
+    """What training a method gives: its score function and, for a decoder model, its default decision
+    (ModelConfig.default_thresholds; None: its scores are not probabilities to decide on)."""
+
+    score: ScoreFunction
+    decision: Thresholds | None = None
+
 FROM_OPTIONS = "options"  # a decoder method's prior: the one the options give (--prior-weight ...)
 
 
@@ -106,9 +117,9 @@ class DecoderMethod:
     def describe(self, config: TrainConfig) -> str:
         return self.recipe(config).describe()
 
-    def train(self, run: MethodRun) -> ScoreFunction:
+    def train(self, run: MethodRun) -> TrainedMethod:
         """Train (or take the head a method with the same training already trained), then score through the
-        trained model's own scorer."""
+        trained model's own scorer and decide by its default rule."""
         recipe = self.recipe(run.config)
         model, key = untrained_model(recipe, run.backbone), (run.split.seen, recipe.training_key())
         if recipe.prior.on:
@@ -116,14 +127,15 @@ class DecoderMethod:
         if key in run.trained:
             for part, state in run.trained[key].items():
                 getattr(model, part).load_state_dict(state)
-            finish_training(model, run.parts["train"], run.split.seen)
+            finish_training(model, run.parts["train"], run.parts["val"], run.split.seen)
         else:
             fit(model, run.parts["train"], run.parts["val"], run.split.seen, recipe, progress=run.progress)
             run.trained[key] = copy.deepcopy({part: getattr(model, part).state_dict() for part in ("head", "alignment")})
         if run.save_to is not None:
             model.save_pretrained(run.save_to)
-        return lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
-                                                                  model.scorer.vocabulary(labels))
+        return TrainedMethod(lambda features, labels: model.scorer.score_stored(features.tokens, features.pooled,
+                                                                                model.scorer.vocabulary(labels)),
+                             model.config.default_thresholds())
 
 
 def untrained_model(recipe: Recipe, backbone: str | Backbone) -> CLIPDecoder:
@@ -156,8 +168,8 @@ class ScoreMethod:
     def describe(self, config: TrainConfig) -> str:
         return self.description(config)
 
-    def train(self, run: MethodRun) -> ScoreFunction:
-        return self.build(run)
+    def train(self, run: MethodRun) -> TrainedMethod:
+        return TrainedMethod(self.build(run))
 
 
 Method = DecoderMethod | ScoreMethod

@@ -7,6 +7,7 @@ writes the model folder, ``train_log.jsonl``, ``training.json`` and ``curves.png
 from __future__ import annotations
 
 import io
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -54,7 +55,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def check_resumable(state: dict, config: TrainConfig, world: World, path: Path) -> None:
     """Refuse to continue a checkpoint with other options or another number of processes."""
-    options = asdict(config)
+    options = json.loads(json.dumps(asdict(config)))  # as the checkpoint holds them (tuples are lists)
     differ = sorted(key for key, value in options.items() if state["config"].get(key) != value)
     if differ:
         changes = ", ".join(f"{key} {state['config'].get(key)!r} -> {options[key]!r}" for key in differ)
