@@ -36,6 +36,29 @@ def test_predict_prints_every_asked_label_for_each_image(model_dir, cat_photo, t
     assert records[0]["scores"] == records[1]["scores"]
 
 
+def test_predict_decides_by_the_model_rule_unless_told_otherwise(tiny_clip_dir, cat_photo, tmp_path, capsys):
+    from clip_decoder.thresholds import NEW_LABEL_THRESHOLD
+
+    def predict(folder, *options) -> dict:
+        assert main(["predict", "--model", str(folder), "--labels", "cat,dog,car", *options, str(cat_photo)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    model.set_trained_labels(["cat"])
+    scores = predict(model.save_pretrained(tmp_path / "probe"))["scores"]
+    for shift, cat_decided in ((-1e-4, True), (1e-4, False)):  # cat, a trained label, at the model's own threshold
+        model.set_decision_threshold(scores["cat"] + shift)
+        folder = model.save_pretrained(tmp_path / f"model{shift}")
+        record = predict(folder)
+        new = [label for label in ("dog", "car") if scores[label] >= NEW_LABEL_THRESHOLD]  # the others: new labels
+        assert record["labels"] == sorted(["cat"] * cat_decided + new, key=lambda label: -scores[label])
+    assert predict(folder, "--threshold", "0")["labels"] == sorted(scores, key=lambda label: -scores[label])
+    (tmp_path / "own.json").write_text('{"car": 0.0}')  # a plain file: the other labels keep the model's rule
+    assert predict(folder, "--thresholds", str(tmp_path / "own.json"))["labels"] == sorted(
+        {"car", *new}, key=lambda label: -scores[label])
+    assert predict(folder, "--top-k", "1")["labels"] == [max(scores, key=scores.get)]
+
+
 def test_predict_with_a_shortlist_decodes_only_the_top_labels(model_dir, cat_photo, capsys):
     labels = "cat,dog,car,tree,house"
     assert main(["predict", "--model", str(model_dir), "--labels", labels, str(cat_photo)]) == 0

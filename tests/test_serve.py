@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 import shutil
@@ -25,6 +26,7 @@ from clip_decoder.errors import ClipDecoderError
 from clip_decoder.serve import Limits, create_app, fit_file_limit
 from clip_decoder.serve.app import LABELS_PER_STEP
 from clip_decoder.serve.connections import SPARE_FILES
+from clip_decoder.thresholds import NEW_LABEL_THRESHOLD
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +114,18 @@ def test_uploads_are_bounded(client):
     assert response.status_code == 413 and "big.jpg" in response.text and "max_upload_bytes" in response.text
 
 
-def test_heatmaps_without_a_decision_cover_the_best_labels(model, cat_photo):
-    client = TestClient(create_app(model))
+def test_without_a_decision_option_the_model_rule_decides_and_heatmaps_cover_the_best_labels(model, cat_photo):
     files = [("images", ("cat.jpg", cat_photo.read_bytes(), "image/jpeg"))]
-    result = client.post("/v1/predict", files=files, data={"labels": "cat,dog,car", "heatmaps": "true"}).json()["results"][0]
-    assert "labels" not in result and set(result["heatmaps"]) == {"cat", "dog", "car"}
+    scores = TestClient(create_app(model)).post("/v1/predict", files=files, data={"labels": "cat,dog,car"}).json()
+    scores = scores["results"][0]["scores"]
+    decided = copy.deepcopy(model)
+    decided.set_trained_labels(["dog"])
+    decided.set_decision_threshold(scores["dog"] - 1e-4)  # dog, a trained label: yes at the model's own threshold
+    result = TestClient(create_app(decided)).post("/v1/predict", files=files, data={"labels": "cat,dog,car", "heatmaps": "true"})
+    result = result.json()["results"][0]
+    expected = [label for label in ("cat", "car") if scores[label] >= NEW_LABEL_THRESHOLD] + ["dog"]
+    assert result["labels"] == sorted(expected, key=lambda label: -scores[label])
+    assert set(result["heatmaps"]) == {"cat", "dog", "car"}
 
 
 def test_health_page_and_docs(client):
