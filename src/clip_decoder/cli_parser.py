@@ -138,15 +138,16 @@ def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
 def add_predict(predict: argparse.ArgumentParser) -> None:
     """clip-decoder predict"""
     from .prompts import TEMPLATE_SETS
-    from .thresholds import DEFAULT_THRESHOLD
+    from .thresholds import NEW_LABEL_THRESHOLD
     from .writers import FORMATS
 
     predict.description = ("Score every label for each image. Images: files, folders (searched recursively), glob "
                             "patterns (quote them: 'photos/**/*.jpg') or --images-from FILE. Output (stdout): one "
-                            "JSON line per image, {'image': path, 'scores': {label: probability}} plus 'labels' when "
-                            "a decision rule (--top-k, --threshold, --thresholds) is given; or CSV, or a readable "
-                            "table. Bad images are reported on stderr and skipped; the exit status is 1 if any "
-                            "failed, 2 for a usage error.")
+                            "JSON line per image, {'image': path, 'scores': {label: probability}, 'labels': [the "
+                            "labels decided yes]}; or CSV, or a readable table. With no decision option the model's "
+                            "own rule decides: its trained labels at the threshold its training chose on validation "
+                            f"images, every other label at {NEW_LABEL_THRESHOLD}. Bad images are reported on stderr "
+                            "and skipped; the exit status is 1 if any failed, 2 for a usage error.")
     add_model_option(predict, packaged=True)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
@@ -162,7 +163,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
     decide = predict.add_mutually_exclusive_group()
     decide.add_argument("--thresholds", metavar="FILE",
                         help="decide: per-label thresholds, a JSON object {label: T} (other labels:"
-                        f" --threshold, else {DEFAULT_THRESHOLD}) or a thresholds.json written by calibrate")
+                        " --threshold, else the model's rule) or a thresholds.json written by calibrate")
     decide.add_argument("--calibrated", action="store_true",
                         help="decide: the thresholds `clip-decoder calibrate` stored with the model (labels it was"
                         " not trained on: the table's new-label threshold)")
@@ -173,7 +174,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
                          " (ranked by the alignment space); the others score below them (default: off, exact)")
     predict.add_argument("--images-from", metavar="FILE", help="also read image paths from FILE, one per line")
     predict.add_argument("--heatmaps", metavar="DIR",
-                         help="write a PNG per image and decided label (no decision rule: its 3 best) showing where"
+                         help="write a PNG per image and decided label showing where"
                          " the label's cross-attention looked, over the image as the tower saw it")
     predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
 

@@ -259,8 +259,9 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
         request: Request,
         images: list[UploadFile] = File(..., description="one or more image files"),
         labels: list[str] = Form(..., description="label names, comma-separated, or the field repeated"),
-        top_k: int | None = Form(None, ge=1),
-        threshold: float | None = Form(None, ge=0.0, le=1.0),
+        top_k: int | None = Form(None, ge=1, description="decide: each image's K best labels"),
+        threshold: float | None = Form(None, ge=0.0, le=1.0, description="decide: the labels scoring at least this;"
+                                       " with neither, the model's own rule decides (as predict's)"),
         heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no top_k or"
                                                   " threshold, for the best labels up to the server's limit (20 by"
                                                   " default)"),
