@@ -24,7 +24,7 @@ def server(tiny_clip_dir):
         yield base
 
 
-def api_scores(base: str, image_path, labels: str) -> dict:
+def api_answer(base: str, image_path, labels: str) -> dict:
     boundary = "clip-decoder-test"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"labels\"\r\n\r\n{labels}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{image_path.name}\"\r\n"
@@ -32,7 +32,7 @@ def api_scores(base: str, image_path, labels: str) -> dict:
     request = urllib.request.Request(f"{base}/v1/predict", data=body,
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request) as response:
-        return json.load(response)["results"][0]["scores"]
+        return json.load(response)["results"][0]
 
 
 def test_the_page_shows_the_apis_scores(server, cat_photo, tmp_path):
@@ -48,16 +48,22 @@ def test_the_page_shows_the_apis_scores(server, cat_photo, tmp_path):
         page.fill("#labels", labels)
         page.click("#run")
         page.wait_for_selector("tr.label")
-        rows = page.eval_on_selector_all("tr.label", "rows => rows.map(r => [r.dataset.label, r.querySelector('.score').textContent])")
+        read = "rows => rows.map(r => [r.dataset.label, r.querySelector('.score').textContent, r.lastChild.textContent])"
+        rows = page.eval_on_selector_all("tr.label", read)
         page.hover("tr.label")  # shows that label's heatmap
         page.wait_for_function("document.getElementById('view').src.startsWith('data:image/png')")
         page.screenshot(path=str(tmp_path / "page.png"))
+        page.fill("#threshold", "0")  # a typed threshold decides instead of the model's rule
+        page.click("#run")
+        page.wait_for_function("[...document.querySelectorAll('tr.label')].every(r => r.lastChild.textContent === 'yes')")
         browser.close()
-    expected = api_scores(server, cat_photo, labels)
-    assert sorted(label for label, _ in rows) == sorted(expected)
-    assert [label for label, _ in rows] == sorted(expected, key=lambda label: -expected[label])  # by score
-    for label, shown in rows:
+    answer = api_answer(server, cat_photo, labels)
+    expected = answer["scores"]
+    assert sorted(label for label, _, _ in rows) == sorted(expected)
+    assert [label for label, _, _ in rows] == sorted(expected, key=lambda label: -expected[label])  # by score
+    for label, shown, decision in rows:
         assert float(shown) == pytest.approx(expected[label], abs=5e-4)  # the page shows 3 decimals
+        assert decision == ("yes" if label in answer["labels"] else "no")  # the model's rule, as the API decided
 
 
 def test_the_page_never_shows_a_photo_beside_another_ones_results_and_says_what_it_is_doing(server, cat_photo, tmp_path):
