@@ -116,11 +116,11 @@ def test_uploads_are_bounded(client):
 
 def test_without_a_decision_option_the_model_rule_decides_and_heatmaps_cover_the_best_labels(model, cat_photo):
     files = [("images", ("cat.jpg", cat_photo.read_bytes(), "image/jpeg"))]
-    scores = TestClient(create_app(model)).post("/v1/predict", files=files, data={"labels": "cat,dog,car"}).json()
-    scores = scores["results"][0]["scores"]
     decided = copy.deepcopy(model)
-    decided.set_trained_labels(["dog"])
-    decided.set_decision_threshold(scores["dog"] - 1e-4)  # dog, a trained label: yes at the model's own threshold
+    decided.set_trained_labels(["dog"])  # dog, a trained label (its prior weight changes: score it as such)
+    scores = TestClient(create_app(decided)).post("/v1/predict", files=files, data={"labels": "cat,dog,car"}).json()
+    scores = scores["results"][0]["scores"]
+    decided.set_decision_threshold(scores["dog"] - 1e-4)  # yes at the model's own threshold
     result = TestClient(create_app(decided)).post("/v1/predict", files=files, data={"labels": "cat,dog,car", "heatmaps": "true"})
     result = result.json()["results"][0]
     expected = [label for label in ("cat", "car") if scores[label] >= NEW_LABEL_THRESHOLD] + ["dog"]
