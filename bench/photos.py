@@ -10,9 +10,12 @@ Two sets, never mixed:
 Each set becomes a folder with ``photos.csv`` and ``vocabulary.txt`` and the images copied in.
 Nothing of the photos is committed: they are read from the installed packages (licences below).
 With ``--splits``, it also trains every method on each split (the benchmark harness) and prints how
-each ranks the photos: how many photos have a correct best label, and the mean per-image AP.
+each ranks the photos: how many photos have a correct best label, and the mean per-image AP. With
+``--model``, it prints the same for one trained model (the packaged one by name), and its decisions:
+the model's default rule, 0.5 everywhere and each photo's 3 best labels (benchmark.decisions).
 `clip-decoder bench --photos DIR` puts the same table into docs/RESULTS.md.
 Run: python -m bench.photos [--set check|dev] [--out DIR] [--splits JSON ...] [--seeds 0 1 2] [--methods ...]
+     [--model NAME_OR_DIR]
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from importlib import resources
 from pathlib import Path
 
 from bench.report import bench_parser, check_inputs
-from clip_decoder.benchmark import PHOTOS_PART, VOCABULARY_FILE, photos_table, run_benchmark
+from clip_decoder.benchmark import PHOTOS_PART, VOCABULARY_FILE, PhotoCheck, decisions, photos_table, run_benchmark
 from clip_decoder.data.folder import write_part
+from clip_decoder.features.cache import FeatureCache
+from clip_decoder.metrics import per_image_metrics
+from clip_decoder.model import CLIPDecoder
 from clip_decoder.training.methods import method_names
 
 # Where each source keeps its photos, and how to install it. Licences: darknet's sample photos ship
@@ -126,6 +132,19 @@ def build(out: Path, photo_set: PhotoSet = CHECK) -> Path:
     return out
 
 
+def model_report(model: CLIPDecoder, folder: Path) -> str:
+    """How ``model`` ranks and decides the photos in ``folder``: top-1, per-image AP, and micro decision F1 with
+    yes per true label for its default rule, 0.5 and each photo's top 3."""
+    photos = PhotoCheck.load(folder, FeatureCache(model.image_tower), progress=False)
+    scores = model.scorer.score_stored(photos.features.tokens, photos.features.pooled, model.scorer.vocabulary(photos.labels))
+    targets = photos.features.targets(photos.labels).numpy()
+    ranked = per_image_metrics(scores, targets)
+    lines = [f"top-1 correct {ranked['top1_correct']} of {ranked['images']}, per-image AP {ranked['per_image_AP']:.1f}"]
+    for rule, result in decisions(scores, targets, photos.labels, model.config.default_thresholds()).items():
+        lines.append(f"{rule}: decision F1 {result['F1']:.1f}, yes per true label {result['yes_per_true']:.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = bench_parser(__doc__, target="nothing (it prints)")  # --data, --no-write
     parser.add_argument("--set", choices=tuple(PHOTO_SETS), default="check",
@@ -136,10 +155,14 @@ def main() -> None:
                         help="also train each method on these label splits and rank the photos")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=method_names(), default=list(method_names()))
+    parser.add_argument("--model", default=None, metavar="NAME_OR_DIR",
+                        help="also rank the photos with this trained model and report its decisions")
     args = parser.parse_args()
     photo_set, out = PHOTO_SETS[args.set], args.out or DEFAULT_OUT[args.set]
     print(f"{args.set} photos written to {build(out, photo_set)} ({len(photo_set.photos)} photos,"
           f" {len(photo_set.vocabulary)} labels)")
+    if args.model:
+        print(model_report(CLIPDecoder.from_pretrained(args.model), out))
     if not args.splits:
         return
     check_inputs(args.data, part="train")

@@ -8,7 +8,8 @@ on the others), the validation part (ZSL and GZSL over pseudo-seen + pseudo-unse
 photos (bench/photos.py --set dev, never the photo check). Rule: the setting with the highest mean
 of ZSL mAP, GZSL mAP, the dev photos' per-image AP, ZSL F1@3 and GZSL F1@3 (what each image's top 3
 shows), averaged over the nested splits and seeds. Each model's prior is centred on its training images
-at each temperature: per label, as training does (scoring.Scorer.centred_prior), or by one offset.
+at each temperature: per label, as training does (scoring.Scorer.centred_prior: 1), by one offset for every
+label (the models before format 3: 0), or a share of each (between).
 Decision F1 is reported beside (the default rule: thresholds.NEW_LABEL_THRESHOLD was chosen on it).
 Run: python -m bench.prior_grid [--data DIR] [--splits JSON ...] [--nested 0 1 2] [--seeds 0 1] [--centrings ...]
      [--photos data/photos-dev] [--no-write]
@@ -45,21 +46,20 @@ from clip_decoder.training.methods import MethodRun, decoder_method, untrained_m
 COLUMNS = ("ZSL mAP", "GZSL mAP", "dev photos AP", "ZSL F1@3", "GZSL F1@3", "dev photos top-1",
            "ZSL decision F1", "dev photos decision F1")
 CRITERION_COLUMNS = 5  # the criterion: the mean of the first five COLUMNS
-# How the prior is centred: per label on the training images' mean prior vector (what training does), or
-# by one mean cosine for every label (the offset models before format 3 used).
-CENTRINGS = ("per-label", "one-offset")
+# How the prior is centred: the share of per-label centring on the training images' mean prior vector m (what
+# training does: 1); the rest is one mean cosine for every label (the offset models before format 3 used: 0).
+CENTRINGS = (1.0, 0.0)
 
-Setting = tuple[str, float, float, float]  # (centring, temperature, weight on trained labels, weight on the others)
+Setting = tuple[float, float, float, float]  # (centring, temperature, weight on trained labels, weight on the others)
 
 
-def centred(model: CLIPDecoder, train: FeatureSet, temperature: float, centring: str) -> PriorConfig:
-    """The model's prior at ``temperature``, centred on the training images as ``centring`` says."""
+def centred(model: CLIPDecoder, train: FeatureSet, temperature: float, centring: float) -> PriorConfig:
+    """The model's prior at ``temperature``, centred on the training images: each label's term less
+    ``centring`` x t . m and (1 - ``centring``) x the mean of t . m over the trained labels."""
     prior = model.scorer.with_prior(PriorConfig(temperature=temperature)).centred_prior(train.pooled)
-    if centring == "per-label":
-        return prior
-    directions = model.scorer.vocabulary(model.config.labels).queries.directions
-    offset = float((directions @ torch.tensor(prior.reference_mean)).mean())  # the mean cosine over images and labels
-    return replace(prior, reference_mean=(), offset=offset)
+    mean = torch.tensor(prior.reference_mean)
+    offset = float((model.scorer.vocabulary(model.config.labels).queries.directions @ mean).mean())
+    return replace(prior, reference_mean=tuple((centring * mean).tolist()), offset=(1 - centring) * offset)
 
 
 def decision_f1(scores: np.ndarray, targets: np.ndarray, labels, rule: Thresholds) -> float:
@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--nested", type=int, nargs="+", default=[0], metavar="SEED",
                         help="draws of the pseudo-unseen labels from each split's seen labels (bench.tune.nested_split)")
-    parser.add_argument("--centrings", nargs="+", choices=CENTRINGS, default=list(CENTRINGS))
+    parser.add_argument("--centrings", type=float, nargs="+", default=list(CENTRINGS), metavar="SHARE",
+                        help="shares of per-label centring (1: per label, as training does; 0: one offset)")
     parser.add_argument("--photos", type=Path, default=Path("data/photos-dev"), metavar="DIR",
                         help="the dev photos (python -m bench.photos --set dev); never the photo check")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6])
@@ -145,7 +146,7 @@ def main() -> None:
     def row(setting: Setting) -> str:
         cells = " | ".join(f"{v:.1f}" for v in means[setting])
         mark = " (default)" if setting == default else ""
-        return f"| {setting[0]} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g}{mark} | {criterion[setting]:.1f} | {cells} |"
+        return f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g}{mark} | {criterion[setting]:.1f} | {cells} |"
 
     table = "\n".join([
         "## Zero-shot prior: centring, temperature and weights (nested splits and dev photos)", "",
@@ -157,7 +158,7 @@ def main() -> None:
         " ZSL mAP, GZSL mAP, dev photos AP, ZSL F1@3 and GZSL F1@3. Decision F1 (micro, pseudo-unseen labels on the"
         f" validation part; every label on the dev photos): the default rule, trained labels at the threshold chosen on"
         f" the inner validation part, the others at {NEW_LABEL_THRESHOLD}.", "",
-        "| centring | temperature | weight, trained labels | weight, other labels | criterion | " + " | ".join(COLUMNS) + " |",
+        "| per-label centring | temperature | weight, trained labels | weight, other labels | criterion | " + " | ".join(COLUMNS) + " |",
         "|---|---|---|---|---|" + "---|" * len(COLUMNS),
         *(row(setting) for setting in shown_rows)])
     publish(table, section=None, no_write=args.no_write, doc=DOC, header=HEADER)

@@ -29,15 +29,15 @@ CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabil
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """How the prior enters each logit: + weight x (cos(p, t) - cos(m, t) - offset), where p is the image's
-    prior vector, t the label's text embedding and m ``reference_mean``.
+    """How the prior enters each logit: + weight x (cos(p, t) - t . m - offset), where p is the image's
+    prior vector, t the label's text embedding (both unit) and m ``reference_mean``.
 
     Labels the head was trained on get ``seen_weight``: the head learned them from examples and
     knows them better than the prior does. Every other label gets ``weight``: there the head only
     transfers, and the prior carries what the towers know. ``temperature`` softens the ImageNet
     classifier's distribution before CONSE's top classes are averaged (classifier towers only).
     ``reference_mean`` is the mean prior vector over the training images (set by training): a label's
-    prior is measured from its own mean over those images, cos(m, t) (the prior is linear in p), so a
+    prior is measured from its own mean cosine over those images, t . m (the prior is linear in p), so a
     label whose text sits near every image's prior vector (a "hub": person, object) gets no more
     than any other label on an average image. It was computed at ``temperature``. ``offset`` is one
     mean cosine for every label, what models from before the reference mean (format 2) centre by;
