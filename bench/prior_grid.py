@@ -8,8 +8,8 @@ on the others), the validation part (ZSL and GZSL over pseudo-seen + pseudo-unse
 photos (bench/photos.py --set dev, never the photo check). Rule: the setting with the highest mean
 of ZSL mAP, GZSL mAP, the dev photos' per-image AP, ZSL F1@3 and GZSL F1@3 (what each image's top 3
 shows), averaged over the nested splits and seeds. Each model's prior is centred on its training images
-at each temperature: per label, as training does (scoring.Scorer.centred_prior: 1), by one offset for every
-label (the models before format 3: 0), or a share of each (between).
+at each temperature, with each share of per-label centring (PriorConfig.centring; scoring.Scorer.centred_prior):
+1 per label, 0 one offset for every label (as models before format 3), between a share of each.
 Decision F1 is reported beside (the default rule: thresholds.NEW_LABEL_THRESHOLD was chosen on it).
 Run: python -m bench.prior_grid [--data DIR] [--splits JSON ...] [--nested 0 1 2] [--seeds 0 1] [--centrings ...]
      [--photos data/photos-dev] [--no-write]
@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 from bench.report import bench_parser, check_inputs, command, machine, publish, shown
@@ -46,30 +45,31 @@ from clip_decoder.training.methods import MethodRun, decoder_method, untrained_m
 COLUMNS = ("ZSL mAP", "GZSL mAP", "dev photos AP", "ZSL F1@3", "GZSL F1@3", "dev photos top-1",
            "ZSL decision F1", "dev photos decision F1")
 CRITERION_COLUMNS = 5  # the criterion: the mean of the first five COLUMNS
-# How the prior is centred: the share of per-label centring on the training images' mean prior vector m (what
-# training does: 1); the rest is one mean cosine for every label (the offset models before format 3 used: 0).
-CENTRINGS = (1.0, 0.0)
+# How the prior is centred (PriorConfig.centring): the share of per-label centring on the training images' mean
+# prior vector (1: per label; 0: one mean cosine for every label, as models before format 3 were centred).
+CENTRINGS = (1.0, 0.5, 0.0)
 
 Setting = tuple[float, float, float, float]  # (centring, temperature, weight on trained labels, weight on the others)
 
 
 def centred(model: CLIPDecoder, train: FeatureSet, temperature: float, centring: float) -> PriorConfig:
-    """The model's prior at ``temperature``, centred on the training images: each label's term less
-    ``centring`` x t . m and (1 - ``centring``) x the mean of t . m over the trained labels."""
-    prior = model.scorer.with_prior(PriorConfig(temperature=temperature)).centred_prior(train.pooled)
-    mean = torch.tensor(prior.reference_mean)
-    offset = float((model.scorer.vocabulary(model.config.labels).queries.directions @ mean).mean())
-    return replace(prior, reference_mean=tuple((centring * mean).tolist()), offset=(1 - centring) * offset)
+    """The model's prior at ``temperature``, centred on the training images with this share of per-label centring."""
+    scorer = model.scorer.with_prior(PriorConfig(temperature=temperature, centring=centring))
+    return scorer.centred_prior(train.pooled, model.config.labels)
 
 
-def decision_f1(scores: np.ndarray, targets: np.ndarray, labels, rule: Thresholds) -> float:
-    return micro_prf(scores, targets, rule.for_labels(labels))["F1"]
+def decided(scores: np.ndarray, targets: np.ndarray, labels, rule: Thresholds) -> tuple[float, float]:
+    """Decision F1 and yes per true label (micro) of ``rule``."""
+    result = micro_prf(scores, targets, rule.for_labels(labels))
+    return result["F1"], result["yes_per_true"]
 
 
-def grid_scores(model: CLIPDecoder, parts: dict[str, FeatureSet], photos: PhotoCheck, split, grid: list[Setting]
-                ) -> dict[Setting, tuple[float, ...]]:
-    """Each setting of ``grid`` -> the COLUMNS of one trained model, scored through its own scorer with that prior;
-    decisions by the default rule, the trained labels' threshold chosen on the inner validation part as training does."""
+def grid_scores(model: CLIPDecoder, parts: dict[str, FeatureSet], photos: PhotoCheck, split, grid: list[Setting],
+                new_label_thresholds: list[float]) -> dict[Setting, tuple[tuple[float, ...], dict]]:
+    """Each setting of ``grid`` -> (the COLUMNS of one trained model, scored through its own scorer with that prior,
+    {new-label threshold: (pseudo-unseen decision F1, yes per true; dev photos decision F1, yes per true)}). Decisions
+    by the default rule, the trained labels' threshold chosen on the inner validation part as training does; the
+    COLUMNS' at thresholds.NEW_LABEL_THRESHOLD."""
     results, labels, seen = {}, list(split.all), list(split.seen)
     evaluated, val = parts["evaluated"], parts["val"]
     for (centring, temperature), settings in itertools.groupby(grid, key=lambda setting: setting[:2]):
@@ -78,7 +78,6 @@ def grid_scores(model: CLIPDecoder, parts: dict[str, FeatureSet], photos: PhotoC
             scorer = model.scorer.with_prior(replace(prior, seen_weight=setting[2], weight=setting[3]))
             threshold, _ = best_threshold(scorer.score_stored(val.tokens, val.pooled, scorer.vocabulary(seen)),
                                           val.targets(seen).numpy())
-            rule = Thresholds(default=threshold, new_labels=NEW_LABEL_THRESHOLD, trained_labels=frozenset(seen))
             scores = scorer.score_stored(evaluated.tokens, evaluated.pooled, scorer.vocabulary(labels))
             targets = evaluated.targets(labels).numpy()
             metrics = zsl_gzsl_metrics(scores, targets, labels, list(split.unseen))
@@ -86,10 +85,14 @@ def grid_scores(model: CLIPDecoder, parts: dict[str, FeatureSet], photos: PhotoC
             photo_targets = photos.features.targets(photos.labels).numpy()
             on_photos = per_image_metrics(photo_scores, photo_targets)
             unseen = [labels.index(label) for label in split.unseen]
-            results[setting] = (metrics["zsl"]["mAP"], metrics["gzsl"]["mAP"], on_photos["per_image_AP"],
-                                metrics["zsl"]["F1@3"], metrics["gzsl"]["F1@3"], on_photos["top1_correct"],
-                                decision_f1(scores[:, unseen], targets[:, unseen], list(split.unseen), rule),
-                                decision_f1(photo_scores, photo_targets, photos.labels, rule))
+            decisions = {}
+            for new_labels in sorted({NEW_LABEL_THRESHOLD, *new_label_thresholds}):
+                rule = Thresholds(default=threshold, new_labels=new_labels, trained_labels=frozenset(seen))
+                decisions[new_labels] = (*decided(scores[:, unseen], targets[:, unseen], list(split.unseen), rule),
+                                         *decided(photo_scores, photo_targets, photos.labels, rule))
+            results[setting] = ((metrics["zsl"]["mAP"], metrics["gzsl"]["mAP"], on_photos["per_image_AP"],
+                                 metrics["zsl"]["F1@3"], metrics["gzsl"]["F1@3"], on_photos["top1_correct"],
+                                 decisions[NEW_LABEL_THRESHOLD][0], decisions[NEW_LABEL_THRESHOLD][2]), decisions)
     return results
 
 
@@ -107,6 +110,9 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--seen-weights", type=float, nargs="+", default=[0, 2, 5, 10])
     parser.add_argument("--weights", type=float, nargs="+", default=[10, 20, 30, 40])
+    parser.add_argument("--new-label-thresholds", type=float, nargs="+", default=[0.62, 0.68, 0.73, 0.78, 0.82],
+                        metavar="T", help="the default rule's threshold for labels the model was not trained on:"
+                        " decision F1 at each, for the best and the default setting (a second table)")
     parser.add_argument("--show", type=int, default=15, help="rows of the table (best first)")
     parser.add_argument("--cache")
     args = parser.parse_args()
@@ -133,20 +139,25 @@ def main() -> None:
         MethodRun(towers, parts, split, recipe.config, class_embeddings=class_embeddings).share_class_embeddings(
             model.zero_shot, recipe.templates)
         fit(model, parts["train"], parts["val"], split.seen, recipe, progress=False)
-        runs.append(grid_scores(model, parts, photos, split, grid))
+        runs.append(grid_scores(model, parts, photos, split, grid, args.new_label_thresholds))
         print(f"{shown(split_path)} nested draw {nested} seed {seed}: trained and scored ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    means = {setting: [statistics.mean(run[setting][i] for run in runs) for i in range(len(COLUMNS))] for setting in grid}
+    means = {setting: [statistics.mean(run[setting][0][i] for run in runs) for i in range(len(COLUMNS))] for setting in grid}
     criterion = {setting: statistics.mean(values[:CRITERION_COLUMNS]) for setting, values in means.items()}
     ranked = sorted(grid, key=lambda setting: -criterion[setting])
-    default = (CENTRINGS[0], PriorConfig.temperature, PriorConfig.seen_weight, PriorConfig.weight)
-    uncentred = (CENTRINGS[1], *default[1:])  # the same weights, centred as before format 3
-    shown_rows = ranked[: args.show] + [s for s in (default, uncentred) if s in means and s not in ranked[: args.show]]
+    default = (PriorConfig.centring, PriorConfig.temperature, PriorConfig.seen_weight, PriorConfig.weight)
+    others = [(centring, *default[1:]) for centring in CENTRINGS]  # the same weights, each centring
+    shown_rows = ranked[: args.show] + [s for s in dict.fromkeys((default, *others)) if s in means and s not in ranked[: args.show]]
 
     def row(setting: Setting) -> str:
         cells = " | ".join(f"{v:.1f}" for v in means[setting])
         mark = " (default)" if setting == default else ""
         return f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g}{mark} | {criterion[setting]:.1f} | {cells} |"
+
+    def threshold_row(setting: Setting, threshold: float) -> str:
+        values = [statistics.mean(run[setting][1][threshold][i] for run in runs) for i in range(4)]
+        name = ", ".join(f"{value:g}" for value in setting) + (" (default)" if setting == default else "")
+        return f"| {name} | {threshold:g} | {values[0]:.1f} ({values[1]:.2f}) | {values[2]:.1f} ({values[3]:.2f}) |"
 
     table = "\n".join([
         "## Zero-shot prior: centring, temperature and weights (nested splits and dev photos)", "",
@@ -160,7 +171,12 @@ def main() -> None:
         f" the inner validation part, the others at {NEW_LABEL_THRESHOLD}.", "",
         "| per-label centring | temperature | weight, trained labels | weight, other labels | criterion | " + " | ".join(COLUMNS) + " |",
         "|---|---|---|---|---|" + "---|" * len(COLUMNS),
-        *(row(setting) for setting in shown_rows)])
+        *(row(setting) for setting in shown_rows), "",
+        "The default rule's threshold for labels the model was not trained on (trained labels: the validation cut),"
+        " mean over the runs: decision F1 (yes per true label) on the pseudo-unseen labels and on the dev photos.", "",
+        "| setting | new-label threshold | pseudo-unseen decision F1 | dev photos decision F1 |", "|---|---|---|---|",
+        *(threshold_row(setting, threshold) for setting in dict.fromkeys((ranked[0], default)) if setting in means
+          for threshold in runs[0][setting][1])])
     publish(table, section=None, no_write=args.no_write, doc=DOC, header=HEADER)
 
 

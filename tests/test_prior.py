@@ -161,24 +161,32 @@ def test_bad_prior_settings_in_a_config_name_the_field(tmp_path):
 
 
 
-def test_training_centres_the_prior_per_label_so_no_label_gains_on_an_average_training_image(trained, tiny_dataset):
+def test_training_centres_the_prior_on_the_training_images_each_label_by_the_centring_share(trained, tiny_dataset):
     from clip_decoder.data.folder import training_parts
     from clip_decoder.features import FeatureCache
 
     out, cache, _ = trained
     model = CLIPDecoder.from_pretrained(out)
     prior = model.config.prior
-    assert replace(prior, reference_mean=()) == PriorConfig() and len(prior.reference_mean) == model.text_tower.dim
+    assert replace(prior, reference_mean=(), offset=0.0) == PriorConfig() and len(prior.reference_mean) == model.text_tower.dim
     train, _ = training_parts(tiny_dataset, 0.25)
     features = FeatureCache(model.image_tower, cache).get([s.image for s in train], progress=False)
     # Trained labels and new ones, among them a "hub" near every image's prior vector: the reference mean itself.
-    vocabulary = model.scorer.vocabulary([*model.config.labels, "a new label", "cat"])
-    with torch.inference_mode():
-        shift = model.scorer.prior_logits(features.pooled, vocabulary)
-        uncentred = model.scorer.with_prior(replace(prior, reference_mean=())).prior_logits(features.pooled, vocabulary)
-    np.testing.assert_allclose(shift.mean(dim=0).numpy(), 0, atol=1e-4)  # every label's own mean: 0
-    assert float(shift.std()) > 0 and float(uncentred.mean(dim=0).abs().min()) > 1e-2  # uncentred, no label is at 0
-    np.testing.assert_allclose((uncentred - shift).std(dim=0).numpy(), 0, atol=1e-4)  # per label: a constant shift
+    trained_labels = list(model.config.labels)
+    vocabulary = model.scorer.vocabulary([*trained_labels, "a new label", "cat"])
+
+    def shift(**changes):
+        with torch.inference_mode():
+            return model.scorer.with_prior(replace(prior, **changes)).prior_logits(features.pooled, vocabulary)
+
+    default, per_label, uncentred = shift(), shift(centring=1.0, offset=0.0), shift(reference_mean=(), offset=0.0)
+    # As trained (a share of each label's own mean, the rest one mean over the trained labels): no shift on average.
+    assert abs(float(default[:, : len(trained_labels)].mean())) < 1e-3 and float(default.std()) > 0
+    np.testing.assert_allclose(per_label.mean(dim=0).numpy(), 0, atol=1e-4)  # centring 1: every label's own mean is 0
+    assert float(uncentred.mean(dim=0).abs().min()) > 1e-2  # uncentred, no label is at 0
+    for other in (per_label, uncentred):  # per label, each is the default and a constant
+        np.testing.assert_allclose((other - default).std(dim=0).numpy(), 0, atol=1e-4)
+    assert not np.allclose((per_label - default).mean(dim=0).numpy(), 0, atol=1e-3)
 
 
 def test_benchmark_models_share_the_towers_class_embeddings():

@@ -67,15 +67,25 @@ def above_zero(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+PRIOR_OPTION_TYPES = {"temperature": (above_zero, "T"), "centring": (share, "SHARE")}  # the others: weights
+
+
 def add_prior_options(parser, defaults: bool, names: tuple[str, ...] | None = None) -> None:
     """``--prior-<name>`` for PriorConfig's options (or those ``names``); without ``defaults`` they default to
     None: the model's own setting."""
     for item in PRIOR_OPTIONS:
         if names is None or item.name in names:
             shown = f" (default {item.default})" if defaults else " (default: the model's own)"
-            kind = at_least_zero if "weight" in item.name else above_zero
+            kind, metavar = PRIOR_OPTION_TYPES.get(item.name, (at_least_zero, "W"))
             parser.add_argument(f"--prior-{item.name.replace('_', '-')}", dest=f"prior_{item.name}", type=kind,
-                                metavar="W" if "weight" in item.name else "T", default=item.default if defaults else None,
+                                metavar=metavar, default=item.default if defaults else None,
                                 help=item.metadata["help"] + shown)
 
 

@@ -22,7 +22,7 @@ from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
 from .thresholds import NEW_LABEL_THRESHOLD, Thresholds, write_thresholds
 
-# 3: the prior's reference mean and the trained labels' decision threshold; 2: the prior's settings are
+# 3: the prior's reference mean and centring share, and the trained labels' decision threshold; 2: the prior's settings are
 # one object, "prior" (1 had prior_weight, prior_offset)
 FORMAT_VERSION = 3
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
@@ -63,7 +63,7 @@ class ModelConfig:
     # True when training changed the image tower (train --finetune-image-tower): its weights
     # are then saved with the head instead of being rebuilt from the backbone name.
     image_tower_trained: bool = False
-    # How the zero-shot prior enters each logit (prior.PriorConfig); its offset is set by training.
+    # How the zero-shot prior enters each logit (prior.PriorConfig); its reference mean and offset are set by training.
     prior: PriorConfig = PriorConfig()
     # The trained labels' decision threshold, chosen by training on its validation part (the best
     # micro-F1 there); None in models from before it (format 2): they decide at 0.5.

@@ -130,12 +130,13 @@ class Scorer:
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """weight * (cos(the image's prior vector, the label's text) - the label's reference cosine - offset): (B, L)
+        """weight * (cos(the image's prior vector, the label's text) - centring x the label's reference cosine - offset):
+        (B, L)
         (PriorConfig); the weight is ``prior.seen_weight`` for labels the head was trained on, ``prior.weight``
         for the others."""
         prior, directions = self.prior, vocabulary.queries.directions
         weights = torch.where(vocabulary.seen, prior.seen_weight, prior.weight)
-        reference = directions @ self._reference_mean() if prior.reference_mean else 0.0
+        reference = prior.centring * (directions @ self._reference_mean()) if prior.reference_mean else 0.0
         return weights * (self._prior_cosines(pooled, directions) - reference - prior.offset)
 
     def _reference_mean(self) -> torch.Tensor:
@@ -149,15 +150,19 @@ class Scorer:
         return self.zero_shot(pooled, self.prior.temperature) @ directions.T
 
     @torch.inference_mode()
-    def centred_prior(self, pooled: torch.Tensor, rows_per_batch: int = 4096) -> PriorConfig:
-        """This scorer's prior centred on these images (pooled features, any device; the training images):
-        their mean prior vector becomes its reference mean, so that on an average image of theirs the prior
-        moves no label's probability, hub or not. Each label's ranking of images does not change."""
+    def centred_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> PriorConfig:
+        """This scorer's prior centred on these images (pooled features, any device; the training images) and
+        ``labels`` (the trained labels): their mean prior vector m becomes its reference mean, and the offset
+        (1 - centring) x the labels' mean t . m, so that on an average image of theirs the prior moves no
+        probability on average (at centring 1: no label's, hub or not). Each label's ranking of images does
+        not change."""
         if not self.prior.on:
             return self.prior
         total = sum(self.zero_shot(pooled[start : start + rows_per_batch].to(self.device), self.prior.temperature).sum(0)
                     for start in range(0, len(pooled), rows_per_batch))
-        return replace(self.prior, reference_mean=tuple((total / len(pooled)).tolist()), offset=0.0)
+        mean = total / len(pooled)
+        shared = float((self.vocabulary(labels).queries.directions @ mean).mean())
+        return replace(self.prior, reference_mean=tuple(mean.tolist()), offset=(1 - self.prior.centring) * shared)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

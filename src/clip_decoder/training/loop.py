@@ -210,7 +210,7 @@ def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, val: Featu
     model.eval()
     model.set_trained_labels(seen)
     if isinstance(train, FeatureSet):
-        model.set_prior(model.scorer.centred_prior(train.pooled))
+        model.set_prior(model.scorer.centred_prior(train.pooled, seen))
     if isinstance(val, FeatureSet):
         scores = model.scorer.score_stored(val.tokens, val.pooled, model.scorer.vocabulary(seen))
         targets = val.targets(seen).numpy()
