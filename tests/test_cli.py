@@ -33,7 +33,9 @@ def test_predict_prints_every_asked_label_for_each_image(model_dir, cat_photo, t
     for record in records:
         assert list(record["scores"]) == ["cat", "dog", "street sign"]
         assert all(0 <= p <= 1 for p in record["scores"].values())
-    assert records[0]["scores"] == records[1]["scores"]
+    # The same image twice: the same scores, up to float rounding (two rows of one batch may take different
+    # kernel paths when other processes load the cores).
+    assert records[0]["scores"] == pytest.approx(records[1]["scores"], abs=1e-5)
 
 
 def test_predict_decides_by_the_model_rule_unless_told_otherwise(tiny_clip_dir, cat_photo, tmp_path, capsys):
