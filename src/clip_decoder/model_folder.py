@@ -22,8 +22,8 @@ from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
 from .thresholds import NEW_LABEL_THRESHOLD, Thresholds, write_thresholds
 
-# 3: the prior's reference mean and centring share, and the trained labels' decision threshold; 2: the prior's settings are
-# one object, "prior" (1 had prior_weight, prior_offset)
+# 3: the prior's reference mean and centring share, and the trained labels' decision threshold;
+# 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
 FORMAT_VERSION = 3
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)

@@ -42,8 +42,9 @@ class PriorConfig:
     vector (a "hub": person, object) gets no more than any other label on an average image; at 0 every
     label is measured from one mean, which keeps what hubs also carry, how common a label is. The rest,
     (1 - centring) x the mean of t . m over the trained labels, is ``offset`` (set by training; models
-    from before the reference mean, format 2, hold their one mean cosine there). The defaults were chosen on nested splits of the seen labels and the dev photos
-    (docs/EXPERIMENTS.md); 0 and 0 turn the prior off.
+    from before the reference mean, format 2, hold their one mean cosine there). The defaults were
+    chosen on nested splits of the seen labels and the dev photos (docs/EXPERIMENTS.md); weights 0 and
+    0 turn the prior off.
     Frozen: a changed setting is a new config (``dataclasses.replace``). Fields with ``help``
     metadata are command-line options, ``--prior-<name>``.
     """

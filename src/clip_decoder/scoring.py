@@ -130,10 +130,9 @@ class Scorer:
         return Scores(self._probabilities(memory, vocabulary, shortlist, prior), maps)
 
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
-        """weight * (cos(the image's prior vector, the label's text) - centring x the label's reference cosine - offset):
-        (B, L)
-        (PriorConfig); the weight is ``prior.seen_weight`` for labels the head was trained on, ``prior.weight``
-        for the others."""
+        """(B, L): weight x (cos(the image's prior vector, the label's text) - centring x the label's mean cosine
+        over the training images - offset), as PriorConfig says; the weight is ``prior.seen_weight`` for labels
+        the head was trained on, ``prior.weight`` for the others."""
         prior, directions = self.prior, vocabulary.queries.directions
         weights = torch.where(vocabulary.seen, prior.seen_weight, prior.weight)
         reference = prior.centring * (directions @ self._reference_mean()) if prior.reference_mean else 0.0
