@@ -20,3 +20,11 @@ def test_predict_with_no_model_tags_a_photo_with_the_packaged_model(cat_photo, c
     record = json.loads(capsys.readouterr().out)
     assert set(record["scores"]) == {"car", "cat", "pizza", "guitar"}
     assert max(record["scores"], key=record["scores"].get) == "cat"
+    assert record["labels"] == ["cat"]  # the model's own rule decides: the cat, nothing else
+
+
+def test_the_packaged_model_holds_its_decision_threshold_and_its_prior_centred_on_its_training_images():
+    config = CLIPDecoder.from_pretrained("openclipart").config
+    assert config.format_version == 3 and 0.5 < config.decision_threshold < 1  # chosen on its validation part
+    prior = config.prior
+    assert prior.centring == 0.5 and len(prior.reference_mean) == 384 and prior.offset > 0
