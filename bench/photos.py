@@ -27,10 +27,9 @@ from importlib import resources
 from pathlib import Path
 
 from bench.report import bench_parser, check_inputs
-from clip_decoder.benchmark import PHOTOS_PART, VOCABULARY_FILE, PhotoCheck, decisions, photos_table, run_benchmark
+from clip_decoder.benchmark import PHOTOS_PART, VOCABULARY_FILE, PhotoCheck, photos_table, run_benchmark
 from clip_decoder.data.folder import write_part
 from clip_decoder.features.cache import FeatureCache
-from clip_decoder.metrics import per_image_metrics
 from clip_decoder.model import CLIPDecoder
 from clip_decoder.training.methods import method_names
 
@@ -137,10 +136,9 @@ def model_report(model: CLIPDecoder, folder: Path) -> str:
     yes per true label for its default rule, 0.5 and each photo's top 3."""
     photos = PhotoCheck.load(folder, FeatureCache(model.image_tower), progress=False)
     scores = model.scorer.score_stored(photos.features.tokens, photos.features.pooled, model.scorer.vocabulary(photos.labels))
-    targets = photos.features.targets(photos.labels).numpy()
-    ranked = per_image_metrics(scores, targets)
+    ranked = photos.metrics(scores, model.config.default_thresholds())
     lines = [f"top-1 correct {ranked['top1_correct']} of {ranked['images']}, per-image AP {ranked['per_image_AP']:.1f}"]
-    for rule, result in decisions(scores, targets, photos.labels, model.config.default_thresholds()).items():
+    for rule, result in ranked["decisions"].items():
         lines.append(f"{rule}: decision F1 {result['F1']:.1f}, yes per true label {result['yes_per_true']:.2f}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ Run: python -m bench.top3_by_label --model models/bench/second-clip-decoder-seed
 from __future__ import annotations
 
 from dataclasses import replace
+
 import torch
 
 from bench.report import bench_parser, check_inputs, split_of
@@ -35,15 +36,15 @@ def main() -> None:
     targets = test.targets(split.all).numpy()
     columns = [labels.index(label) for label in unseen]
     rows = targets[:, columns].any(axis=1)  # the ZSL images: those with an unseen label
+    true_counts = targets[rows][:, columns].sum(axis=0)
     counts, f1 = {}, {}
     for centring in args.centrings:
         scorer = model.scorer.with_prior(replace(model.config.prior, centring=centring))
         scorer = scorer.with_prior(scorer.centred_prior(train.pooled, model.config.labels))
-        with torch.inference_mode():
-            scores = scorer.score_stored(test.tokens, test.pooled, scorer.vocabulary(labels))
+        scores = scorer.score_stored(test.tokens, test.pooled, scorer.vocabulary(labels))
         f1[centring] = zsl_gzsl_metrics(scores, targets, labels, unseen)["zsl"]["F1@3"]
         counts[centring] = top_k_mask(scores[rows][:, columns], 3).sum(axis=0)
-    mean = torch.tensor(scorer.prior.reference_mean)
+    mean = torch.tensor(model.config.prior.reference_mean)  # the training images' mean prior vector
     hub = (model.scorer.vocabulary(unseen).queries.directions @ mean).tolist()
     shares = " | ".join(f"top 3s, centring {centring:g}" for centring in args.centrings)
     print(f"{int(rows.sum())} test images with an unseen label; ZSL F1@3 by centring: "
@@ -51,7 +52,7 @@ def main() -> None:
     print(f"| unseen label | true on | t . m | {shares} |\n|---|---|---|" + "---|" * len(args.centrings))
     for j, label in enumerate(unseen):
         cells = " | ".join(str(int(counts[centring][j])) for centring in args.centrings)
-        print(f"| {label} | {int(targets[rows][:, columns][:, j].sum())} | {hub[j]:.3f} | {cells} |")
+        print(f"| {label} | {int(true_counts[j])} | {hub[j]:.3f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,15 @@ class PhotoCheck:
             raise ClipDecoderError(f"{Path(folder) / (PHOTOS_PART + '.csv')}: labels not in {path}: {', '.join(outside)}")
         return cls(FeatureSet.build(samples, source, progress), labels)
 
+    def metrics(self, scores: np.ndarray, decision: Thresholds | None = None) -> dict:
+        """``per_image_metrics`` of these scores (photos x labels) and, given a model's ``decision`` rule,
+        the ``decisions`` its rule, 0.5 and each photo's top 3 make."""
+        targets = self.features.targets(self.labels).numpy()
+        result = per_image_metrics(scores, targets)
+        if decision is not None:
+            result["decisions"] = decisions(scores, targets, self.labels, decision)
+        return result
+
 
 SUMMARY_COLUMNS = (("zsl", "mAP"), ("zsl", "F1@3"), ("zsl", "F1@5"), ("gzsl", "mAP"), ("gzsl", "F1@3"), ("gzsl", "F1@5"))
 ZSL_COLUMNS = ("mAP", "P@3", "R@3", "F1@3", "P@5", "R@5", "F1@5")  # the published NUS-WIDE tables' columns
@@ -75,10 +84,7 @@ def run_method(name: str, run: MethodRun, photos: PhotoCheck | None = None, zsl_
         metrics["decisions"] = {part: decisions(scores[:, cols], targets[:, cols], [labels[c] for c in cols], trained.decision)
                                 for part, cols in columns.items()}
     if photos is not None:
-        photo_scores, photo_targets = trained.score(photos.features, list(photos.labels)), photos.features.targets(photos.labels).numpy()
-        metrics["photos"] = per_image_metrics(photo_scores, photo_targets)
-        if trained.decision is not None:
-            metrics["photos"]["decisions"] = decisions(photo_scores, photo_targets, photos.labels, trained.decision)
+        metrics["photos"] = photos.metrics(trained.score(photos.features, list(photos.labels)), trained.decision)
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return metrics
 
