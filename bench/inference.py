@@ -36,7 +36,7 @@ def zero_shot_scores(model: CLIPDecoder, projection: torch.nn.Linear, images: li
     """The baseline: plain zero-shot scoring, pooled image -> text space -> cosine with each label."""
     with torch.inference_mode():
         for batch in decoded_batches(images, model.image_tower.preprocess, batch_size):
-            pooled = model.image_tower(batch.pixels).pooled
+            pooled = model.image_tower(torch.from_numpy(batch.pixels)).pooled
             torch.sigmoid(F.normalize(projection(pooled), dim=-1) @ embeddings.T)
 
 

@@ -59,7 +59,7 @@ def tower_epoch(run: TrainingRun, samples: list[Sample]) -> None:
             raise RuntimeError(f"images failed to decode: {decoded.failed}")
         with torch.no_grad():  # not inference_mode: its tensors could not be saved for the head's backward
             # The tower at its fastest batch size (decoding.DEFAULT_BATCH_SIZE), as extraction runs it.
-            tokens = torch.cat([tower(pixels).tokens for pixels in decoded.pixels.split(DEFAULT_BATCH_SIZE)])
+            tokens = torch.cat([tower(pixels).tokens for pixels in torch.from_numpy(decoded.pixels).split(DEFAULT_BATCH_SIZE)])
         run.step(order[decoded.indices], tokens)
 
 

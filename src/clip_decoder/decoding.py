@@ -1,4 +1,5 @@
-"""Image sources -> preprocessed pixel batches, decoded ahead in background threads.
+"""Image sources -> preprocessed pixel batches (numpy), decoded ahead in background threads; and
+the batch of predictions every tagging runtime yields. Torch-free (the ONNX runtime uses it too).
 
 ``decoded_batches`` decodes and preprocesses the next batch(es) in a small thread pool while the
 caller runs the image tower on the current one. This pays because PIL (decode, resize) and numpy
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
-import torch
 
 from .errors import ClipDecoderError
 from .images import ImageSource, Preprocess, load_image
@@ -42,8 +42,18 @@ class DecodedBatch:
     """One batch: the input positions that decoded, their pixels, and the ones that failed."""
 
     indices: list[int]  # positions in the input, ascending; row i of pixels is indices[i]
-    pixels: torch.Tensor  # (len(indices), 3, H, W) float32, as Preprocess.batch makes it
+    pixels: np.ndarray  # (len(indices), 3, H, W) float32, as Preprocess.arrays makes it
     failed: dict[int, str]  # position in the input -> error message (names the file)
+
+
+@dataclass
+class PredictedBatch:
+    """One batch of predictions: rows of ``scores`` belong to the input positions in ``indices``."""
+
+    indices: list[int]
+    scores: np.ndarray  # (len(indices), n_labels) probabilities
+    failed: dict[int, str]  # input position -> why that image could not be used
+    attention: np.ndarray | None = None  # (len(indices), n_labels, N) with attention=True
 
 
 def _decode(source: ImageSource, preprocess: Preprocess) -> np.ndarray | str:
@@ -58,7 +68,7 @@ def _assemble(positions: list[int], results: list[np.ndarray | str], preprocess:
     """Stack the images of one batch that decoded; collect the errors of those that did not."""
     indices = [i for i, r in zip(positions, results) if not isinstance(r, str)]
     arrays = [r for r in results if not isinstance(r, str)]
-    pixels = torch.from_numpy(np.stack(arrays)) if arrays else preprocess.batch([])
+    pixels = np.stack(arrays) if arrays else preprocess.arrays([])
     return DecodedBatch(indices, pixels, {i: r for i, r in zip(positions, results) if isinstance(r, str)})
 
 
@@ -73,7 +83,7 @@ def decoded_batches(
 
     ``sources`` may be anything ``load_image`` accepts (paths, bytes, binary files, PIL images);
     it is read lazily. Each image becomes ``preprocess(load_image(source))``; the rows are equal
-    to ``preprocess.batch`` of the decoded images. An image that cannot be used is reported in
+    to ``preprocess.arrays`` of the decoded images (torch callers wrap them: ``torch.from_numpy``). An image that cannot be used is reported in
     ``failed`` (a batch may then be short, or even empty) and the rest carry on. While the caller
     works on one batch, ``workers`` threads decode the next ``prefetch`` (>= 1) batches. ``workers=0``
     decodes each batch in the caller's thread when it is asked for (no threads, no overlap). In

@@ -8,13 +8,15 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ClipDecoderError
+
+if TYPE_CHECKING:  # torch only for ``Preprocess.batch``: the ONNX runtime preprocesses with this module too
+    import torch
 
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -203,12 +205,18 @@ class Preprocess:
         pixels /= np.asarray(self.std, dtype=np.float32)[:, None, None]
         return pixels
 
-    def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
-        """Return a float32 tensor of shape (B, 3, image_size, image_size)."""
+    def arrays(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """Return a float32 array of shape (B, 3, image_size, image_size)."""
         arrays = [self(image) for image in images]
         if not arrays:
-            return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.float32)
-        return torch.from_numpy(np.stack(arrays))
+            return np.empty((0, 3, self.image_size, self.image_size), dtype=np.float32)
+        return np.stack(arrays)
+
+    def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
+        """``arrays`` as a torch tensor."""
+        import torch
+
+        return torch.from_numpy(self.arrays(images))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (mean/std as lists)."""

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .alignment import Alignment
-from .decoding import DEFAULT_BATCH_SIZE, decoded_batches
+from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, decoded_batches
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead, HeadConfig
@@ -26,16 +26,6 @@ from .model_folder import CONFIG_FILE, ModelConfig, ModelFolder
 from .prior import PriorConfig, ZeroShotPrior
 from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
 from .scoring import Scorer
-
-
-@dataclass
-class PredictedBatch:
-    """One batch of predictions: rows of ``scores`` belong to the input positions in ``indices``."""
-
-    indices: list[int]
-    scores: np.ndarray  # (len(indices), n_labels) probabilities
-    failed: dict[int, str]  # input position -> why that image could not be used
-    attention: np.ndarray | None = None  # (len(indices), n_labels, N) with attention=True
 
 
 class CLIPDecoder(nn.Module):
@@ -213,7 +203,7 @@ class CLIPDecoder(nn.Module):
                     yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
                     continue
                 with torch.inference_mode():
-                    scored = self.scorer.score(self.image_tower(batch.pixels.to(self.device)), vocabulary, shortlist, attention)
+                    scored = self.scorer.score(self.image_tower(torch.from_numpy(batch.pixels).to(self.device)), vocabulary, shortlist, attention)
                 maps = scored.attention.cpu().numpy() if attention else None
                 yield PredictedBatch(batch.indices, scored.probabilities.cpu().numpy(), batch.failed, maps)
         finally:

@@ -20,7 +20,7 @@ from .errors import ClipDecoderError
 from .head import HeadConfig
 from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
-from .thresholds import NEW_LABEL_THRESHOLD, Thresholds, write_thresholds
+from .thresholds import Thresholds, model_rule, write_thresholds
 
 # 3: the prior's reference mean and centring share, and the trained labels' decision threshold;
 # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
@@ -77,10 +77,7 @@ class ModelConfig:
     def default_thresholds(self) -> Thresholds:
         """The model's default decision (``predict`` and ``serve`` with no decision option): its trained
         labels at ``decision_threshold``, every other label at thresholds.NEW_LABEL_THRESHOLD."""
-        if self.decision_threshold is None:
-            return Thresholds()
-        return Thresholds(default=self.decision_threshold, new_labels=NEW_LABEL_THRESHOLD,
-                          trained_labels=frozenset(self.labels))
+        return model_rule(self.labels, self.decision_threshold)
 
     def to_dict(self) -> dict:
         data = asdict(self)

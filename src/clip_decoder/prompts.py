@@ -1,4 +1,8 @@
-"""Prompt templates, label names, prompt ensembling and a cache of label embeddings (in memory and on disk)."""
+"""Prompt templates, label names, prompt ensembling and a cache of label embeddings (in memory and on disk).
+
+Torch-free: the ONNX runtime (onnx_model) embeds labels with the same code; a torch text tower's
+output is turned into numpy at the boundary, and ``LabelEmbedder.__call__`` gives torch back.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,20 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
-from torch.nn import functional as F
+from safetensors.numpy import save
 
 from .atomic import write_file
 from .caches import keyed_folder
-from .encoders.base import TextTower
 from .errors import ClipDecoderError
+
+if TYPE_CHECKING:  # this module imports no torch: the ONNX runtime embeds labels through it too
+    import torch
+
+    from .encoders.base import TextTower
 
 SINGLE_TEMPLATE: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -85,25 +93,34 @@ class LabelEmbedder:
     used ``max_entries``; with a ``folder`` they are also kept on disk, one small safetensors file
     per label under ``folder/labels/<key of the tower and templates>``, so a later process finds
     them without running the text tower (which may then never load; encoders.base.TextTower).
+    The tower's ``encode`` may return a torch tensor or a numpy array; ``arrays`` gives numpy,
+    calling the embedder gives torch.
     """
 
     def __init__(self, tower: TextTower, max_entries: int = 200_000, folder: str | Path | None = None) -> None:
         self.tower = tower
         self.max_entries = max_entries
         self.folder = None if folder is None else Path(folder)
-        self._cache: OrderedDict[tuple[str, tuple[str, ...], str], torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, tuple[str, ...], str], np.ndarray] = OrderedDict()
         self._folders: dict[tuple[str, ...], Path] = {}  # per template set
 
     def __call__(self, labels: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """Embeddings (len(labels), dim), L2-normalised, one row per label."""
+        """Embeddings (len(labels), dim) as a float32 torch tensor, L2-normalised, one row per label."""
+        import torch
+
+        return torch.from_numpy(self.arrays(labels, templates))
+
+    def arrays(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """Embeddings (len(labels), dim) as a float32 numpy array, L2-normalised, one row per label."""
         labels = check_labels(labels)
         templates = check_templates(templates)
         missing = self.missing(labels, templates)
         if missing:
             prompts = [template.format(label) for label in missing for template in templates]
-            encoded = self.tower.encode(prompts).float().cpu()
-            per_label = encoded.view(len(missing), len(templates), -1).mean(dim=1)
-            for label, embedding in zip(missing, F.normalize(per_label, dim=-1)):
+            encoded = _as_array(self.tower.encode(prompts))
+            per_label = encoded.reshape(len(missing), len(templates), -1).mean(axis=1)
+            per_label /= np.maximum(np.linalg.norm(per_label, axis=1, keepdims=True), 1e-12)
+            for label, embedding in zip(missing, per_label):
                 self._cache[(self.tower.name, templates, label)] = embedding
                 self._write(templates, label, embedding)
         rows = []
@@ -112,7 +129,7 @@ class LabelEmbedder:
             rows.append(self._cache[key])
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
-        return torch.stack(rows) if rows else torch.empty(0, self.tower.dim)
+        return np.stack(rows) if rows else np.empty((0, self.tower.dim), dtype=np.float32)
 
     def missing(self, labels: Sequence[str], templates: Sequence[str]) -> list[str]:
         """The labels among ``labels`` whose embedding through ``templates`` is neither in memory nor on
@@ -140,20 +157,27 @@ class LabelEmbedder:
             self._folders[templates] = keyed_folder(self.folder, "labels", spec)
         return self._folders[templates] / f"{hashlib.sha256(label.encode()).hexdigest()}.safetensors"
 
-    def _read(self, templates: tuple[str, ...], label: str) -> torch.Tensor | None:
+    def _read(self, templates: tuple[str, ...], label: str) -> np.ndarray | None:
         """The label's embedding on disk, or None (no folder, not there, or not sound: then it is embedded again)."""
         entry = self._entry(templates, label)
         if entry is None or not entry.is_file():
             return None
         try:
-            with safe_open(str(entry), framework="pt") as f:
+            with safe_open(str(entry), framework="np") as f:
                 stored, embedding = (f.metadata() or {}).get("label"), f.get_tensor("embedding")
         except (SafetensorError, OSError, ValueError, RuntimeError):
             return None
-        sound = stored == label and embedding.shape == (self.tower.dim,) and bool(torch.isfinite(embedding).all())
-        return embedding.float() if sound else None
+        sound = stored == label and embedding.shape == (self.tower.dim,) and bool(np.isfinite(embedding).all())
+        return embedding.astype(np.float32) if sound else None
 
-    def _write(self, templates: tuple[str, ...], label: str, embedding: torch.Tensor) -> None:
+    def _write(self, templates: tuple[str, ...], label: str, embedding: np.ndarray) -> None:
         entry = self._entry(templates, label)
         if entry is not None:  # no fsync: an entry lost in a power cut is embedded again
-            write_file(entry, save({"embedding": embedding.contiguous()}, metadata={"label": label}), fsync=False)
+            write_file(entry, save({"embedding": np.ascontiguousarray(embedding)}, metadata={"label": label}), fsync=False)
+
+
+def _as_array(encoded) -> np.ndarray:
+    """A text tower's output (a torch tensor on any device, or a numpy array) as float32 numpy."""
+    if hasattr(encoded, "detach"):
+        encoded = encoded.detach().float().cpu().numpy()
+    return np.asarray(encoded, dtype=np.float32)

@@ -79,6 +79,15 @@ class Thresholds:
         return cls(_checked(path, data["labels"]), fallbacks.get("default"), fallbacks.get("new_labels"), frozenset(trained))
 
 
+def model_rule(trained_labels: Sequence[str], decision_threshold: float | None) -> Thresholds:
+    """A model's default decision (``predict`` and ``serve`` with no decision option): its trained labels at
+    ``decision_threshold``, every other label at NEW_LABEL_THRESHOLD; a model without a threshold of its own
+    (from before them) decides at DEFAULT_THRESHOLD."""
+    if decision_threshold is None:
+        return Thresholds()
+    return Thresholds(default=decision_threshold, new_labels=NEW_LABEL_THRESHOLD, trained_labels=frozenset(trained_labels))
+
+
 def best_threshold(scores: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     """(threshold, F1): the score cut ``score >= threshold`` with the best F1 (ties: the higher cut)."""
     scores, targets = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(targets).ravel() > 0

@@ -89,7 +89,7 @@ def encoded_batches(tower: ImageTower, paths: list[Path], batch_size: int = DEFA
     for batch in decoded_batches(paths, tower.preprocess, batch_size, workers=workers):
         tokens = pooled = torch.empty(0)
         if batch.indices:
-            features = tower(batch.pixels.to(device))
+            features = tower(torch.from_numpy(batch.pixels).to(device))
             # Converted once per batch, not per image: on 2 busy cores each small torch op
             # costs milliseconds. Contiguous, so that each row is an entry as it stands.
             tokens = features.tokens.to("cpu", torch.float16).contiguous()

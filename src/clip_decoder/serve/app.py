@@ -89,7 +89,7 @@ def embed_new_labels(model, labels: list[str], deadline: float, limits: Limits) 
     templates = model.scorer.templates
     new = model.embed_labels.missing(labels, templates)
     for start in range(0, len(new), LABELS_PER_STEP):
-        model.embed_labels(new[start : start + LABELS_PER_STEP], templates)
+        model.embed_labels.arrays(new[start : start + LABELS_PER_STEP], templates)
         if time.monotonic() > deadline:
             raise out_of_time(limits)
 

@@ -101,7 +101,7 @@ class ImageSet(LabelledImages):
         for batch in decoded_batches([self.samples[i].image for i in flat.tolist()], self.preprocess, size):
             if batch.failed:  # read fine when the run started: the file changed since
                 raise ClipDecoderError(next(iter(batch.failed.values())))
-            yield flat[batch.indices], batch.pixels
+            yield flat[batch.indices], torch.from_numpy(batch.pixels)
 
 
 def encode_sentences(text_tower: TextTower, sentences: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ class TrainingRun:
         tower = self.trainer.ema.module["image_tower"]  # the tower trains: ranks share the work
         rows = [np.zeros((0, len(self.seen)), dtype=np.float32)]
         for batch in decoded_batches([sample.image for sample in self.world.shard(self.val.samples)], self.val.preprocess):
-            rows.append(self.ema_scorer.score(tower(batch.pixels.to(self.model.device)), vocabulary).probabilities.cpu().numpy())
+            rows.append(self.ema_scorer.score(tower(torch.from_numpy(batch.pixels).to(self.model.device)), vocabulary).probabilities.cpu().numpy())
         return np.concatenate(self.world.all_gather_objects(np.concatenate(rows)))
 
     def end_epoch(self, seconds: float) -> dict:
