@@ -26,16 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-
 from bench.report import bench_parser, check_inputs, command, machine, publish, shown
 from bench.tune import DOC, HEADER, nested_split
 from clip_decoder.benchmark import PhotoCheck
+from clip_decoder.configs import PriorConfig
 from clip_decoder.data.folder import carve_validation, read_split, training_parts
 from clip_decoder.encoders import create_backbone
 from clip_decoder.features import FeatureCache
 from clip_decoder.metrics import micro_prf, per_image_metrics, zsl_gzsl_metrics
 from clip_decoder.model import CLIPDecoder
-from clip_decoder.prior import PriorConfig
 from clip_decoder.thresholds import NEW_LABEL_THRESHOLD, Thresholds, best_threshold
 from clip_decoder.training.config import TrainConfig
 from clip_decoder.training.data import FeatureSet

@@ -10,10 +10,17 @@ import torch
 from PIL import Image
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
-from clip_decoder.encoders import Backbone, ImageTower, TextTower, create_backbone, list_backbones, register_backbone
+from clip_decoder.configs import PriorConfig
+from clip_decoder.encoders import (
+    Backbone,
+    ImageTower,
+    TextTower,
+    create_backbone,
+    list_backbones,
+    register_backbone,
+)
 from clip_decoder.encoders.hf import preprocess_from_config
 from clip_decoder.images import load_image
-from clip_decoder.prior import PriorConfig
 
 
 def test_registry_knows_the_builtin_backbones_and_rejects_unknown_names():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_decoder.head import DecoderHead, HeadConfig
+from clip_decoder.configs import HeadConfig
+from clip_decoder.head import DecoderHead
 
 
 def logits(head: DecoderHead, tokens: torch.Tensor, label_embeddings: torch.Tensor) -> torch.Tensor:

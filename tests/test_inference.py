@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
+from clip_decoder.configs import PriorConfig
 from clip_decoder.encoders import ImageFeatures
-from clip_decoder.prior import PriorConfig
 
 LABELS = [f"label {i}" for i in range(12)]
 

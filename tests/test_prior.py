@@ -8,13 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import image_features
 from torch.nn import functional as F
 
-from conftest import image_features
-
 from clip_decoder import CLIPDecoder
+from clip_decoder.configs import PriorConfig
 from clip_decoder.encoders import ImageFeatures
-from clip_decoder.prior import PriorConfig, imagenet_class_names
+from clip_decoder.prior import imagenet_class_names
 from clip_decoder.training.baselines import ConSE
 
 LABELS = ["cat", "dog", "airplane", "pizza"]
@@ -69,11 +69,10 @@ def test_the_temperature_softens_the_imagenet_distribution_before_conse_averages
 
 def test_conse_keeps_the_classifiers_own_probabilities_and_the_prior_alone_takes_the_prior_temperature(
         offline_model, cat_photo, monkeypatch):
+    from clip_decoder.encoders import Backbone
     from clip_decoder.training import methods
     from clip_decoder.training.config import TrainConfig
     from clip_decoder.training.data import FeatureSet
-
-    from clip_decoder.encoders import Backbone
 
     offline_model.zero_shot.prepare()
     towers = Backbone("offline", offline_model.image_tower, offline_model.text_tower)

@@ -14,12 +14,11 @@ from sklearn.metrics import average_precision_score
 
 from clip_decoder import CLIPDecoder, ClipDecoderError
 from clip_decoder.cli import build_parser, main, training_config
+from clip_decoder.configs import HeadConfig, PriorConfig
 from clip_decoder.data.folder import read_part, read_split, target_matrix, write_part
 from clip_decoder.evaluate import evaluate_model
 from clip_decoder.features import FeatureCache, FeatureLocation
-from clip_decoder.head import HeadConfig
 from clip_decoder.metrics import zsl_gzsl_metrics
-from clip_decoder.prior import PriorConfig
 from clip_decoder.prompts import SINGLE_TEMPLATE
 from clip_decoder.training import methods
 from clip_decoder.training.config import TrainConfig

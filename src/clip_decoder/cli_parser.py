@@ -9,9 +9,8 @@ import argparse
 from dataclasses import MISSING, fields
 
 from . import __version__
-from .head import HeadConfig
+from .configs import HeadConfig, PriorConfig
 from .model_folder import PACKAGED_MODELS
-from .prior import PriorConfig
 
 HEAD_OPTIONS = tuple(item for item in fields(HeadConfig) if item.default is not MISSING)  # not the towers' dims
 PRIOR_OPTIONS = tuple(item for item in fields(PriorConfig) if "help" in item.metadata)  # --prior-<name>

@@ -10,6 +10,7 @@ memory stays bounded however many sources there are.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import ClipDecoderError
 from .images import ImageSource, Preprocess, load_image
@@ -125,3 +128,21 @@ def _batches(
             yield _assemble(positions, results, preprocess)
     finally:  # also when the caller stops early: drop queued work, wait for the running images
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def image_list(images) -> list:
+    """``predict``'s images as a list: one path or PIL image becomes a list of one."""
+    return [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+
+
+def collect_scores(batches: Iterable[PredictedBatch], n_images: int, n_labels: int, batch_size: int,
+                   progress: bool = False) -> np.ndarray:
+    """The scores of ``predict_batches`` as one array (n_images, n_labels); the first image that could not be
+    read raises ClipDecoderError (``predict``'s contract)."""
+    rows = []
+    total = -(-n_images // batch_size)
+    for batch in tqdm(batches, desc="predict", unit="batch", total=total, disable=not progress):
+        if batch.failed:
+            raise ClipDecoderError(next(iter(batch.failed.values())))
+        rows.append(batch.scores)
+    return np.concatenate(rows) if rows else np.zeros((0, n_labels), dtype=np.float32)

@@ -7,43 +7,13 @@ self-attention between queries: each label's logit depends only on that label an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass
-class HeadConfig:
-    """Sizes of the decoder head. The defaults are the head ``clip-decoder train`` trains: smaller
-    than ML-Decoder's (d 768, FFN 2048, dropout 0.1), which trains 4x slower here without a better
-    score, and with the cosine skip (docs/EXPERIMENTS.md). ``help`` metadata becomes CLI help."""
-
-    text_dim: int
-    image_dim: int
-    dim: int = field(default=256, metadata={"help": "width of the decoder"})
-    layers: int = field(default=1, metadata={"help": "cross-attention layers"})
-    heads: int = field(default=8, metadata={"help": "attention heads"})
-    ffn_dim: int = field(default=512, metadata={"help": "width of the feed-forward layer"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout in the decoder"})
-    # Adds scale * cos(pooled memory mapped to the text space, label text embedding) to each
-    # logit: a linear-map path beside the decoder that keeps the text space's geometry.
-    cosine_skip: bool = field(default=True, metadata={
-        "help": "add the pooled image's cosine with each label's text embedding to its logit"})
-
-    def __post_init__(self) -> None:
-        self.cosine_skip = bool(self.cosine_skip)
-        if self.layers < 1:
-            raise ValueError(f"the head needs at least one layer, got {self.layers}")
-        if self.dim % self.heads:
-            raise ValueError(f"head dim {self.dim} is not divisible by heads {self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout {self.dropout} is not in [0, 1)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .configs import HeadConfig
 
 
 class CrossAttentionLayer(nn.Module):

@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from .alignment import Alignment
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, decoded_batches
+from .configs import HeadConfig, PriorConfig
+from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, collect_scores, decoded_batches, image_list
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
-from .head import DecoderHead, HeadConfig
+from .head import DecoderHead
 from .model_folder import CONFIG_FILE, ModelConfig, ModelFolder
-from .prior import PriorConfig, ZeroShotPrior
+from .prior import ZeroShotPrior
 from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
 from .scoring import Scorer
 
@@ -160,16 +159,9 @@ class CLIPDecoder(nn.Module):
         ``Scorer.score``). ``templates`` default to the ones the model was trained with.
         An image that cannot be read raises ClipDecoderError; ``predict_batches`` carries on instead.
         """
-        if isinstance(images, (str, os.PathLike)) or isinstance(images, Image.Image):
-            images = [images]
-        images = list(images)
+        images = image_list(images)
         batches = self.predict_batches(images, labels, templates, batch_size, shortlist)
-        rows = []
-        for batch in tqdm(batches, desc="predict", unit="batch", total=-(-len(images) // batch_size), disable=not progress):
-            if batch.failed:
-                raise ClipDecoderError(next(iter(batch.failed.values())))
-            rows.append(batch.scores)
-        return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)
+        return collect_scores(batches, len(images), len(labels), batch_size, progress)
 
     def predict_batches(
         self,

@@ -9,18 +9,17 @@ import reprlib
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .atomic import write_file, write_files
+from .configs import HeadConfig, PriorConfig
 from .errors import ClipDecoderError
-from .head import HeadConfig
-from .prior import PriorConfig
 from .prompts import DEFAULT_TEMPLATES, SINGLE_TEMPLATE, check_labels, check_templates
 from .thresholds import Thresholds, model_rule, write_thresholds
+
+if TYPE_CHECKING:  # torch only to read and write weights: the command line's parser reads this module without it
+    import torch
+    from torch import nn
 
 # 3: the prior's reference mean and centring share, and the trained labels' decision threshold;
 # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
@@ -173,6 +172,9 @@ class ModelFolder:
 
     def load_weights(self, modules: dict[str, nn.Module]) -> None:
         """Load model.safetensors into ``modules`` (name -> module); weights that do not fit are refused, naming them."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         weights_path = self / WEIGHTS_FILE
         try:
             tensors = load_file(weights_path)
@@ -186,6 +188,8 @@ class ModelFolder:
 
     def write(self, config: ModelConfig, modules: dict[str, nn.Module]) -> Path:
         """Write config.json and the weights of ``modules`` (name -> module), creating the folder."""
+        from safetensors.torch import save
+
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {key: value.detach().cpu().contiguous() for key, value in _flat_state(modules).items()}
         # Both files are written in full before either replaces the old one (a crash or a full disk

@@ -14,72 +14,26 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from importlib import resources
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .configs import PriorConfig
 from .encoders import ImageTower
 
 CONSE_TOP = 10  # ImageNet classes averaged per image
 CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabilities
 
 
-@dataclass(frozen=True)
-class PriorConfig:
-    """How the prior enters each logit: + weight x (cos(p, t) - centring x t . m - offset), where p is the
-    image's prior vector, t the label's text embedding (both unit) and m ``reference_mean``.
-
-    Labels the head was trained on get ``seen_weight``: the head learned them from examples and
-    knows them better than the prior does. Every other label gets ``weight``: there the head only
-    transfers, and the prior carries what the towers know. ``temperature`` softens the ImageNet
-    classifier's distribution before CONSE's top classes are averaged (classifier towers only).
-    ``reference_mean`` is the mean prior vector over the training images (set by training, at
-    ``temperature``), so t . m is the label's own mean cosine over them (the prior is linear in p).
-    ``centring`` is the share of it taken off: at 1 a label whose text sits near every image's prior
-    vector (a "hub": person, object) gets no more than any other label on an average image; at 0 every
-    label is measured from one mean, which keeps what hubs also carry, how common a label is. The rest,
-    (1 - centring) x the mean of t . m over the trained labels, is ``offset`` (set by training; models
-    from before the reference mean, format 2, hold their one mean cosine there). The defaults were
-    chosen on nested splits of the seen labels and the dev photos (docs/EXPERIMENTS.md); weights 0 and
-    0 turn the prior off.
-    Frozen: a changed setting is a new config (``dataclasses.replace``). Fields with ``help``
-    metadata are command-line options, ``--prior-<name>``.
-    """
-
-    weight: float = field(default=20.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
-                                                          " head was not trained on: more trusts the towers' own view"})
-    seen_weight: float = field(default=10.0, metadata={"help": "the same for the labels the head was trained on;"
-                                                               " both 0: the prior is off"})
-    temperature: float = field(default=3.0, metadata={"help": "softens the ImageNet classifier's distribution before"
-                                                              " CONSE's top classes make the prior (ImageNet towers)"})
-    centring: float = field(default=0.5, metadata={"help": "share of each label's own mean prior over the training"
-                                                           " images taken off its prior (1: per label, no hubs; 0: one"
-                                                           " mean for every label)"})
-    reference_mean: tuple[float, ...] = ()
-    offset: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1:
-            raise ValueError(f"prior weights must be >= 0, its temperature > 0 and its centring in [0, 1], got weight"
-                             f" {self.weight}, seen_weight {self.seen_weight}, temperature {self.temperature},"
-                             f" centring {self.centring}")
-        object.__setattr__(self, "reference_mean", tuple(float(value) for value in self.reference_mean))
-
-    @property
-    def on(self) -> bool:
-        return bool(self.weight or self.seen_weight)
-
-    @classmethod
-    def off(cls) -> PriorConfig:
-        return cls(weight=0.0, seen_weight=0.0)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["reference_mean"] = list(self.reference_mean)
-        return data
+def prior_logits(vectors: torch.Tensor, directions: torch.Tensor, weights: torch.Tensor, config: PriorConfig,
+                 reference_mean: torch.Tensor | None) -> torch.Tensor:
+    """The prior's share of each logit (B, L): weights (L,) x (cos(p, t) - centring x t . m - offset), for the
+    images' prior vectors p (B, text_dim) and the labels' unit texts t (L, text_dim); m is the reference mean
+    (None: no centring on it, as in models from before it). The torch scorer and the ONNX export both use it."""
+    reference = config.centring * (directions @ reference_mean) if reference_mean is not None else 0.0
+    return weights * (vectors @ directions.T - reference - config.offset)
 
 
 @functools.cache

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from .alignment import Alignment
+from .configs import PriorConfig
 from .encoders import ImageFeatures
 from .errors import ClipDecoderError
 from .head import DecoderHead, LabelQueries
-from .prior import PriorConfig, ZeroShotPrior
+from .prior import ZeroShotPrior, prior_logits
 from .prompts import LabelEmbedder, check_labels
 
 VOCABULARY_CACHE_SIZE = 8  # vocabularies whose per-label work is kept
@@ -133,10 +134,10 @@ class Scorer:
         """(B, L): weight x (cos(the image's prior vector, the label's text) - centring x the label's mean cosine
         over the training images - offset), as PriorConfig says; the weight is ``prior.seen_weight`` for labels
         the head was trained on, ``prior.weight`` for the others."""
-        prior, directions = self.prior, vocabulary.queries.directions
-        weights = torch.where(vocabulary.seen, prior.seen_weight, prior.weight)
-        reference = prior.centring * (directions @ self._reference_mean()) if prior.reference_mean else 0.0
-        return weights * (self._prior_cosines(pooled, directions) - reference - prior.offset)
+        weights = torch.where(vocabulary.seen, self.prior.seen_weight, self.prior.weight)
+        reference_mean = self._reference_mean() if self.prior.reference_mean else None
+        return prior_logits(self.zero_shot(pooled, self.prior.temperature), vocabulary.queries.directions, weights,
+                            self.prior, reference_mean)
 
     def _reference_mean(self) -> torch.Tensor:
         mean = torch.tensor(self.prior.reference_mean, dtype=torch.float32, device=self.device)
@@ -144,9 +145,6 @@ class Scorer:
             raise ClipDecoderError(f"the prior's reference mean has {len(mean)} values; the text tower gives"
                                    f" {self.zero_shot.class_embeddings.shape[1]}")
         return mean
-
-    def _prior_cosines(self, pooled: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-        return self.zero_shot(pooled, self.prior.temperature) @ directions.T
 
     @torch.inference_mode()
     def centred_prior(self, pooled: torch.Tensor, labels: Sequence[str], rows_per_batch: int = 4096) -> PriorConfig:

@@ -71,6 +71,29 @@ class TextTower(Protocol):
     def encode(self, texts: list[str]) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How a text tower tokenizes, for running it without transformers (clip_decoder.export): a transformers
+    fast tokenizer (it saves as one tokenizer.json), truncation at ``max_length``, padding to the longest text
+    or to ``max_length``, and whether the tower reads an attention mask."""
+
+    tokenizer: object
+    max_length: int
+    pad_to_max_length: bool
+    attention_mask: bool
+
+
+@runtime_checkable
+class ExportableTextTower(Protocol):
+    """What a text tower provides besides to be exported to ONNX: its tokenizer's spec and its forward after it."""
+
+    def tokenizer_spec(self) -> TokenizerSpec: ...
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token ids (T, S) and their mask (None when ``attention_mask`` is False) -> unit embeddings (T, dim)."""
+        ...
+
+
 @dataclass
 class Backbone:
     """An image tower and a text tower, created together under one registry name."""

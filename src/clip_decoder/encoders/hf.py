@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures, quiet_loading, tokenized_batches
+from .base import Backbone, ImageFeatures, TokenizerSpec, quiet_loading, tokenized_batches
 from .registry import register_backbone
 
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
@@ -107,11 +107,20 @@ class HFTextTower(nn.Module):
         for batch in tokenized_batches(self.tokenizer, texts, device, self.max_length, self.padding):
             # SigLIP's text tower was trained without an attention mask.
             mask = batch.get("attention_mask") if self.padding is True else None
-            pooled = self.text_model(input_ids=batch["input_ids"], attention_mask=mask).pooler_output
-            if self.projection is not None:
-                pooled = self.projection(pooled)
-            chunks.append(nn.functional.normalize(pooled.float(), dim=-1))
+            chunks.append(self.embed_tokens(batch["input_ids"], mask))
         return torch.cat(chunks)
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (T, S) and their mask (None for SigLIP) -> unit embeddings (T, dim): the tower after its tokenizer."""
+        pooled = self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return nn.functional.normalize(pooled.float(), dim=-1)
+
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """How ``encode`` tokenizes: the fast tokenizer and its settings (for an export without transformers)."""
+        padded = self.padding == "max_length"
+        return TokenizerSpec(self.tokenizer, self.max_length, pad_to_max_length=padded, attention_mask=not padded)
 
 
 def _weights_stamp(model_id: str, cached_file) -> str:

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..errors import ClipDecoderError
 from ..images import Preprocess
-from .base import Backbone, ImageFeatures, quiet_loading, tokenized_batches
+from .base import Backbone, ImageFeatures, TokenizerSpec, quiet_loading, tokenized_batches
 from .registry import register_backbone
 
 # EfficientNet-Lite was trained on TF-style inputs, (x - 127) / 128 on 0-255 RGB.
@@ -99,14 +99,23 @@ class MiniLMTextTower(nn.Module):
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
-        model = self._load()
+        self._load()
         chunks = [torch.empty(0, self.dim)]
         for batch in tokenized_batches(self.tokenizer, texts, self.device_marker.device, self.max_length):
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            chunks.append(F.normalize(pooled.float(), dim=-1))
+            chunks.append(self.embed_tokens(batch["input_ids"], batch["attention_mask"]))
         return torch.cat(chunks)
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids and their mask (T, S) -> unit embeddings (T, dim): the tower after its tokenizer."""
+        hidden = self._load()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled.float(), dim=-1)
+
+    def tokenizer_spec(self) -> TokenizerSpec:
+        """How ``encode`` tokenizes: the fast tokenizer and its settings (for an export without transformers)."""
+        self._load()
+        return TokenizerSpec(self.tokenizer, self.max_length, pad_to_max_length=False, attention_mask=True)
 
 
 @register_backbone("offline")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..configs import PriorConfig
 from ..errors import ClipDecoderError
-from ..prior import PriorConfig
 from ..prompts import DEFAULT_TEMPLATE_SET, TEMPLATE_SETS
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..configs import HeadConfig, PriorConfig
 from ..data.folder import LabelSplit
 from ..encoders import Backbone, create_backbone
 from ..errors import ClipDecoderError
-from ..head import HeadConfig
 from ..model import CLIPDecoder
 from ..model_folder import ModelConfig
-from ..prior import CONSE_TEMPERATURE, CONSE_TOP, PriorConfig, ZeroShotPrior, imagenet_class_names
+from ..prior import CONSE_TEMPERATURE, CONSE_TOP, ZeroShotPrior, imagenet_class_names
 from ..prompts import TEMPLATE_SETS, LabelEmbedder
 from ..thresholds import Thresholds
 from .baselines import LINEAR_EPOCHS, ConSE, LinearMap

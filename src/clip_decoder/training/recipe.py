@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from ..head import HeadConfig
+from ..configs import HeadConfig, PriorConfig
 from ..model import CLIPDecoder
-from ..prior import PriorConfig
 from ..prompts import TEMPLATE_SETS
 from .config import TrainConfig
 from .losses import LOSS_TERMS, Objective

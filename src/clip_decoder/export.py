@@ -1,0 +1,260 @@
+"""``clip-decoder export``: a model as ONNX graphs and a manifest, to run without torch (``onnx_model``).
+
+The model splits where its work does: per image (``image.onnx``: pixels -> tokens and the prior's
+vector), per label (``text.onnx``: token ids -> the label text's embedding, with ``tokenizer.json`` for
+the tokenizers library) and per pair (``scoring.onnx``: tokens x label embeddings -> probabilities,
+the decoder, the cosine skip and the prior term; ``attention.onnx``: where each label looked). Both the
+number of images and the number of labels are dynamic, so a new label needs no new export. What a
+consumer needs besides the graphs (preprocessing, templates, the prior's weights, the default decision)
+is in ``manifest.json``, readable without this package (``onnx_model.ExportFolder``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .atomic import write_file
+from .encoders.base import ExportableTextTower
+from .errors import ClipDecoderError
+from .model import CLIPDecoder
+from .model_folder import THRESHOLDS_FILE, ModelFolder
+from .onnx_model import EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, MANIFEST_FILE, TOKENIZER_FILE, ExportFolder, file_sha256
+from .prior import prior_logits
+from .thresholds import NEW_LABEL_THRESHOLD
+
+OPSET = 18
+
+
+class ImageGraph(nn.Module):
+    """Pixels (B, 3, H, W) -> the tower's tokens (B, N, D) and, when the tower has a zero-shot view, the
+    images' prior vectors (B, text_dim) at the model's temperature."""
+
+    def __init__(self, model: CLIPDecoder) -> None:
+        super().__init__()
+        self.tower, self.temperature = model.image_tower, model.scorer.prior.temperature
+        self.zero_shot = model.zero_shot if model.zero_shot.available else None
+
+    def forward(self, pixels: torch.Tensor):
+        features = self.tower(pixels)
+        if self.zero_shot is None:
+            return features.tokens.float()
+        return features.tokens.float(), self.zero_shot(features.pooled, self.temperature)
+
+
+class TextGraph(nn.Module):
+    """Token ids (and mask) (T, S) -> unit text embeddings (T, text_dim): the text tower after its tokenizer."""
+
+    def __init__(self, tower: ExportableTextTower, attention_mask: bool) -> None:
+        super().__init__()
+        self.tower, self.attention_mask = tower, attention_mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.tower.embed_tokens(input_ids, attention_mask)
+
+
+class ScoringGraph(nn.Module):
+    """Tokens (B, N, D), label embeddings (L, text_dim) and, with a prior, the images' prior vectors (B, text_dim)
+    and each label's prior weight (L,) -> probabilities (B, L), as ``Scorer.score`` gives them (no shortlist)."""
+
+    def __init__(self, model: CLIPDecoder, with_prior: bool) -> None:
+        super().__init__()
+        self.head, self.config, self.with_prior = model.head, model.scorer.prior, with_prior
+        mean = self.config.reference_mean
+        self.register_buffer("reference_mean", torch.tensor(mean, dtype=torch.float32) if mean else None)
+
+    def forward(self, tokens, label_embeddings, prior=None, prior_weights=None) -> torch.Tensor:
+        queries = self.head.queries(label_embeddings)
+        logits = self.head.decode(self.head.memory(tokens), queries).float()
+        if self.with_prior:
+            logits = logits + prior_logits(prior, queries.directions, prior_weights, self.config, self.reference_mean)
+        return torch.sigmoid(logits)
+
+
+class AttentionGraph(nn.Module):
+    """Tokens (B, N, D) and label embeddings (L, text_dim) -> each label's first-layer attention over the tokens (B, L, N)."""
+
+    def __init__(self, model: CLIPDecoder) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, tokens, label_embeddings) -> torch.Tensor:
+        return self.head.attention_maps(self.head.memory(tokens), self.head.queries(label_embeddings))
+
+
+def model_sha256(model: CLIPDecoder) -> str:
+    """A hash of what the model scores with: its config and the weights its folder holds."""
+    from safetensors.torch import save
+
+    state = {f"{name}.{key}": value.detach().cpu().contiguous()
+             for name, module in model.saved_modules().items() for key, value in module.state_dict().items()}
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    digest.update(save(state))
+    return digest.hexdigest()
+
+
+def _export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[str, dict[int, str]],
+            outputs: list[str], path: Path) -> None:
+    """One graph, weights inside, with the named dynamic axes; the exporter's own chatter is kept off stdout."""
+    dims: dict[str, torch.export.Dim] = {}
+    shapes = {name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in dynamic.get(name, {}).items()}
+              for name in inputs}
+    with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(module.eval(), kwargs=inputs, input_names=list(inputs), output_names=outputs,
+                                    dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False,
+                                    verbose=False)
+        program.save(str(path), external_data=False)
+
+
+def _shapes(inputs: dict[str, torch.Tensor], dynamic: dict[str, dict[int, str]]) -> dict[str, list]:
+    """Each input's shape for the manifest, its dynamic axes by name ("images", "labels", ...)."""
+    return {name: [dynamic.get(name, {}).get(axis, size) for axis, size in enumerate(value.shape)]
+            for name, value in inputs.items()}
+
+
+def _max_difference(path: Path, inputs: dict[str, torch.Tensor], expected) -> float:
+    """The largest absolute difference between ONNX Runtime's outputs of the graph at ``path`` and torch's."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    produced = session.run(None, {name: value.numpy() for name, value in inputs.items()})
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return max(float(np.abs(got - want.numpy()).max()) for got, want in zip(produced, expected))
+
+
+def _prepare_folder(out: Path) -> None:
+    """``out`` ready to take an export: missing, empty, or a former export (its manifest goes first, so a
+    half-written folder is never read as whole); any other folder is refused, nothing in it touched."""
+    if out.exists() and not out.is_dir():
+        raise ClipDecoderError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
+        raise ClipDecoderError(f"--out {out} is a folder that holds other files, not an export; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
+
+
+def _save_tokenizer(tower: ExportableTextTower, path: Path) -> dict:
+    """Write the text tower's tokenizer as one tokenizer.json with its truncation and padding set; its settings."""
+    from tokenizers import Tokenizer
+
+    spec = tower.tokenizer_spec()
+    backend = getattr(spec.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ClipDecoderError(f"the text tower's tokenizer ({type(spec.tokenizer).__name__}) is not a fast tokenizer:"
+                               " it cannot be saved as tokenizer.json")
+    tokenizer = Tokenizer.from_str(backend.to_str())
+    pad_id = spec.tokenizer.pad_token_id if spec.tokenizer.pad_token_id is not None else 0
+    pad_token = spec.tokenizer.pad_token or tokenizer.id_to_token(pad_id)
+    tokenizer.enable_truncation(spec.max_length)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=spec.max_length if spec.pad_to_max_length else None)
+    write_file(path, tokenizer.to_str(), fsync=False)
+    return {"max_length": spec.max_length, "pad_to_max_length": spec.pad_to_max_length,
+            "attention_mask": spec.attention_mask}
+
+
+def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", log=None) -> dict:
+    """Write ``model`` as ONNX graphs, its tokenizer and a manifest into ``out``; check each graph against torch
+    on sample inputs (the largest difference is recorded); return the manifest. ``log`` gets progress lines."""
+    log = log or (lambda text: print(text, file=sys.stderr))
+    text_tower = model.text_tower
+    if not isinstance(text_tower, ExportableTextTower):
+        raise ClipDecoderError(f"backbone {model.config.backbone!r}: its text tower has no tokenizer_spec / embed_tokens,"
+                               " so it cannot be exported")
+    out = Path(out)
+    _prepare_folder(out)
+    model.eval()
+    with_prior = model.zero_shot.available
+    if with_prior:
+        model.zero_shot.prepare()
+    preprocess = model.image_tower.preprocess
+    checks, files = {}, {}
+
+    log(f"exporting the image side ({model.image_tower.name}) ...")
+    pixels = torch.randn(2, 3, preprocess.image_size, preprocess.image_size)
+    image_graph = ImageGraph(model)
+    with torch.no_grad():
+        image_out = image_graph(pixels)
+    tokens, prior = image_out if with_prior else (image_out, None)
+    _export(image_graph, {"pixels": pixels}, {"pixels": {0: "images"}}, ["tokens", "prior"][: 1 + with_prior],
+            out / GRAPHS["image"])
+    checks["image"] = _max_difference(out / GRAPHS["image"], {"pixels": pixels}, image_out)
+    image_outputs = {"tokens": ["images", *tokens.shape[1:]], **({"prior": ["images", prior.shape[1]]} if with_prior else {})}
+
+    log(f"exporting the label side ({text_tower.name}) ...")
+    tokenizer = _save_tokenizer(text_tower, out / TOKENIZER_FILE)
+    encoded = text_tower.tokenizer_spec().tokenizer(["a photo of a cat.", "a drawing of a red bicycle.", "dog"],
+                                                    padding="max_length" if tokenizer["pad_to_max_length"] else True,
+                                                    truncation=True, max_length=tokenizer["max_length"], return_tensors="pt")
+    text_inputs = {"input_ids": encoded["input_ids"]}
+    text_dynamic = {"input_ids": {0: "texts"} if tokenizer["pad_to_max_length"] else {0: "texts", 1: "tokens"}}
+    if tokenizer["attention_mask"]:
+        text_inputs["attention_mask"] = encoded["attention_mask"]
+        text_dynamic["attention_mask"] = text_dynamic["input_ids"]
+    text_graph = TextGraph(text_tower, tokenizer["attention_mask"])
+    with torch.no_grad():
+        text_out = text_graph(**text_inputs)
+    _export(text_graph, text_inputs, text_dynamic, ["embeddings"], out / GRAPHS["text"])
+    checks["text"] = _max_difference(out / GRAPHS["text"], text_inputs, text_out)
+
+    log("exporting the scoring side (decoder head, cosine skip, prior term) ...")
+    labels = torch.nn.functional.normalize(torch.randn(3, text_tower.dim), dim=-1)
+    scoring_inputs = {"tokens": tokens, "label_embeddings": labels}
+    scoring_dynamic = {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}}
+    if with_prior:
+        scoring_inputs |= {"prior": prior, "prior_weights": torch.tensor([20.0, 10.0, 0.0])}
+        scoring_dynamic |= {"prior": {0: "images"}, "prior_weights": {0: "labels"}}
+    scoring_graph = ScoringGraph(model, with_prior)
+    with torch.no_grad():
+        scoring_out = scoring_graph(**scoring_inputs)
+    _export(scoring_graph, scoring_inputs, scoring_dynamic, ["probabilities"], out / GRAPHS["scoring"])
+    checks["scoring"] = _max_difference(out / GRAPHS["scoring"], scoring_inputs, scoring_out)
+    attention_inputs = {"tokens": tokens, "label_embeddings": labels}
+    with torch.no_grad():
+        attention_out = AttentionGraph(model)(**attention_inputs)
+    _export(AttentionGraph(model), attention_inputs, {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}},
+            ["attention"], out / GRAPHS["attention"])
+    checks["attention"] = _max_difference(out / GRAPHS["attention"], attention_inputs, attention_out)
+
+    if source:
+        thresholds = ModelFolder.find(source) / THRESHOLDS_FILE
+        if thresholds.is_file():  # for `predict --runtime onnx --calibrated`
+            shutil.copyfile(thresholds, out / THRESHOLDS_FILE)
+    for name in [*GRAPHS.values(), TOKENIZER_FILE]:
+        files[name] = {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
+    shapes = {"image": ({"pixels": pixels}, {"pixels": {0: "images"}}, image_outputs),
+              "text": (text_inputs, text_dynamic, {"embeddings": ["texts", text_tower.dim]}),
+              "scoring": (scoring_inputs, scoring_dynamic, {"probabilities": ["images", "labels"]}),
+              "attention": (attention_inputs, scoring_dynamic, {"attention": ["images", "labels", tokens.shape[1]]})}
+    config = model.config
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "exported_by": f"clip-decoder {__version__}, torch {torch.__version__}",
+        "opset": OPSET,
+        "model": {"source": str(source), "backbone": config.backbone, "sha256": model_sha256(model)},
+        "preprocess": preprocess.to_dict(),
+        "templates": list(config.templates),
+        "text": {"tokenizer": TOKENIZER_FILE, "dim": text_tower.dim, **tokenizer,
+                 "cache_key": f"onnx/{files[GRAPHS['text']]['sha256']}/{files[TOKENIZER_FILE]['sha256']}"},
+        "prior": {"view": model.image_tower.zero_shot, **config.prior.to_dict()} if with_prior else None,
+        "decision": {"trained_labels": list(config.labels), "trained_threshold": config.decision_threshold,
+                     "new_label_threshold": NEW_LABEL_THRESHOLD},
+        "graphs": {name: {"file": GRAPHS[name], "inputs": _shapes(inputs, dynamic), "outputs": outputs}
+                   for name, (inputs, dynamic, outputs) in shapes.items()},
+        "files": files,
+        "check": {"max_abs_difference": checks},
+    }
+    write_file(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    ExportFolder(out).read_manifest()  # what was written reads back
+    return manifest
