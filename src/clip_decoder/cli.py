@@ -30,12 +30,33 @@ def read_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
+def model_folder(args: argparse.Namespace):
+    """The folder --model names, checked before anything loads: a model folder (ModelFolder), or with
+    ``--runtime onnx`` an export (onnx_model.ExportFolder). Both give ``default_rule()`` and ``thresholds()``."""
+    if getattr(args, "runtime", "torch") == "onnx":
+        from .onnx_model import ExportFolder
+
+        return ExportFolder.find(args.model)
+    from .model_folder import ModelFolder
+
+    folder = ModelFolder.find(args.model)
+    folder.read_config()
+    return folder
+
+
 def load_model(args: argparse.Namespace, label_cache: Path | None = None):
-    """The model --model names, scoring with the prior --prior-weight / --prior-seen-weight ask for."""
+    """The model --model names (an export with --runtime onnx, run without torch), scoring with the prior
+    --prior-weight / --prior-seen-weight ask for."""
+    changes = prior_changes(args)
+    if getattr(args, "runtime", "torch") == "onnx":
+        from .onnx_model import OnnxModel
+
+        model = OnnxModel.load(args.model, label_cache=label_cache)
+        model.set_prior_weights(**changes)
+        return model
     from .model import CLIPDecoder
 
     model = CLIPDecoder.from_pretrained(args.model, label_cache=label_cache)
-    changes = prior_changes(args)
     if changes:
         model.set_prior(replace(model.config.prior, **changes))
     return model
@@ -49,7 +70,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .decisions import Decider
     from .heatmaps import write_heatmaps
     from .inputs import expand_images
-    from .model_folder import ModelFolder
     from .prompts import TEMPLATE_SETS
     from .thresholds import Thresholds
     from .writers import Writer
@@ -57,11 +77,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model loads.
     labels = read_labels(args)
     paths, problems = expand_images(args.images, args.images_from)  # problems: missing files, empty folders, ...
-    folder = ModelFolder.find(args.model)
+    if args.runtime == "onnx" and args.shortlist is not None:
+        raise ClipDecoderError("--shortlist is not available with --runtime onnx: the export scores every label")
+    folder = model_folder(args)
     thresholds = Thresholds.read(args.thresholds) if args.thresholds else None
     if args.calibrated:
         thresholds = folder.thresholds()
-    decider = Decider.for_options(folder.read_config().default_thresholds(), args.top_k, args.threshold, thresholds)
+    decider = Decider.for_options(folder.default_rule(), args.top_k, args.threshold, thresholds)
     writer = Writer(sys.stdout, args.format, labels, decider)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -80,11 +102,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
                     chosen = writer.write(str(paths[index]), scores)
                     if args.heatmaps:
                         write_heatmaps(args.heatmaps, str(paths[index]), labels, chosen, batch.attention[row],
-                                       model.image_tower.preprocess)
+                                       model.preprocess)
                 bar.update(len(batch.indices) + len(batch.failed))
     if failures:
         print(f"{failures} of {inputs} images failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a model as ONNX graphs and a manifest, for predict / serve --runtime onnx."""
+    from .export import export_model
+    from .model import CLIPDecoder
+
+    model = CLIPDecoder.from_pretrained(args.model)
+    manifest = export_model(model, args.out, source=args.model)
+    size = sum(entry["bytes"] for entry in manifest["files"].values())
+    worst = max(manifest["check"]["max_abs_difference"].values())
+    print(f"export written to {args.out} ({size / 2**20:.0f} MiB; largest difference from torch on sample inputs"
+          f" {worst:.1e}); run it with `clip-decoder predict --runtime onnx --model {args.out} ...`")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -226,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN = {"predict": cmd_predict, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
+RUN = {"predict": cmd_predict, "export": cmd_export, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
        "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
 
 

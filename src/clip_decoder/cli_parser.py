@@ -113,6 +113,26 @@ def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) ->
                             help="a model folder written by train or save_pretrained, or a packaged model's name")
 
 
+def add_runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                        help="torch (default): --model is a model folder; onnx: --model is a folder written by"
+                        " `clip-decoder export`, run by ONNX Runtime without torch or transformers (same options and"
+                        " outputs; no --shortlist)")
+
+
+def add_export(export: argparse.ArgumentParser) -> None:
+    """clip-decoder export"""
+    export.description = ("Write a model as ONNX graphs for running it without torch: image.onnx (pixels -> tokens "
+                          "and the prior's vector), text.onnx with tokenizer.json (new labels need no torch), "
+                          "scoring.onnx (any number of images and labels -> probabilities) and attention.onnx "
+                          "(heatmaps), plus manifest.json (preprocessing, templates, prior, default decision, "
+                          "hashes). Each graph is checked against torch on sample inputs. Run the export with "
+                          "`clip-decoder predict --runtime onnx --model OUT ...` (README, Deploying without torch).")
+    add_model_option(export, packaged=True)
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="folder to write (new, empty, or an earlier export, which is replaced)")
+
+
 def add_backbone_option(parser) -> None:
     """--backbone on ``parser`` (a parser, or a group of one)."""
     parser.add_argument("--backbone", default="offline", help="backbone name (default offline; or hf:<id or folder>)")
@@ -158,6 +178,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
                             f"images, every other label at {NEW_LABEL_THRESHOLD}. Bad images are reported on stderr "
                             "and skipped; the exit status is 1 if any failed, 2 for a usage error.")
     add_model_option(predict, packaged=True)
+    add_runtime_option(predict)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
     labels.add_argument("--labels-file", metavar="FILE", help="a text file with one label per line")
@@ -232,6 +253,7 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
                          "pixels, labels and time are bounded, and so is the queue for the model; an excess is "
                          "answered with a 4xx naming the limit.")
     add_model_option(serve, packaged=True)
+    add_runtime_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
 
@@ -361,6 +383,7 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
 
 COMMANDS = {  # name -> (one line of help, what declares its options)
     "predict": ("score labels for images", add_predict),
+    "export": ("write a model as ONNX graphs, to run without torch", add_export),
     "train": ("train on the seen labels of a dataset folder", add_train),
     "calibrate": ("choose per-label decision thresholds and store them with the model", add_calibrate),
     "serve": ("HTTP API (POST /v1/predict, GET /health) and a web page at /", add_serve),

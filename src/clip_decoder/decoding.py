@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,10 @@ from tqdm.auto import tqdm
 
 from .errors import ClipDecoderError
 from .images import ImageSource, Preprocess, load_image
+
+if TYPE_CHECKING:
+    from .prompts import LabelEmbedder
+    from .thresholds import Thresholds
 
 # One thread. Decode + preprocess costs ~4.5 ms of one core per image (an openclipart PNG for
 # the 224 px offline tower), the tower's forward ~55 ms per image on torch's 2 threads, which
@@ -128,6 +133,23 @@ def _batches(
             yield _assemble(positions, results, preprocess)
     finally:  # also when the caller stops early: drop queued work, wait for the running images
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Tagger(Protocol):
+    """What ``predict`` and ``serve`` use of a model: ``CLIPDecoder`` (torch) and ``onnx_model.OnnxModel`` keep it."""
+
+    templates: tuple[str, ...]  # the prompt templates labels are embedded through
+    preprocess: Preprocess
+    backbone: str
+    trained_labels: tuple[str, ...]
+    embed_labels: LabelEmbedder
+    text_tower: object  # ``text_tower.encode([])`` loads a text tower that loads on first use
+
+    def default_thresholds(self) -> Thresholds: ...
+
+    def predict_batches(self, images: Sequence, labels: Sequence[str], templates: Sequence[str] | None = None,
+                        batch_size: int = DEFAULT_BATCH_SIZE, shortlist: int | None = None,
+                        attention: bool = False) -> Iterator[PredictedBatch]: ...
 
 
 def image_list(images) -> list:

@@ -15,9 +15,11 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +112,26 @@ def _export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[st
     dims: dict[str, torch.export.Dim] = {}
     shapes = {name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in dynamic.get(name, {}).items()}
               for name in inputs}
-    with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), torch.no_grad():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracing notes, not the user's business
         program = torch.onnx.export(module.eval(), kwargs=inputs, input_names=list(inputs), output_names=outputs,
                                     dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False,
                                     verbose=False)
         program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    """The exporter logs warnings about optional packages (torchvision's operators) that do not apply here."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _shapes(inputs: dict[str, torch.Tensor], dynamic: dict[str, dict[int, str]]) -> dict[str, list]:

@@ -85,6 +85,28 @@ class CLIPDecoder(nn.Module):
         return cls(config, towers)
 
     @property
+    def templates(self) -> tuple[str, ...]:
+        """The prompt templates labels are embedded through (the model's own)."""
+        return self.scorer.templates
+
+    @property
+    def preprocess(self):
+        """How an image becomes the image tower's input."""
+        return self.image_tower.preprocess
+
+    @property
+    def backbone(self) -> str:
+        return self._config.backbone
+
+    @property
+    def trained_labels(self) -> tuple[str, ...]:
+        return self.scorer.trained_labels
+
+    def default_thresholds(self):
+        """The model's default decision (``predict`` and ``serve`` with no decision option)."""
+        return self._config.default_thresholds()
+
+    @property
     def embed_labels(self) -> LabelEmbedder:
         """Label names -> text embeddings through prompt templates, cached (the scorer's)."""
         return self.scorer.embed_labels

@@ -205,6 +205,10 @@ class ModelFolder:
             raise ClipDecoderError(f"{path} does not exist; run `clip-decoder calibrate --model {self.path} ...` first")
         return Thresholds.read(path)
 
+    def default_rule(self) -> Thresholds:
+        """The model's default decision (ModelConfig.default_thresholds)."""
+        return self.read_config().default_thresholds()
+
     def writable(self) -> ModelFolder:
         """This folder, if files may be added to it: a packaged model's folder is part of the library."""
         if self.packaged:

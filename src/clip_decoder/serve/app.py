@@ -29,6 +29,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..decisions import Decider
+from ..decoding import Tagger
 from ..errors import ClipDecoderError
 from ..heatmaps import heatmap
 from ..images import load_image
@@ -86,7 +87,7 @@ def embed_new_labels(model, labels: list[str], deadline: float, limits: Limits) 
 
     Those embedded stay cached, so the same request sent again goes on where this one stopped.
     """
-    templates = model.scorer.templates
+    templates = model.templates
     new = model.embed_labels.missing(labels, templates)
     for start in range(0, len(new), LABELS_PER_STEP):
         model.embed_labels.arrays(new[start : start + LABELS_PER_STEP], templates)
@@ -111,7 +112,7 @@ def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], dec
                     drawn = chosen if draw is None else draw(names, scores)
                     image = load_image(uploads[index][1], limits.max_image_pixels)
                     result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
-                                                                      model.image_tower.preprocess))
+                                                                      model.preprocess))
                                           for label in drawn}
             if time.monotonic() > deadline:  # closing() stops the decoding of the batches left
                 raise out_of_time(limits)
@@ -228,8 +229,8 @@ class ModelGate:
             self.model_lock.release()
 
 
-def create_app(model, limits: Limits = Limits()) -> FastAPI:
-    """The service around one loaded CLIPDecoder."""
+def create_app(model: Tagger, limits: Limits = Limits()) -> FastAPI:
+    """The service around one loaded model: a CLIPDecoder, or an export run by ONNX Runtime (OnnxModel)."""
     app = FastAPI(title="clip-decoder", summary="Zero-shot multi-label image tagging: a probability for any label name.")
     app.state.limits = limits  # for the server's connection limits (connections.server_options)
     model.embed_labels.max_entries = limits.max_cached_labels
@@ -238,12 +239,12 @@ def create_app(model, limits: Limits = Limits()) -> FastAPI:
     gate = ModelGate(limits.max_queue)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
     icon = resources.files(__package__).joinpath("favicon.svg").read_bytes()
-    default_rule = model.config.default_thresholds()  # the decision when a request names none
+    default_rule = model.default_thresholds()  # the decision when a request names none
 
     # async: answered on the event loop, never queued behind predictions for a worker thread
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "backbone": model.config.backbone, "trained_labels": len(model.config.labels),
+        return {"status": "ok", "backbone": model.backbone, "trained_labels": len(model.trained_labels),
                 "limits": asdict(limits)}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,0 +1,195 @@
+"""The ONNX export and the torch-free runtime: parity with the torch model on every model kind, the
+command line and the service with --runtime onnx, no torch imported, and clear errors for broken exports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_decoder import CLIPDecoder
+from clip_decoder.cli import main
+from clip_decoder.errors import ClipDecoderError
+from clip_decoder.export import export_model
+from clip_decoder.onnx_model import GRAPHS, MANIFEST_FILE, OnnxModel
+from clip_decoder.prior import imagenet_class_names
+from clip_decoder.prompts import SINGLE_TEMPLATE
+
+pytest.importorskip("onnxruntime")
+
+SEVEN = ["cat", "dog", "car", "tree", "person", "bicycle", "flower"]
+OPENCLIPART_TEST = Path(__file__).parents[1] / "data" / "openclipart" / "test.csv"
+TOLERANCE = 1e-4  # absolute, on probabilities
+
+
+def skimage_photos() -> list[Image.Image]:
+    """Real photos that ship with scikit-image (no download)."""
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("astronaut", "coffee", "chelsea", "rocket")]
+
+
+def clipart_images(count: int = 12) -> list[Path]:
+    """The OpenClipart benchmark's first test images (built by `make data/openclipart/stats.json`)."""
+    lines = OPENCLIPART_TEST.read_text(encoding="utf-8").splitlines()[1 : count + 1]
+    return [OPENCLIPART_TEST.parent / line.split(",")[0] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def packaged_export(tmp_path_factory):
+    model = CLIPDecoder.from_pretrained("openclipart")
+    out = tmp_path_factory.mktemp("packaged-export")
+    export_model(model, out, source="openclipart", log=lambda text: None)
+    return model, out
+
+
+def assert_same_scores(model, exported: OnnxModel, images, labels, templates=None) -> None:
+    expected = model.predict(images, labels, templates)
+    got = exported.predict(images, labels, templates)
+    assert got.shape == expected.shape == (len(images), len(labels))
+    assert np.abs(got - expected).max() <= TOLERANCE
+    top = min(3, len(labels))
+    assert (np.argsort(-got, axis=1, kind="stable")[:, :top] == np.argsort(-expected, axis=1, kind="stable")[:, :top]).all()
+
+
+@pytest.mark.parametrize("labels", [["cat"], SEVEN], ids=["1 label", "7 labels"])
+def test_the_packaged_model_scores_the_same_through_onnx_runtime(packaged_export, cat_photo, labels):
+    model, out = packaged_export
+    assert_same_scores(model, OnnxModel.load(out), [cat_photo, *skimage_photos()], labels)
+
+
+def test_a_thousand_labels_score_the_same_and_the_manifest_says_what_was_checked(packaged_export, cat_photo):
+    model, out = packaged_export
+    labels = list(imagenet_class_names())  # 1,000 labels, through one template to keep the test short
+    assert_same_scores(model, OnnxModel.load(out), [cat_photo, *skimage_photos()], labels, SINGLE_TEMPLATE)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["decision"]["trained_threshold"] == model.config.decision_threshold
+    assert manifest["prior"]["centring"] == model.config.prior.centring
+    assert max(manifest["check"]["max_abs_difference"].values()) < 1e-3
+
+
+@pytest.mark.skipif(not OPENCLIPART_TEST.is_file(), reason="the OpenClipart benchmark is not built (make data/openclipart/stats.json)")
+def test_clip_art_test_images_score_the_same(packaged_export):
+    model, out = packaged_export
+    assert_same_scores(model, OnnxModel.load(out), clipart_images(), SEVEN)
+
+
+@pytest.fixture(scope="module")
+def trained_export(trained, tmp_path_factory):
+    """The model trained in the tests (tiny hf CLIP towers), exported on the command line."""
+    folder, _, _ = trained
+    out = tmp_path_factory.mktemp("trained-export") / "export"
+    assert main(["export", "--model", str(folder), "--out", str(out)]) == 0
+    return folder, out
+
+
+def test_a_model_trained_in_the_test_and_an_untrained_siglip_head_score_the_same(trained_export, tiny_siglip_dir, tmp_path):
+    folder, out = trained_export
+    siglip = CLIPDecoder.create(backbone=f"hf:{tiny_siglip_dir}", dim=32, heads=4, ffn_dim=64)
+    export_model(siglip, tmp_path / "siglip", log=lambda text: None)
+    images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue", "white")] + skimage_photos()[:2]
+    for model, exported in ((CLIPDecoder.from_pretrained(folder), OnnxModel.load(out)),
+                            (siglip, OnnxModel.load(tmp_path / "siglip"))):
+        for labels in (["red"], ["red", "green", "blue", "yellow", "white", "black", "cat"]):
+            assert_same_scores(model, exported, images, labels)
+        exported.set_prior_weights(weight=0.0, seen_weight=0.0)
+        model.set_prior(type(model.config.prior).off())
+        assert_same_scores(model, exported, images, ["red", "cat"])
+
+
+def test_predict_with_onnx_runtime_prints_what_the_torch_path_prints_and_imports_no_torch(packaged_export, cat_photo,
+                                                                                          tmp_path):
+    _, out = packaged_export
+    runs = {}
+    for runtime in ("torch", "onnx"):
+        model = ["--model", str(out)] if runtime == "onnx" else []
+        script = ("import json, sys; from clip_decoder.cli import main; code = main(sys.argv[1:]);"
+                  " print(json.dumps({'code': code, 'torch': [m for m in sys.modules"
+                  " if m.split('.')[0] in ('torch', 'transformers', 'sentence_transformers')]}), file=sys.stderr)")
+        done = subprocess.run([sys.executable, "-c", script, "predict", "--runtime", runtime, *model, "--labels",
+                               "cat,dog,car", str(cat_photo), str(tmp_path / "missing.jpg")],
+                              capture_output=True, text=True, check=False)
+        runs[runtime] = (done.stdout, json.loads(done.stderr.strip().splitlines()[-1]), done.stderr)
+    (torch_out, torch_end, _), (onnx_out, onnx_end, onnx_err) = runs["torch"], runs["onnx"]
+    assert onnx_end == {"code": 1, "torch": []} and torch_end["code"] == 1 and torch_end["torch"]
+    torch_record, onnx_record = json.loads(torch_out), json.loads(onnx_out)
+    assert onnx_record["labels"] == torch_record["labels"] == ["cat"]
+    assert max(abs(onnx_record["scores"][k] - v) for k, v in torch_record["scores"].items()) <= TOLERANCE
+    assert "missing.jpg" in onnx_err and "1 of 2 images failed" in onnx_err
+
+
+def test_the_service_answers_the_same_with_either_runtime(packaged_export, cat_photo):
+    from fastapi.testclient import TestClient
+
+    from clip_decoder.serve import create_app
+
+    model, out = packaged_export
+    answers = []
+    for tagger in (model, OnnxModel.load(out)):
+        with TestClient(create_app(tagger)) as client:
+            response = client.post("/v1/predict", data={"labels": "cat,dog", "heatmaps": "true"},
+                                   files=[("images", ("cat.jpg", cat_photo.read_bytes(), "image/jpeg")),
+                                          ("images", ("broken.jpg", b"not an image", "image/jpeg"))])
+            assert response.status_code == 200
+            answers.append(response.json()["results"])
+            assert client.get("/health").json()["trained_labels"] == len(model.config.labels)
+    torch_answer, onnx_answer = answers
+    assert onnx_answer[0]["labels"] == torch_answer[0]["labels"] == ["cat"]
+    assert set(onnx_answer[0]["heatmaps"]) == set(torch_answer[0]["heatmaps"]) == {"cat", "dog"}  # (no rule asked: the best)
+    assert abs(onnx_answer[0]["scores"]["dog"] - torch_answer[0]["scores"]["dog"]) <= TOLERANCE
+    assert onnx_answer[1] == torch_answer[1]  # the broken image's error, word for word
+
+
+def test_export_on_the_command_line_and_what_it_refuses(trained_export, tmp_path, capsys):
+    folder, out = trained_export
+    assert sorted(p.name for p in out.iterdir()) == sorted([*GRAPHS.values(), MANIFEST_FILE, "tokenizer.json"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "mine")]) == 2
+    assert "holds other files" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert main(["predict", "--runtime", "onnx", "--model", str(out), "--shortlist", "2", "--labels", "red",
+                 str(out / MANIFEST_FILE)]) == 2
+    assert "--shortlist is not available with --runtime onnx" in capsys.readouterr().err
+
+
+def broken_export(source: Path, target: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    if how == "missing graph":
+        (target / GRAPHS["scoring"]).unlink()
+    elif how == "truncated graph":
+        data = (target / GRAPHS["scoring"]).read_bytes()
+        (target / GRAPHS["scoring"]).write_bytes(data[: len(data) // 2])
+    elif how == "corrupt graph":  # the right size, garbage inside
+        size = (target / GRAPHS["scoring"]).stat().st_size
+        (target / GRAPHS["scoring"]).write_bytes(b"\x07garbage" * (size // 8) + b"\x00" * (size % 8))
+    elif how == "newer manifest":
+        manifest["format_version"] = 99
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    elif how == "not a manifest":
+        (target / MANIFEST_FILE).write_text("{oops")
+    return target
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing graph", "scoring.onnx is missing"),
+    ("truncated graph", "scoring.onnx has"),
+    ("corrupt graph", "scoring.onnx: not a loadable ONNX graph"),
+    ("newer manifest", "manifest.json: format_version 99 was written by another clip-decoder"),
+    ("not a manifest", "manifest.json: not valid JSON"),
+])
+def test_a_broken_export_is_refused_in_one_line_naming_the_file(trained_export, tmp_path, capsys, cat_photo, how, message):
+    folder, out = trained_export
+    bad = broken_export(out, tmp_path / "bad", how)
+    assert main(["predict", "--runtime", "onnx", "--model", str(bad), "--labels", "red", str(cat_photo)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    with pytest.raises(ClipDecoderError, match="not an export"):
+        OnnxModel.load(folder)  # a model folder is not an export
