@@ -258,25 +258,10 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
 
     add_prior_options(serve, defaults=False, names=("weight", "seen_weight"))
+    from .serve.limits import add_limit_options
+
     add_limit_options(serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them"
                                                " at /health"))
-
-
-def add_limit_options(group) -> None:
-    """One option per service limit, generated from Limits (its default and help)."""
-    from .serve.limits import MEBIBYTE, Limits, option_flag
-
-    def mebibytes(text: str) -> int:
-        return round(float(text) * MEBIBYTE)
-
-    for item in fields(Limits):
-        if item.metadata["option"]:
-            in_mb = item.name.endswith("_bytes")
-            default = item.default // MEBIBYTE if in_mb else f"{item.default:g}" if isinstance(item.default, float) else item.default
-            metavar = "MB" if in_mb else "S" if item.name.endswith("seconds") else "N"
-            group.add_argument(option_flag(item.name), dest=item.name, default=argparse.SUPPRESS,
-                               type=mebibytes if in_mb else type(item.default), metavar=metavar,
-                               help=f"{item.metadata['help']} (default {default})")
 
 
 def add_evaluate(evaluate: argparse.ArgumentParser) -> None:

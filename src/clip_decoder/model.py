@@ -104,7 +104,7 @@ class CLIPDecoder(nn.Module):
 
     def default_thresholds(self):
         """The model's default decision (``predict`` and ``serve`` with no decision option)."""
-        return self._config.default_thresholds()
+        return self.config.default_thresholds()
 
     @property
     def embed_labels(self) -> LabelEmbedder:

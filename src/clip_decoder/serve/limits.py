@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import ClipDecoderError
 from ..images import MAX_IMAGE_PIXELS
@@ -54,3 +54,20 @@ class Limits:
                                    f" {MAX_IMAGE_PIXELS} pixels")
 
 
+
+
+def add_limit_options(group) -> None:
+    """One ``serve`` option per limit on an argparse group, generated from Limits (its default and help)."""
+    import argparse
+
+    def mebibytes(text: str) -> int:
+        return round(float(text) * MEBIBYTE)
+
+    for item in fields(Limits):
+        if item.metadata["option"]:
+            in_mb = item.name.endswith("_bytes")
+            default = item.default // MEBIBYTE if in_mb else f"{item.default:g}" if isinstance(item.default, float) else item.default
+            metavar = "MB" if in_mb else "S" if item.name.endswith("seconds") else "N"
+            group.add_argument(option_flag(item.name), dest=item.name, default=argparse.SUPPRESS,
+                               type=mebibytes if in_mb else type(item.default), metavar=metavar,
+                               help=f"{item.metadata['help']} (default {default})")
