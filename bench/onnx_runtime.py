@@ -1,9 +1,10 @@
 """ONNX Runtime against torch eager: start-up, images per second, label embedding, memory, sizes.
 
-(1) Whole processes: `clip-decoder predict --labels L IMAGE` with the packaged model (torch) and
+(1) Whole processes (started before this process loads any model): `clip-decoder predict --labels L IMAGE` with the packaged model (torch) and
 `clip-decoder predict --runtime onnx --model EXPORT ...` (its export), alternating, each with three new
 labels (an empty cache folder per run) and with the labels embedded before (a cache filled by an earlier
-run); CPU time (user + system) and peak RSS from the kernel's accounting of each process (``os.wait4``).
+run); CPU time (user + system) from the kernel's accounting of each process (``os.wait4``), peak RSS its
+VmHWM, read from /proc while it runs (wait4's maxrss also counts the RSS a child inherits at fork).
 (2) One process: images per second of `predict` at batch 1 and 8 over the first N clip-art test images
 with a fixed 100-label vocabulary (embedded before the timing), torch and ONNX Runtime called in turn
 (medians), and the largest probability difference and top-3 agreement on those images.
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import ROOT, bench_parser, check_inputs, command, interleaved_medians, machine, publish, shown
-from bench.startup import timed_run
 
+VOCABULARY = 100  # labels scored per image in the throughput: the benchmark's, then ImageNet class names
 TORCH_FREE = ["onnxruntime", "tokenizers", "numpy", "pillow", "safetensors", "tqdm"]  # what --runtime onnx imports
 
 
@@ -66,6 +68,30 @@ def installed_mib(names: set[str]) -> float:
     return total / 2**20
 
 
+def timed_run(argv: list[str], cache: Path) -> tuple[float, float, float, str]:
+    """(CPU seconds, wall seconds, peak RSS MiB, stdout) of one whole process."""
+    env = {**os.environ, "CLIP_DECODER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.DEVNULL, text=True)
+        peak_kib = 0
+        while True:  # VmHWM is gone once the process has exited (a zombie has no memory)
+            try:
+                status = Path(f"/proc/{process.pid}/status").read_text()
+                peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError):
+                break
+            time.sleep(0.002)
+        _, code, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(code)
+        out.seek(0)
+        printed = out.read()
+    if process.returncode != 0:
+        sys.exit(f"error: {' '.join(argv)} exited with {process.returncode}")
+    return usage.ru_utime + usage.ru_stime, wall, peak_kib / 1024, printed
+
+
 def process_rows(export: Path, image: Path, labels: str, runs: int) -> dict[str, list[tuple]]:
     """(CPU s, wall s, peak RSS MiB) per run of each (runtime, new / embedded) case, and the printed scores."""
     argv = {"torch": [sys.executable, "-m", "clip_decoder", "predict", "--labels", labels, str(image)],
@@ -96,30 +122,28 @@ def main() -> None:
     parser.add_argument("--labels", default="cat,dog,car", help="the start-up's three labels")
     parser.add_argument("--image", type=Path, default=ROOT / "tests" / "data" / "chelsea-cat.jpg")
     args = parser.parse_args()
-    check_inputs(args.data)
+    check_inputs(args.data, split=args.data / "splits" / "default.json")
     os.environ["HF_HUB_OFFLINE"] = "1"
     from clip_decoder import CLIPDecoder
-    from clip_decoder.export import export_model
     from clip_decoder.onnx_model import OnnxModel
+    from clip_decoder.prior import imagenet_class_names
 
-    model = CLIPDecoder.from_pretrained("openclipart")
     scratch = tempfile.TemporaryDirectory(prefix="clip-decoder-export-")
     export_seconds = None
     if args.export is None or not (args.export / "manifest.json").is_file():
         export = args.export or Path(scratch.name) / "export"
         started = time.perf_counter()
-        export_model(model, export, source="openclipart")
+        subprocess.run([sys.executable, "-m", "clip_decoder", "export", "--out", str(export)], check=True)
         export_seconds = time.perf_counter() - started
     else:
         export = args.export
-    exported = OnnxModel.load(export)
-
     rows, startup_difference = process_rows(export, args.image, args.labels, args.runs)
+    model, exported = CLIPDecoder.from_pretrained("openclipart"), OnnxModel.load(export)
 
     lines = (args.data / "test.csv").read_text(encoding="utf-8").splitlines()[1 : args.images + 1]
     images = [args.data / line.split(",")[0] for line in lines]
-    vocabulary = sorted(json.loads((args.data / "splits" / "all.json").read_text())["seen"])[:100] \
-        if (args.data / "splits" / "all.json").is_file() else sorted(json.loads((args.data / "splits" / "default.json").read_text())["seen"])[:100]
+    split = json.loads((args.data / "splits" / "default.json").read_text())
+    vocabulary = list(dict.fromkeys([*sorted(split["seen"] + split["unseen"]), *imagenet_class_names()]))[:VOCABULARY]
     expected, got = model.predict(images, vocabulary), exported.predict(images, vocabulary)  # (also embeds the vocabulary)
     top3 = float((np.argsort(-expected, 1)[:, :3] == np.argsort(-got, 1)[:, :3]).all(1).mean())
     throughput = {}

@@ -147,7 +147,8 @@ def test_the_service_answers_the_same_with_either_runtime(packaged_export, cat_p
 
 def test_export_on_the_command_line_and_what_it_refuses(trained_export, tmp_path, capsys):
     folder, out = trained_export
-    assert sorted(p.name for p in out.iterdir()) == sorted([*GRAPHS.values(), MANIFEST_FILE, "tokenizer.json"])
+    graphs = [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values())]  # each graph's weights beside it
+    assert sorted(p.name for p in out.iterdir()) == sorted([*graphs, MANIFEST_FILE, "tokenizer.json"])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "mine")]) == 2
@@ -167,6 +168,9 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
     elif how == "truncated graph":
         data = (target / GRAPHS["scoring"]).read_bytes()
         (target / GRAPHS["scoring"]).write_bytes(data[: len(data) // 2])
+    elif how == "truncated weights":
+        with open(target / f"{GRAPHS['text']}.data", "r+b") as f:
+            f.truncate(100)
     elif how == "corrupt graph":  # the right size, garbage inside
         size = (target / GRAPHS["scoring"]).stat().st_size
         (target / GRAPHS["scoring"]).write_bytes(b"\x07garbage" * (size // 8) + b"\x00" * (size % 8))
@@ -181,6 +185,7 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
 @pytest.mark.parametrize("how, message", [
     ("missing graph", "scoring.onnx is missing"),
     ("truncated graph", "scoring.onnx has"),
+    ("truncated weights", "text.onnx.data has"),
     ("corrupt graph", "scoring.onnx: not a loadable ONNX graph"),
     ("newer manifest", "manifest.json: format_version 99 was written by another clip-decoder"),
     ("not a manifest", "manifest.json: not valid JSON"),
@@ -193,3 +198,17 @@ def test_a_broken_export_is_refused_in_one_line_naming_the_file(trained_export, 
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     with pytest.raises(ClipDecoderError, match="not an export"):
         OnnxModel.load(folder)  # a model folder is not an export
+
+
+def test_the_readme_snippet_scores_a_photo_with_only_onnxruntime_numpy_pillow_and_tokenizers(packaged_export, cat_photo):
+    model, out = packaged_export
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("<!-- onnx-snippet:start -->")[1].split("<!-- onnx-snippet:end -->")[0]
+    snippet = snippet.split("```python")[1].split("```")[0].replace('"my-export"', repr(str(out)))
+    snippet = snippet.replace('"photo.jpg"', repr(str(cat_photo)))
+    check = ("\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers',"
+             " 'clip_decoder')], 'imported'")
+    done = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True, check=True)
+    printed = json.loads(done.stdout.strip().replace("'", '"'))
+    expected = model.predict([cat_photo], list(printed))[0]
+    assert np.abs(np.array(list(printed.values())) - expected).max() <= 5e-4 + TOLERANCE  # (printed to 3 decimals)

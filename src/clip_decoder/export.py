@@ -108,7 +108,8 @@ def model_sha256(model: CLIPDecoder) -> str:
 
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[str, dict[int, str]],
             outputs: list[str], path: Path) -> None:
-    """One graph, weights inside, with the named dynamic axes; the exporter's own chatter is kept off stdout."""
+    """One graph with the named dynamic axes, its weights beside it in ``path.data`` (ONNX Runtime maps that file:
+    a start-up's peak memory holds one copy of the weights, not two); the exporter's own chatter is kept off stdout."""
     dims: dict[str, torch.export.Dim] = {}
     shapes = {name: {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in dynamic.get(name, {}).items()}
               for name in inputs}
@@ -117,7 +118,7 @@ def _export(module: nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[st
         program = torch.onnx.export(module.eval(), kwargs=inputs, input_names=list(inputs), output_names=outputs,
                                     dynamic_shapes=shapes, opset_version=OPSET, dynamo=True, external_data=False,
                                     verbose=False)
-        program.save(str(path), external_data=False)
+        program.save(str(path), external_data=True)  # weights in PATH.data: ONNX Runtime maps them, no copy
 
 
 @contextlib.contextmanager
@@ -247,7 +248,7 @@ def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", l
         thresholds = ModelFolder.find(source) / THRESHOLDS_FILE
         if thresholds.is_file():  # for `predict --runtime onnx --calibrated`
             shutil.copyfile(thresholds, out / THRESHOLDS_FILE)
-    for name in [*GRAPHS.values(), TOKENIZER_FILE]:
+    for name in [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values()), TOKENIZER_FILE]:
         files[name] = {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
     shapes = {"image": ({"pixels": pixels}, {"pixels": {0: "images"}}, image_outputs),
               "text": (text_inputs, text_dynamic, {"embeddings": ["texts", text_tower.dim]}),
@@ -263,7 +264,7 @@ def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", l
         "preprocess": preprocess.to_dict(),
         "templates": list(config.templates),
         "text": {"tokenizer": TOKENIZER_FILE, "dim": text_tower.dim, **tokenizer,
-                 "cache_key": f"onnx/{files[GRAPHS['text']]['sha256']}/{files[TOKENIZER_FILE]['sha256']}"},
+                 "cache_key": f"onnx/{files[GRAPHS['text'] + '.data']['sha256']}/{files[TOKENIZER_FILE]['sha256']}"},
         "prior": {"view": model.image_tower.zero_shot, **config.prior.to_dict()} if with_prior else None,
         "decision": {"trained_labels": list(config.labels), "trained_threshold": config.decision_threshold,
                      "new_label_threshold": NEW_LABEL_THRESHOLD},

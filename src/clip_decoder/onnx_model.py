@@ -31,10 +31,6 @@ GRAPHS = {"image": "image.onnx", "text": "text.onnx", "scoring": "scoring.onnx",
 # (image, label) pairs scored per run of the scoring graph, as the torch scorer chunks them (scoring.PAIRS_PER_CHUNK)
 PAIRS_PER_CHUNK = 16_384
 TEXTS_PER_BATCH = 128  # prompts per run of the text graph
-# Graphs run at ONNX Runtime's basic optimisation level: at the full level it pre-packs a copy of the text
-# graph's weights for faster matrix products, ~30 MiB more peak memory for a start-up that embeds a few labels
-# (which are then cached); the image graph keeps the full level, which doubles its speed (docs/BENCHMARKS.md).
-BASIC_OPTIMISATION = {"text"}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -102,11 +98,8 @@ class ExportFolder:
         path = self / GRAPHS[graph]
         if not path.is_file():
             raise ClipDecoderError(f"{path} is missing: the export is incomplete; export the model again")
-        options = onnxruntime.SessionOptions()
-        if graph in BASIC_OPTIMISATION:
-            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
-            return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own types for a corrupt or foreign graph
             raise ClipDecoderError(f"{path}: not a loadable ONNX graph ({' '.join(str(error).split())[:300]})") from error
 
