@@ -212,3 +212,12 @@ def test_the_readme_snippet_scores_a_photo_with_only_onnxruntime_numpy_pillow_an
     printed = json.loads(done.stdout.strip().replace("'", '"'))
     expected = model.predict([cat_photo], list(printed))[0]
     assert np.abs(np.array(list(printed.values())) - expected).max() <= 5e-4 + TOLERANCE  # (printed to 3 decimals)
+
+
+def test_an_install_without_torch_says_so_in_one_line_and_points_to_the_onnx_runtime(cat_photo):
+    script = ("import sys; sys.modules['torch'] = None; from clip_decoder.cli import main;"
+              f" sys.exit(main(['predict', '--labels', 'cat', {str(cat_photo)!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: `clip-decoder predict` needs the torch package, which is not installed (an install without torch runs"
+        " exports: `predict` / `serve --runtime onnx --model EXPORT_DIR`)"]

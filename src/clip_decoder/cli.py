@@ -269,9 +269,18 @@ RUN = {"predict": cmd_predict, "export": cmd_export, "train": cmd_train, "calibr
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    name = command if command in COMMANDS else ""  # no known command (--help, --version): no command's options
     try:
+        args = build_parser(name).parse_args(argv)  # (a command's options may import what it needs)
         return RUN[args.command](args)
+    except ModuleNotFoundError as error:  # an install without some requirement (e.g. the torch-free one)
+        if not error.name or error.name.startswith("clip_decoder"):
+            raise
+        hint = (" (an install without torch runs exports: `predict` / `serve --runtime onnx --model EXPORT_DIR`)"
+                if error.name in ("torch", "transformers") else "")
+        print(f"error: `clip-decoder {name}` needs the {error.name} package, which is not installed{hint}",
+              file=sys.stderr)
+        return 2
     except (ClipDecoderError, OSError) as error:  # one line, no traceback, even for messages that quote several
         # OSError: a path the user gave that cannot be written or read (its message names it).
         print("error: " + " ".join(line.strip() for line in str(error).splitlines()), file=sys.stderr)

@@ -380,7 +380,8 @@ COMMANDS = {  # name -> (one line of help, what declares its options)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser, or with ``command`` one whose other commands are declared without their options."""
+    """The whole parser, or with ``command`` one whose other commands are declared without their options
+    (``""``: no command's options, for the top-level --help)."""
     parser = argparse.ArgumentParser(
         prog="clip-decoder",
         description="Zero-shot multi-label image classification: a probability for any label name.",

@@ -21,7 +21,10 @@ from .images import Preprocess, load_image
 def heatmap(image: Image.Image, weights: np.ndarray, preprocess: Preprocess, opacity: float = 0.55) -> Image.Image:
     """One label's attention weights over the image tokens (N,), upsampled and overlaid on the
     image as the tower saw it (resized and cropped); brighter is more attention."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as error:  # an install without it (the torch-free one) still tags
+        raise ClipDecoderError("heatmaps need the matplotlib package, which is not installed") from error
 
     side = math.isqrt(len(weights))
     if side * side != len(weights):
