@@ -221,3 +221,20 @@ def test_an_install_without_torch_says_so_in_one_line_and_points_to_the_onnx_run
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: `clip-decoder predict` needs the torch package, which is not installed (an install without torch runs"
         " exports: `predict` / `serve --runtime onnx --model EXPORT_DIR`)"]
+
+
+def test_the_service_runs_an_export_without_importing_torch(packaged_export, cat_photo):
+    _, out = packaged_export
+    script = f"""
+import sys
+from fastapi.testclient import TestClient
+from clip_decoder.onnx_model import OnnxModel
+from clip_decoder.serve import create_app
+with TestClient(create_app(OnnxModel.load({str(out)!r}))) as client:
+    answer = client.post("/v1/predict", data={{"labels": "cat,dog"}},
+                         files=[("images", ("cat.jpg", open({str(cat_photo)!r}, "rb").read(), "image/jpeg"))])
+assert answer.json()["results"][0]["labels"] == ["cat"], answer.text
+print([m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sentence_transformers")])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
