@@ -16,7 +16,7 @@ from clip_decoder import CLIPDecoder
 from clip_decoder.cli import main
 from clip_decoder.errors import ClipDecoderError
 from clip_decoder.export import export_model
-from clip_decoder.onnx_model import GRAPHS, MANIFEST_FILE, OnnxModel
+from clip_decoder.onnx_model import GRAPHS, MANIFEST_FILE, OnnxModel, file_sha256
 from clip_decoder.prior import imagenet_class_names
 from clip_decoder.prompts import SINGLE_TEMPLATE
 
@@ -174,6 +174,16 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
     elif how == "corrupt graph":  # the right size, garbage inside
         size = (target / GRAPHS["scoring"]).stat().st_size
         (target / GRAPHS["scoring"]).write_bytes(b"\x07garbage" * (size // 8) + b"\x00" * (size % 8))
+    elif how == "corrupt weights":  # one byte changed: the size is right
+        with open(target / f"{GRAPHS['image']}.data", "r+b") as f:
+            f.seek(1000)
+            byte = f.read(1)
+            f.seek(1000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif how == "graph that does not load":  # e.g. a graph this onnxruntime cannot read; its hash made to fit
+        (target / GRAPHS["scoring"]).write_bytes(b"not a graph")
+        manifest["files"][GRAPHS["scoring"]] = {"bytes": 11, "sha256": file_sha256(target / GRAPHS["scoring"])}
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     elif how == "newer manifest":
         manifest["format_version"] = 99
         (target / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -186,7 +196,9 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
     ("missing graph", "scoring.onnx is missing"),
     ("truncated graph", "scoring.onnx has"),
     ("truncated weights", "text.onnx.data has"),
-    ("corrupt graph", "scoring.onnx: not a loadable ONNX graph"),
+    ("corrupt graph", "scoring.onnx does not match its sha256 in the manifest"),
+    ("corrupt weights", "image.onnx.data does not match its sha256 in the manifest"),
+    ("graph that does not load", "scoring.onnx: not a loadable ONNX graph"),
     ("newer manifest", "manifest.json: format_version 99 was written by another clip-decoder"),
     ("not a manifest", "manifest.json: not valid JSON"),
 ])

@@ -33,7 +33,7 @@ def read_labels(args: argparse.Namespace) -> list[str]:
 def model_folder(args: argparse.Namespace):
     """The folder --model names, checked before anything loads: a model folder (ModelFolder), or with
     ``--runtime onnx`` an export (onnx_model.ExportFolder). Both give ``default_rule()`` and ``thresholds()``."""
-    if getattr(args, "runtime", "torch") == "onnx":
+    if args.runtime == "onnx":
         from .onnx_model import ExportFolder
 
         return ExportFolder.find(args.model)
@@ -48,7 +48,7 @@ def load_model(args: argparse.Namespace, label_cache: Path | None = None):
     """The model --model names (an export with --runtime onnx, run without torch), scoring with the prior
     --prior-weight / --prior-seen-weight ask for."""
     changes = prior_changes(args)
-    if getattr(args, "runtime", "torch") == "onnx":
+    if args.runtime == "onnx":
         from .onnx_model import OnnxModel
 
         model = OnnxModel.load(args.model, label_cache=label_cache)

@@ -91,8 +91,9 @@ def decoded_batches(
 
     ``sources`` may be anything ``load_image`` accepts (paths, bytes, binary files, PIL images);
     it is read lazily. Each image becomes ``preprocess(load_image(source))``; the rows are equal
-    to ``preprocess.arrays`` of the decoded images (torch callers wrap them: ``torch.from_numpy``). An image that cannot be used is reported in
-    ``failed`` (a batch may then be short, or even empty) and the rest carry on. While the caller
+    to ``preprocess.arrays`` of the decoded images (torch callers wrap them: ``torch.from_numpy``). An
+    image that cannot be used is reported in ``failed`` (a batch may then be short, or even empty) and
+    the rest carry on. While the caller
     works on one batch, ``workers`` threads decode the next ``prefetch`` (>= 1) batches. ``workers=0``
     decodes each batch in the caller's thread when it is asked for (no threads, no overlap). In
     threaded mode a file object or not-yet-loaded PIL image must not appear twice in ``sources``:

@@ -46,6 +46,7 @@ class ExportFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._manifest: dict | None = None
 
     @classmethod
     def find(cls, path: str | os.PathLike) -> ExportFolder:
@@ -78,7 +79,7 @@ class ExportFolder:
                                    f" reads up to {EXPORT_VERSION}); export the model again with this version")
         try:
             files = {name: int(entry["bytes"]) for name, entry in manifest["files"].items()}
-            for key in ("preprocess", "templates", "text", "prior", "decision", "graphs"):
+            for key in ("model", "preprocess", "templates", "text", "prior", "decision", "graphs"):
                 manifest[key]  # noqa: B018 (present)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ClipDecoderError(f"{path}: not a complete export manifest (missing or bad {error})") from error
@@ -89,15 +90,31 @@ class ExportFolder:
             if file.stat().st_size != size:
                 raise ClipDecoderError(f"{file} has {file.stat().st_size} bytes, the manifest says {size}: the export"
                                        " is damaged or incomplete; export the model again")
+        self._manifest = manifest
         return manifest
+
+    @property
+    def manifest(self) -> dict:
+        """The checked manifest, read once."""
+        return self._manifest or self.read_manifest()
+
+    def checked(self, name: str) -> Path:
+        """The path of one of the export's files, its contents checked against the manifest's sha256 (a file is
+        checked when it is first used: a damaged one is refused, naming it, instead of scoring wrongly)."""
+        path, entry = self / name, self.manifest["files"].get(name)
+        if entry is None:
+            raise ClipDecoderError(f"{self / MANIFEST_FILE} does not list {name}: not an export of this version")
+        if file_sha256(path) != entry.get("sha256"):
+            raise ClipDecoderError(f"{path} does not match its sha256 in the manifest: the export is damaged;"
+                                   " export the model again")
+        return path
 
     def session(self, graph: str):
         """An ONNX Runtime session of one of GRAPHS; a file that does not load is named in the error."""
         import onnxruntime
 
-        path = self / GRAPHS[graph]
-        if not path.is_file():
-            raise ClipDecoderError(f"{path} is missing: the export is incomplete; export the model again")
+        path = self.checked(GRAPHS[graph])
+        self.checked(f"{GRAPHS[graph]}.data")  # its weights
         try:
             return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own types for a corrupt or foreign graph
@@ -105,7 +122,7 @@ class ExportFolder:
 
     def default_rule(self) -> Thresholds:
         """The model's default decision, as its manifest records it (ModelConfig.default_thresholds)."""
-        decision = self.read_manifest()["decision"]
+        decision = self.manifest["decision"]
         return model_rule(decision["trained_labels"], decision["trained_threshold"])
 
     def thresholds(self) -> Thresholds:
@@ -134,7 +151,7 @@ class OnnxTextTower:
         if self._session is None:
             from tokenizers import Tokenizer
 
-            path = self.folder / TOKENIZER_FILE
+            path = self.folder.checked(TOKENIZER_FILE)
             try:
                 self._tokenizer = Tokenizer.from_file(str(path))
             except Exception as error:  # the tokenizers library raises its own exception type
@@ -156,16 +173,21 @@ class OnnxModel:
 
     def __init__(self, folder: ExportFolder, label_cache: str | os.PathLike | None = None) -> None:
         """``label_cache``: a folder keeping label embeddings on disk across processes, as CLIPDecoder's."""
-        manifest = folder.read_manifest()
-        self.folder, self.manifest = folder, manifest
-        self.preprocess = Preprocess.from_dict(manifest["preprocess"])
-        self.templates = check_templates(manifest["templates"])
-        self.trained_labels = tuple(manifest["decision"]["trained_labels"])
-        self.backbone = str(manifest["model"]["backbone"])
-        prior = manifest["prior"]
-        self.has_prior = prior is not None
-        self.prior_weight, self.prior_seen_weight = (float(prior["weight"]), float(prior["seen_weight"])) if prior else (0.0, 0.0)
-        self.text_tower = OnnxTextTower(folder, manifest)
+        manifest = folder.manifest
+        self.folder = folder
+        try:
+            self.preprocess = Preprocess.from_dict(manifest["preprocess"])
+            self.templates = check_templates(manifest["templates"])
+            self.trained_labels = tuple(check_labels(manifest["decision"]["trained_labels"]))
+            self.backbone = str(manifest["model"]["backbone"])
+            prior = manifest["prior"]
+            self.has_prior = prior is not None
+            self.prior_weight, self.prior_seen_weight = (0.0, 0.0)
+            if prior is not None:
+                self.set_prior_weights(prior["weight"], prior["seen_weight"])
+            self.text_tower = OnnxTextTower(folder, manifest)
+        except (ClipDecoderError, KeyError, TypeError, ValueError) as error:
+            raise ClipDecoderError(f"{folder / MANIFEST_FILE}: not a valid export manifest ({error})") from error
         self.embed_labels = LabelEmbedder(self.text_tower, folder=label_cache)
         self._image, self._scoring = folder.session("image"), folder.session("scoring")
         self._attention = None
@@ -179,6 +201,8 @@ class OnnxModel:
         """The prior's weights for new and for trained labels (None: keep the model's own)."""
         weight = self.prior_weight if weight is None else float(weight)
         seen_weight = self.prior_seen_weight if seen_weight is None else float(seen_weight)
+        if not (weight >= 0 and seen_weight >= 0):
+            raise ClipDecoderError(f"prior weights must be >= 0, got weight {weight}, seen_weight {seen_weight}")
         if (weight or seen_weight) and not self.has_prior:
             raise ClipDecoderError(f"{self.backbone}'s image tower gives no zero-shot prior; turn the prior off (weights 0)")
         self.prior_weight, self.prior_seen_weight = weight, seen_weight
