@@ -79,11 +79,18 @@ def test_clip_art_test_images_score_the_same(packaged_export):
     assert_same_scores(model, OnnxModel.load(out), clipart_images(), SEVEN)
 
 
+CALIBRATED = {"labels": {"red": 0.001}, "default": 0.999, "new_labels": 0.999, "trained_labels": ["red", "green"]}
+
+
 @pytest.fixture(scope="module")
 def trained_export(trained, tmp_path_factory):
-    """The model trained in the tests (tiny hf CLIP towers), exported on the command line."""
-    folder, _, _ = trained
-    out = tmp_path_factory.mktemp("trained-export") / "export"
+    """The model trained in the tests (tiny hf CLIP towers), with a calibration table, exported on the command line."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("trained-export")
+    folder, out = root / "model", root / "export"
+    shutil.copytree(trained[0], folder)
+    (folder / "thresholds.json").write_text(json.dumps(CALIBRATED))
     assert main(["export", "--model", str(folder), "--out", str(out)]) == 0
     return folder, out
 
@@ -148,7 +155,13 @@ def test_the_service_answers_the_same_with_either_runtime(packaged_export, cat_p
 def test_export_on_the_command_line_and_what_it_refuses(trained_export, tmp_path, capsys):
     folder, out = trained_export
     graphs = [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values())]  # each graph's weights beside it
-    assert sorted(p.name for p in out.iterdir()) == sorted([*graphs, MANIFEST_FILE, "tokenizer.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*graphs, MANIFEST_FILE, "tokenizer.json", "thresholds.json"])
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (32, 32), "blue").save(image)
+    for runtime, model in (("torch", folder), ("onnx", out)):  # the calibration travels with the export
+        assert main(["predict", "--runtime", runtime, "--model", str(model), "--calibrated", "--labels", "red,green",
+                     str(image)]) == 0
+        assert json.loads(capsys.readouterr().out)["labels"] == ["red"]  # red at 0.001, green at 0.999
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "mine")]) == 2

@@ -30,6 +30,19 @@ def read_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
+def check_tagger_options(args: argparse.Namespace) -> None:
+    """What --backbone (a tower alone) and --runtime onnx cannot be asked for, refused before anything loads."""
+    if args.backbone:
+        options = {"--runtime onnx": args.runtime == "onnx", "--prior-weight": args.prior_weight is not None,
+                   "--prior-seen-weight": args.prior_seen_weight is not None,
+                   "--calibrated": getattr(args, "calibrated", False), "--heatmaps": getattr(args, "heatmaps", None)}
+        asked = [option for option, given in options.items() if given]  # (serve has no --calibrated, --heatmaps)
+        if asked:
+            raise ClipDecoderError(f"{asked[0]} needs a trained model (--model); --backbone tags with the tower alone")
+    if args.runtime == "onnx" and getattr(args, "shortlist", None) is not None:
+        raise ClipDecoderError("--shortlist is not available with --runtime onnx: the export scores every label")
+
+
 def model_folder(args: argparse.Namespace):
     """The folder --model names, checked before anything loads: a model folder (ModelFolder), or with
     ``--runtime onnx`` an export (onnx_model.ExportFolder). Both give ``default_rule()`` and ``thresholds()``."""
@@ -46,7 +59,11 @@ def model_folder(args: argparse.Namespace):
 
 def load_model(args: argparse.Namespace, label_cache: Path | None = None):
     """The model --model names (an export with --runtime onnx, run without torch), scoring with the prior
-    --prior-weight / --prior-seen-weight ask for."""
+    --prior-weight / --prior-seen-weight ask for; or with --backbone, that tower alone (zero_shot)."""
+    if args.backbone:
+        from .zero_shot import ZeroShotTagger
+
+        return ZeroShotTagger.load(args.backbone, label_cache=label_cache)
     changes = prior_changes(args)
     if args.runtime == "onnx":
         from .onnx_model import OnnxModel
@@ -77,13 +94,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Everything the user gave is checked before the model loads.
     labels = read_labels(args)
     paths, problems = expand_images(args.images, args.images_from)  # problems: missing files, empty folders, ...
-    if args.runtime == "onnx" and args.shortlist is not None:
-        raise ClipDecoderError("--shortlist is not available with --runtime onnx: the export scores every label")
-    folder = model_folder(args)
+    check_tagger_options(args)
+    default_rule = Thresholds() if args.backbone else model_folder(args).default_rule()  # (a tower alone: 0.5)
     thresholds = Thresholds.read(args.thresholds) if args.thresholds else None
     if args.calibrated:
-        thresholds = folder.thresholds()
-    decider = Decider.for_options(folder.default_rule(), args.top_k, args.threshold, thresholds)
+        thresholds = model_folder(args).thresholds()
+    decider = Decider.for_options(default_rule, args.top_k, args.threshold, thresholds)
     writer = Writer(sys.stdout, args.format, labels, decider)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -201,10 +217,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .serve import Limits, create_app, fit_file_limit, server_options
 
+    check_tagger_options(args)
     limits = Limits(**{name: value for name, value in vars(args).items() if name.startswith("max_")})
     fit_file_limit(limits)
     app = create_app(load_model(args), limits)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
+    print(f"serving {args.backbone or args.model} at http://{args.host}:{args.port}/ (API docs at /docs, limits at /health)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **server_options(limits))
     return 0
 

@@ -104,10 +104,13 @@ def training_config(args: argparse.Namespace, **fixed):
 
 
 def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) -> None:
-    if packaged:
-        parser.add_argument("--model", metavar="DIR", default=PACKAGED_MODELS[0],
-                            help=f"a model folder, or a packaged model's name (default {PACKAGED_MODELS[0]}: the offline"
-                            " towers with a head trained on the whole OpenClipart benchmark)")
+    if packaged:  # predict and serve: a model, or a tower alone
+        which = parser.add_mutually_exclusive_group()
+        which.add_argument("--model", metavar="DIR", default=PACKAGED_MODELS[0],
+                           help=f"a model folder, or a packaged model's name (default {PACKAGED_MODELS[0]}: the offline"
+                           " towers with a head trained on the whole OpenClipart benchmark)")
+        which.add_argument("--backbone", metavar="NAME", help="no trained head: tag with this tower's own zero-shot view"
+                           " (hf:<hub id or folder> of a CLIP or SigLIP model; README, Zero-shot with a tower alone)")
     else:
         parser.add_argument("--model", metavar="DIR", required=True,
                             help="a model folder written by train or save_pretrained, or a packaged model's name")

@@ -31,7 +31,9 @@ class ImageTower(Protocol):
     ``zero_shot`` declares how the tower sees an image with no training (the zero-shot prior,
     prior.py): ``"imagenet"``, it has an ImageNet classifier and implements ``ImageNetClassifier``
     (CONSE's view); ``"joint"``, its pooled vector lives in its text tower's embedding space
-    (CLIP, SigLIP); ``None``, neither, and models on it keep the prior off.
+    (CLIP, SigLIP); ``None``, neither, and models on it keep the prior off. A joint tower may also
+    give ``logit_scale`` and ``logit_bias`` (None without one): what its training made of a cosine,
+    for tagging with no trained head (``zero_shot.ZeroShotTagger``).
     ``create_backbone`` checks the declaration (``check_backbone``).
     """
 

@@ -62,6 +62,11 @@ class HFImageTower(nn.Module):
         self.dim = model.config.projection_dim if self.projection is not None else (
             model.config.vision_config.hidden_size
         )
+        # What the model's training made of a cosine (zero_shot.ZeroShotTagger): CLIP's softmax scale; SigLIP's
+        # sigmoid scale and bias, an independent probability per label.
+        self.logit_scale = float(model.logit_scale.detach().exp())
+        bias = getattr(model, "logit_bias", None)
+        self.logit_bias = None if bias is None else float(bias.detach())
 
     def trainable_blocks(self) -> list[nn.Module]:
         """The tower in training order, input to output: embeddings, each layer, final norms."""

@@ -108,7 +108,7 @@ def score_uploads(model, uploads: list[tuple[str, bytes]], names: list[str], dec
             for row, (index, scores) in enumerate(zip(batch.indices, batch.scores)):
                 chosen = decider(names, scores)
                 result = results[index] = result_record(uploads[index][0], names, scores, chosen)
-                if heatmaps:
+                if heatmaps and batch.attention is not None:  # (a tower alone, no head: no attention to show)
                     drawn = chosen if draw is None else draw(names, scores)
                     image = load_image(uploads[index][1], limits.max_image_pixels)
                     result["heatmaps"] = {label: png_data_url(heatmap(image, batch.attention[row][names.index(label)],
@@ -265,7 +265,7 @@ def create_app(model: Tagger, limits: Limits = Limits()) -> FastAPI:
                                        " with neither, the model's own rule decides (as predict's)"),
         heatmaps: bool = Form(False, description="add a PNG (data URL) per decided label; with no top_k or"
                                                   " threshold, for the best labels up to the server's limit (20 by"
-                                                  " default)"),
+                                                  " default); none from a tower served alone (--backbone: no head)"),
     ) -> dict:
         deadline = request.state.deadline
         names = parse_labels(labels, limits)
