@@ -102,8 +102,8 @@ def test_a_model_trained_in_the_test_and_an_untrained_siglip_head_score_the_same
     images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue", "white")] + skimage_photos()[:2]
     for model, exported in ((CLIPDecoder.from_pretrained(folder), OnnxModel.load(out)),
                             (siglip, OnnxModel.load(tmp_path / "siglip"))):
-        for labels in (["red"], ["red", "green", "blue", "yellow", "white", "black", "cat"]):
-            assert_same_scores(model, exported, images, labels)
+        for labels in (["red"], ["red", "green", "blue", "yellow", "white", "black", "cat"], list(imagenet_class_names())):
+            assert_same_scores(model, exported, images, labels)  # 1, 7 and 1,000 labels
         exported.set_prior_weights(weight=0.0, seen_weight=0.0)
         model.set_prior(type(model.config.prior).off())
         assert_same_scores(model, exported, images, ["red", "cat"])
