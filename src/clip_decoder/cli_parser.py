@@ -103,14 +103,18 @@ def training_config(args: argparse.Namespace, **fixed):
     return TrainConfig(**{**values, **fixed}, head=head, prior=PriorConfig(**prior_changes(args)))
 
 
-def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False) -> None:
-    if packaged:  # predict and serve: a model, or a tower alone
-        which = parser.add_mutually_exclusive_group()
+def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False, tower_alone: bool = False) -> None:
+    """--model (``packaged``: defaulting to the packaged model); with ``tower_alone`` (predict and serve), or
+    --backbone instead."""
+    if packaged:
+        which = parser.add_mutually_exclusive_group() if tower_alone else parser
         which.add_argument("--model", metavar="DIR", default=PACKAGED_MODELS[0],
                            help=f"a model folder, or a packaged model's name (default {PACKAGED_MODELS[0]}: the offline"
                            " towers with a head trained on the whole OpenClipart benchmark)")
-        which.add_argument("--backbone", metavar="NAME", help="no trained head: tag with this tower's own zero-shot view"
-                           " (hf:<hub id or folder> of a CLIP or SigLIP model; README, Zero-shot with a tower alone)")
+        if tower_alone:
+            which.add_argument("--backbone", metavar="NAME", help="no trained head: tag with this tower's own zero-shot"
+                               " view (hf:<hub id or folder> of a CLIP or SigLIP model; README, Zero-shot with a tower"
+                               " alone)")
     else:
         parser.add_argument("--model", metavar="DIR", required=True,
                             help="a model folder written by train or save_pretrained, or a packaged model's name")
@@ -125,12 +129,10 @@ def add_runtime_option(parser: argparse.ArgumentParser) -> None:
 
 def add_export(export: argparse.ArgumentParser) -> None:
     """clip-decoder export"""
-    export.description = ("Write a model as ONNX graphs for running it without torch: image.onnx (pixels -> tokens "
-                          "and the prior's vector), text.onnx with tokenizer.json (new labels need no torch), "
-                          "scoring.onnx (any number of images and labels -> probabilities) and attention.onnx "
-                          "(heatmaps), plus manifest.json (preprocessing, templates, prior, default decision, "
-                          "hashes). Each graph is checked against torch on sample inputs. Run the export with "
-                          "`clip-decoder predict --runtime onnx --model OUT ...` (README, Deploying without torch).")
+    export.description = ("Write a model as ONNX graphs, to run without torch: image.onnx (pixels -> tokens, prior), "
+                          "text.onnx and tokenizer.json (new labels), scoring.onnx (any images x labels -> "
+                          "probabilities), attention.onnx (heatmaps) and manifest.json, each graph checked against "
+                          "torch. Run it: `clip-decoder predict --runtime onnx --model OUT ...` (README).")
     add_model_option(export, packaged=True)
     export.add_argument("--out", required=True, metavar="DIR",
                         help="folder to write (new, empty, or an earlier export, which is replaced)")
@@ -180,7 +182,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
                             "own rule decides: its trained labels at the threshold its training chose on validation "
                             f"images, every other label at {NEW_LABEL_THRESHOLD}. Bad images are reported on stderr "
                             "and skipped; the exit status is 1 if any failed, 2 for a usage error.")
-    add_model_option(predict, packaged=True)
+    add_model_option(predict, packaged=True, tower_alone=True)
     add_runtime_option(predict)
     labels = predict.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated label names")
@@ -255,7 +257,7 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
                          "/health, OpenAPI docs at /docs, and a web page at /. Each request's body, uploads, images, "
                          "pixels, labels and time are bounded, and so is the queue for the model; an excess is "
                          "answered with a 4xx naming the limit.")
-    add_model_option(serve, packaged=True)
+    add_model_option(serve, packaged=True, tower_alone=True)
     add_runtime_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
