@@ -153,13 +153,14 @@ def _max_difference(path: Path, inputs: dict[str, torch.Tensor], expected) -> fl
 
 def _prepare_folder(out: Path) -> None:
     """``out`` ready to take an export: missing, empty, or a former export (its manifest goes first, so a
-    half-written folder is never read as whole); any other folder is refused, nothing in it touched."""
+    half-written folder is never read as whole, and its thresholds); any other folder is refused, untouched."""
     if out.exists() and not out.is_dir():
         raise ClipDecoderError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise ClipDecoderError(f"--out {out} is a folder that holds other files, not an export; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_FILE).unlink(missing_ok=True)
+    for name in (MANIFEST_FILE, THRESHOLDS_FILE):  # (a former model's calibration must not outlive it)
+        (out / name).unlink(missing_ok=True)
 
 
 def _save_tokenizer(tower: ExportableTextTower, path: Path) -> dict:
@@ -181,6 +182,58 @@ def _save_tokenizer(tower: ExportableTextTower, path: Path) -> dict:
             "attention_mask": spec.attention_mask}
 
 
+def _export_image_side(model: CLIPDecoder, out: Path, with_prior: bool) -> tuple[float, tuple, torch.Tensor, torch.Tensor | None]:
+    """image.onnx; (its difference from torch, its manifest shapes, sample tokens and prior vectors for the scoring side)."""
+    size = model.image_tower.preprocess.image_size
+    pixels, graph = torch.randn(2, 3, size, size), ImageGraph(model)
+    with torch.no_grad():
+        expected = graph(pixels)
+    tokens, prior = expected if with_prior else (expected, None)
+    dynamic = {"pixels": {0: "images"}}
+    _export(graph, {"pixels": pixels}, dynamic, ["tokens", "prior"][: 1 + with_prior], out / GRAPHS["image"])
+    outputs = {"tokens": ["images", *tokens.shape[1:]], **({"prior": ["images", prior.shape[1]]} if with_prior else {})}
+    return (_max_difference(out / GRAPHS["image"], {"pixels": pixels}, expected), ({"pixels": pixels}, dynamic, outputs),
+            tokens, prior)
+
+
+def _export_text_side(tower: ExportableTextTower, out: Path) -> tuple[float, tuple, dict]:
+    """text.onnx and tokenizer.json; (the graph's difference from torch, its manifest shapes, the tokenizer's settings)."""
+    settings = _save_tokenizer(tower, out / TOKENIZER_FILE)
+    encoded = tower.tokenizer_spec().tokenizer(["a photo of a cat.", "a drawing of a red bicycle.", "dog"],
+                                               padding="max_length" if settings["pad_to_max_length"] else True,
+                                               truncation=True, max_length=settings["max_length"], return_tensors="pt")
+    inputs = {"input_ids": encoded["input_ids"]}
+    dynamic = {"input_ids": {0: "texts"} if settings["pad_to_max_length"] else {0: "texts", 1: "tokens"}}
+    if settings["attention_mask"]:
+        inputs["attention_mask"], dynamic["attention_mask"] = encoded["attention_mask"], dynamic["input_ids"]
+    graph = TextGraph(tower, settings["attention_mask"])
+    with torch.no_grad():
+        expected = graph(**inputs)
+    _export(graph, inputs, dynamic, ["embeddings"], out / GRAPHS["text"])
+    shapes = (inputs, dynamic, {"embeddings": ["texts", tower.dim]})
+    return _max_difference(out / GRAPHS["text"], inputs, expected), shapes, settings
+
+
+def _export_pair_side(model: CLIPDecoder, out: Path, tokens: torch.Tensor, prior: torch.Tensor | None) -> tuple[dict, dict]:
+    """scoring.onnx and attention.onnx; (their differences from torch, their manifest shapes)."""
+    labels = torch.nn.functional.normalize(torch.randn(3, model.text_tower.dim), dim=-1)
+    pair = {"tokens": tokens, "label_embeddings": labels}
+    pair_dynamic = {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}}
+    with_prior = {"prior": prior, "prior_weights": torch.tensor([20.0, 10.0, 0.0])} if prior is not None else {}
+    prior_dynamic = {"prior": {0: "images"}, "prior_weights": {0: "labels"}} if prior is not None else {}
+    graphs = {"scoring": (ScoringGraph(model, prior is not None), pair | with_prior, pair_dynamic | prior_dynamic,
+                          {"probabilities": ["images", "labels"]}),
+              "attention": (AttentionGraph(model), pair, pair_dynamic, {"attention": ["images", "labels", tokens.shape[1]]})}
+    checks, shapes = {}, {}
+    for name, (graph, graph_inputs, graph_dynamic, outputs) in graphs.items():
+        with torch.no_grad():
+            expected = graph(**graph_inputs)
+        _export(graph, graph_inputs, graph_dynamic, list(outputs), out / GRAPHS[name])
+        checks[name] = _max_difference(out / GRAPHS[name], graph_inputs, expected)
+        shapes[name] = (graph_inputs, graph_dynamic, outputs)
+    return checks, shapes
+
+
 def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", log=None) -> dict:
     """Write ``model`` as ONNX graphs, its tokenizer and a manifest into ``out``; check each graph against torch
     on sample inputs (the largest difference is recorded); return the manifest. ``log`` gets progress lines."""
@@ -195,65 +248,21 @@ def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", l
     with_prior = model.zero_shot.available
     if with_prior:
         model.zero_shot.prepare()
-    preprocess = model.image_tower.preprocess
-    checks, files = {}, {}
-
+    checks, shapes = {}, {}
     log(f"exporting the image side ({model.image_tower.name}) ...")
-    pixels = torch.randn(2, 3, preprocess.image_size, preprocess.image_size)
-    image_graph = ImageGraph(model)
-    with torch.no_grad():
-        image_out = image_graph(pixels)
-    tokens, prior = image_out if with_prior else (image_out, None)
-    _export(image_graph, {"pixels": pixels}, {"pixels": {0: "images"}}, ["tokens", "prior"][: 1 + with_prior],
-            out / GRAPHS["image"])
-    checks["image"] = _max_difference(out / GRAPHS["image"], {"pixels": pixels}, image_out)
-    image_outputs = {"tokens": ["images", *tokens.shape[1:]], **({"prior": ["images", prior.shape[1]]} if with_prior else {})}
-
+    checks["image"], shapes["image"], tokens, prior = _export_image_side(model, out, with_prior)
     log(f"exporting the label side ({text_tower.name}) ...")
-    tokenizer = _save_tokenizer(text_tower, out / TOKENIZER_FILE)
-    encoded = text_tower.tokenizer_spec().tokenizer(["a photo of a cat.", "a drawing of a red bicycle.", "dog"],
-                                                    padding="max_length" if tokenizer["pad_to_max_length"] else True,
-                                                    truncation=True, max_length=tokenizer["max_length"], return_tensors="pt")
-    text_inputs = {"input_ids": encoded["input_ids"]}
-    text_dynamic = {"input_ids": {0: "texts"} if tokenizer["pad_to_max_length"] else {0: "texts", 1: "tokens"}}
-    if tokenizer["attention_mask"]:
-        text_inputs["attention_mask"] = encoded["attention_mask"]
-        text_dynamic["attention_mask"] = text_dynamic["input_ids"]
-    text_graph = TextGraph(text_tower, tokenizer["attention_mask"])
-    with torch.no_grad():
-        text_out = text_graph(**text_inputs)
-    _export(text_graph, text_inputs, text_dynamic, ["embeddings"], out / GRAPHS["text"])
-    checks["text"] = _max_difference(out / GRAPHS["text"], text_inputs, text_out)
-
+    checks["text"], shapes["text"], tokenizer = _export_text_side(text_tower, out)
     log("exporting the scoring side (decoder head, cosine skip, prior term) ...")
-    labels = torch.nn.functional.normalize(torch.randn(3, text_tower.dim), dim=-1)
-    scoring_inputs = {"tokens": tokens, "label_embeddings": labels}
-    scoring_dynamic = {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}}
-    if with_prior:
-        scoring_inputs |= {"prior": prior, "prior_weights": torch.tensor([20.0, 10.0, 0.0])}
-        scoring_dynamic |= {"prior": {0: "images"}, "prior_weights": {0: "labels"}}
-    scoring_graph = ScoringGraph(model, with_prior)
-    with torch.no_grad():
-        scoring_out = scoring_graph(**scoring_inputs)
-    _export(scoring_graph, scoring_inputs, scoring_dynamic, ["probabilities"], out / GRAPHS["scoring"])
-    checks["scoring"] = _max_difference(out / GRAPHS["scoring"], scoring_inputs, scoring_out)
-    attention_inputs = {"tokens": tokens, "label_embeddings": labels}
-    with torch.no_grad():
-        attention_out = AttentionGraph(model)(**attention_inputs)
-    _export(AttentionGraph(model), attention_inputs, {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}},
-            ["attention"], out / GRAPHS["attention"])
-    checks["attention"] = _max_difference(out / GRAPHS["attention"], attention_inputs, attention_out)
+    pair_checks, pair_shapes = _export_pair_side(model, out, tokens, prior)
+    checks, shapes = checks | pair_checks, shapes | pair_shapes
 
     if source:
         thresholds = ModelFolder.find(source) / THRESHOLDS_FILE
         if thresholds.is_file():  # for `predict --runtime onnx --calibrated`
             shutil.copyfile(thresholds, out / THRESHOLDS_FILE)
-    for name in [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values()), TOKENIZER_FILE]:
-        files[name] = {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
-    shapes = {"image": ({"pixels": pixels}, {"pixels": {0: "images"}}, image_outputs),
-              "text": (text_inputs, text_dynamic, {"embeddings": ["texts", text_tower.dim]}),
-              "scoring": (scoring_inputs, scoring_dynamic, {"probabilities": ["images", "labels"]}),
-              "attention": (attention_inputs, scoring_dynamic, {"attention": ["images", "labels", tokens.shape[1]]})}
+    files = {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
+             for name in [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values()), TOKENIZER_FILE]}
     config = model.config
     manifest = {
         "format": EXPORT_FORMAT,
@@ -261,7 +270,7 @@ def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", l
         "exported_by": f"clip-decoder {__version__}, torch {torch.__version__}",
         "opset": OPSET,
         "model": {"source": str(source), "backbone": config.backbone, "sha256": model_sha256(model)},
-        "preprocess": preprocess.to_dict(),
+        "preprocess": model.image_tower.preprocess.to_dict(),
         "templates": list(config.templates),
         "text": {"tokenizer": TOKENIZER_FILE, "dim": text_tower.dim, **tokenizer,
                  "cache_key": f"onnx/{files[GRAPHS['text'] + '.data']['sha256']}/{files[TOKENIZER_FILE]['sha256']}"},
