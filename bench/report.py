@@ -131,8 +131,11 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, in MiB: its VmHWM. (getrusage's ru_maxrss would also count,
+    in a process started by fork and exec, the RSS its parent had at the fork: a fresh process of ``isolated``
+    started from a parent holding a 2 GB model reported 2 GB whatever it did.)"""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 class PeakMemory:
