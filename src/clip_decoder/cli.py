@@ -100,6 +100,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.calibrated:
         thresholds = model_folder(args).thresholds()
     decider = Decider.for_options(default_rule, args.top_k, args.threshold, thresholds)
+    if args.out:
+        return tag_to_folder(args, paths, problems, labels, decider)
     writer = Writer(sys.stdout, args.format, labels, decider)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -123,6 +125,56 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failures:
         print(f"{failures} of {inputs} images failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def model_identity(args: argparse.Namespace) -> str:
+    """What --model / --backbone name, as a hash of the model (a tower alone: its name), for predict --out's run."""
+    import hashlib
+
+    if args.backbone:
+        return args.backbone
+    if args.runtime == "onnx":
+        return "onnx:" + model_folder(args).manifest["model"]["sha256"]
+    from .model_folder import CONFIG_FILE, WEIGHTS_FILE
+
+    folder, digest = model_folder(args), hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tag_to_folder(args: argparse.Namespace, paths: list, problems: list[str], labels: list[str], decider) -> int:
+    """predict --out: this process's share of the images into the folder's part files (library)."""
+    import hashlib
+
+    from .caches import default_cache_dir
+    from .library import Library, process_rank, tag_library
+    from .prompts import TEMPLATE_SETS
+
+    if args.heatmaps or args.shortlist is not None:
+        raise ClipDecoderError("--out writes scores and decided labels; --heatmaps and --shortlist are for runs to stdout")
+    library = Library(args.out, args.out_format, args.part_size)
+    rank, world = process_rank()
+    templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
+    decision = {"top_k": args.top_k, "threshold": args.threshold, "thresholds": args.thresholds, "calibrated": args.calibrated}
+    library.start({"model": model_identity(args), "labels": labels, "templates": args.templates, "decision": decision,
+                   "inputs": {"count": len(paths), "sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}},
+                  rank)  # before the model loads: another run's folder is refused at once
+    if rank == 0:
+        for message in problems:
+            print(f"error: {message}", file=sys.stderr)
+    model = load_model(args, label_cache=default_cache_dir())
+    scored, failures = tag_library(model, paths, labels, decider, library, templates, args.batch_size,
+                                   report=lambda message: print(f"error: {message}", file=sys.stderr))
+    done = library.results_path.is_file()
+    print(f"{scored} images scored{f', {failures} failed' if failures else ''} by this process;"
+          f" {'all done: ' + str(library.results_path) if done else 'parts in ' + str(library.folder / 'parts')}",
+          file=sys.stderr)
+    if world > 1:  # torchrun takes a non-zero exit for a crash and restarts the group: the failures are in the rows
+        return 0
+    return 1 if failures or problems else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -104,8 +104,7 @@ def training_config(args: argparse.Namespace, **fixed):
 
 
 def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False, tower_alone: bool = False) -> None:
-    """--model (``packaged``: defaulting to the packaged model); with ``tower_alone`` (predict and serve), or
-    --backbone instead."""
+    """--model (``packaged``: default the packaged model); ``tower_alone`` (predict, serve): or --backbone."""
     if packaged:
         which = parser.add_mutually_exclusive_group() if tower_alone else parser
         which.add_argument("--model", metavar="DIR", default=PACKAGED_MODELS[0],
@@ -122,9 +121,8 @@ def add_model_option(parser: argparse.ArgumentParser, packaged: bool = False, to
 
 def add_runtime_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
-                        help="torch (default): --model is a model folder; onnx: --model is a folder written by"
-                        " `clip-decoder export`, run by ONNX Runtime without torch or transformers (same options and"
-                        " outputs; no --shortlist)")
+                        help="torch (default): --model is a model folder; onnx: a folder `clip-decoder export` wrote,"
+                        " run by ONNX Runtime without torch or transformers (same options and outputs; no --shortlist)")
 
 
 def add_export(export: argparse.ArgumentParser) -> None:
@@ -171,6 +169,7 @@ def add_zsl_images_option(parser: argparse.ArgumentParser) -> None:
 
 def add_predict(predict: argparse.ArgumentParser) -> None:
     """clip-decoder predict"""
+    from .library import add_out_options
     from .prompts import TEMPLATE_SETS
     from .thresholds import NEW_LABEL_THRESHOLD
     from .writers import FORMATS
@@ -211,6 +210,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
     predict.add_argument("--heatmaps", metavar="DIR",
                          help="write a PNG per image and decided label showing where"
                          " the label's cross-attention looked, over the image as the tower saw it")
+    add_out_options(predict)  # --out, --out-format, --part-size
     predict.add_argument("images", nargs="*", metavar="IMAGE_FOLDER_OR_GLOB")
 
 
