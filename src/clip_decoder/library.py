@@ -45,6 +45,8 @@ class Library:
             raise ClipDecoderError(f"unknown --out-format {fmt!r}; choose from {', '.join(FORMATS)}")
         if part_size < 1:
             raise ClipDecoderError(f"--part-size must be at least 1, got {part_size}")
+        if fmt == "parquet":
+            import pyarrow  # noqa: F401  (missing: one line naming it, before anything is written)
         self.folder, self.format, self.part_size = Path(folder), fmt, part_size
 
     def part_path(self, part: int) -> Path:
