@@ -74,9 +74,9 @@ model: install $(DATA)/splits/all.json photos
 	rm -f $(PACKAGED)/curves.png
 	$(BIN)/clip-decoder predict --format table --top-k 3 --labels-file $(PHOTO_CHECK)/vocabulary.txt $(PHOTO_CHECK)/images
 
-# Rewrites the tables in docs/BENCHMARKS.md (about 36 min on 2 cores; the data as for demo).
-BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality load onnx_runtime vit_cpu
-bench: install system-packages $(DATA)/stats.json
+# Rewrites the tables in docs/BENCHMARKS.md (about 43 min on 2 cores; the data as for demo).
+BENCH_SCRIPTS := inference training_epoch extraction shortlist_quality load onnx_runtime vit_cpu library
+bench: install system-packages $(DATA)/stats.json photos
 	@for script in $(BENCH_SCRIPTS); do echo "== bench.$$script"; $(BIN)/python -m bench.$$script --data $(DATA) || exit 1; done
 
 clean:
