@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -206,8 +207,6 @@ def tag_library(tagger, paths: Sequence[Path], labels: list[str], decider: Decid
 
 
 def _wait_for(path: Path, seconds: float = 600) -> None:
-    import time
-
     deadline = time.monotonic() + seconds
     while not path.is_file():
         if time.monotonic() > deadline:
