@@ -159,8 +159,11 @@ def tag_to_folder(args: argparse.Namespace, paths: list, problems: list[str], la
     rank, world = process_rank()
     templates = None if args.templates == "model" else TEMPLATE_SETS[args.templates]
     decision = {"top_k": args.top_k, "threshold": args.threshold, "thresholds": args.thresholds, "calibrated": args.calibrated}
+    inputs = hashlib.sha256()
+    for path in paths:
+        inputs.update(f"{path}\n".encode())
     library.start({"model": model_identity(args), "labels": labels, "templates": args.templates, "decision": decision,
-                   "inputs": {"count": len(paths), "sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()}},
+                   "inputs": {"count": len(paths), "sha256": inputs.hexdigest()}},
                   rank)  # before the model loads: another run's folder is refused at once
     if rank == 0:
         for message in problems:

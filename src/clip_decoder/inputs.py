@@ -4,7 +4,8 @@ before any model loads."""
 from __future__ import annotations
 
 import glob
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ClipDecoderError
@@ -20,18 +21,9 @@ def expand_images(inputs: Sequence[str], list_file: str | None = None) -> tuple[
     once, under its first name. A file that is missing, empty or a folder, a folder with no image
     files and a pattern that matches none become ``problems`` (one message each), to report beside
     the bad images rather than stop the run."""
-    items = list(inputs)
-    if list_file:
-        try:
-            text = Path(list_file).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ClipDecoderError(f"cannot read image list {list_file}: {error}") from error
-        items += [line.strip() for line in text.splitlines() if line.strip()]
-    if not items:
-        raise ClipDecoderError("no images given")
     paths: dict[Path, Path] = {}  # the file itself -> its first name
     problems: list[str] = []
-    for item in items:
+    for item in itertools.chain(inputs, _listed(list_file) if list_file else ()):
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -48,4 +40,17 @@ def expand_images(inputs: Sequence[str], list_file: str | None = None) -> tuple[
             found = [path]
         for file in found:
             paths.setdefault(file.resolve(), file)
+    if not paths and not problems:
+        raise ClipDecoderError("no images given")
     return list(paths.values()), problems
+
+
+def _listed(list_file: str) -> Iterator[str]:
+    """The non-empty lines of an image list, read as they come (a list of millions is never held as text)."""
+    try:
+        with open(list_file, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ClipDecoderError(f"cannot read image list {list_file}: {error}") from error
