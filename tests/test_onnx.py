@@ -16,7 +16,8 @@ from clip_decoder import CLIPDecoder
 from clip_decoder.cli import main
 from clip_decoder.errors import ClipDecoderError
 from clip_decoder.export import export_model
-from clip_decoder.onnx_model import GRAPHS, MANIFEST_FILE, OnnxModel, file_sha256
+from clip_decoder.caches import file_key
+from clip_decoder.onnx_model import GRAPHS, MANIFEST_FILE, OnnxModel
 from clip_decoder.prior import imagenet_class_names
 from clip_decoder.prompts import SINGLE_TEMPLATE
 
@@ -189,7 +190,7 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
             f.write(bytes([byte[0] ^ 0xFF]))
     elif how == "graph that does not load":  # e.g. a graph this onnxruntime cannot read; its hash made to fit
         (target / GRAPHS["scoring"]).write_bytes(b"not a graph")
-        manifest["files"][GRAPHS["scoring"]] = {"bytes": 11, "sha256": file_sha256(target / GRAPHS["scoring"])}
+        manifest["files"][GRAPHS["scoring"]] = {"bytes": 11, "sha256": file_key(target / GRAPHS["scoring"])}
         (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     elif how == "newer manifest":
         manifest["format_version"] = 99

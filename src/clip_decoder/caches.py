@@ -24,6 +24,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-decoder"
 
 
+def file_key(path: str | os.PathLike) -> str:
+    """sha256 of the file's content (hex): what cache entries, store rows, library rows and an export's files are
+    keyed or checked by. Read in blocks, so a large file is never held whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def spec_key(spec: dict) -> tuple[str, str]:
     """(key, JSON): the spec as sorted JSON and the 16 hex digits of its sha256 that name its folder."""
     text = json.dumps(spec, sort_keys=True)

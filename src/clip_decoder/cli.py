@@ -44,17 +44,16 @@ def check_tagger_options(args: argparse.Namespace) -> None:
 
 
 def model_folder(args: argparse.Namespace):
-    """The folder --model names, checked before anything loads: a model folder (ModelFolder), or with
-    ``--runtime onnx`` an export (onnx_model.ExportFolder). Both give ``default_rule()`` and ``thresholds()``."""
+    """The folder --model names: a model folder (ModelFolder), or with ``--runtime onnx`` an export
+    (onnx_model.ExportFolder, its manifest checked). Both give ``default_rule()`` (which reads and checks the
+    model's config: before anything loads) and ``thresholds()``."""
     if args.runtime == "onnx":
         from .onnx_model import ExportFolder
 
         return ExportFolder.find(args.model)
     from .model_folder import ModelFolder
 
-    folder = ModelFolder.find(args.model)
-    folder.read_config()
-    return folder
+    return ModelFolder.find(args.model)
 
 
 def load_model(args: argparse.Namespace, label_cache: Path | None = None):
@@ -95,13 +94,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     labels = read_labels(args)
     paths, problems = expand_images(args.images, args.images_from)  # problems: missing files, empty folders, ...
     check_tagger_options(args)
-    default_rule = Thresholds() if args.backbone else model_folder(args).default_rule()  # (a tower alone: 0.5)
+    folder = None if args.backbone else model_folder(args)
+    default_rule = Thresholds() if folder is None else folder.default_rule()  # (a tower alone: 0.5)
     thresholds = Thresholds.read(args.thresholds) if args.thresholds else None
-    if args.calibrated:
-        thresholds = model_folder(args).thresholds()
+    if args.calibrated:  # (refused with --backbone by check_tagger_options)
+        thresholds = folder.thresholds()
     decider = Decider.for_options(default_rule, args.top_k, args.threshold, thresholds)
     if args.out:
-        return tag_to_folder(args, paths, problems, labels, decider)
+        return tag_to_folder(args, folder, paths, problems, labels, decider)
     writer = Writer(sys.stdout, args.format, labels, decider)
     for message in problems:
         print(f"error: {message}", file=sys.stderr)
@@ -127,25 +127,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def model_identity(args: argparse.Namespace) -> str:
-    """What --model / --backbone name, as a hash of the model (a tower alone: its name), for predict --out's run."""
-    import hashlib
-
-    if args.backbone:
+def model_identity(args: argparse.Namespace, folder) -> str:
+    """What --model / --backbone name (``folder``: model_folder's, None for a tower alone), as the hashes of the model's
+    files (a tower alone: its name), for predict --out's run."""
+    if folder is None:
         return args.backbone
     if args.runtime == "onnx":
-        return "onnx:" + model_folder(args).manifest["model"]["sha256"]
+        return "onnx:" + folder.manifest["model"]["sha256"]
+    from .caches import file_key
     from .model_folder import CONFIG_FILE, WEIGHTS_FILE
 
-    folder, digest = model_folder(args), hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(folder / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return "/".join(file_key(folder / name) for name in (CONFIG_FILE, WEIGHTS_FILE))
 
 
-def tag_to_folder(args: argparse.Namespace, paths: list, problems: list[str], labels: list[str], decider) -> int:
+def tag_to_folder(args: argparse.Namespace, folder, paths: list, problems: list[str], labels: list[str], decider) -> int:
     """predict --out: this process's share of the images into the folder's part files (library)."""
     import hashlib
 
@@ -162,7 +157,7 @@ def tag_to_folder(args: argparse.Namespace, paths: list, problems: list[str], la
     inputs = hashlib.sha256()
     for path in paths:
         inputs.update(f"{path}\n".encode())
-    library.start({"model": model_identity(args), "labels": labels, "templates": args.templates, "decision": decision,
+    library.start({"model": model_identity(args, folder), "labels": labels, "templates": args.templates, "decision": decision,
                    "inputs": {"count": len(paths), "sha256": inputs.hexdigest()}},
                   rank)  # before the model loads: another run's folder is refused at once
     if rank == 0:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .errors import ClipDecoderError
 from .images import ImageSource, Preprocess, load_image
+from .prompts import check_labels
 
 if TYPE_CHECKING:
     from .prompts import LabelEmbedder
@@ -153,19 +154,26 @@ class Tagger(Protocol):
                         attention: bool = False) -> Iterator[PredictedBatch]: ...
 
 
-def image_list(images) -> list:
-    """``predict``'s images as a list: one path or PIL image becomes a list of one."""
-    return [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+def checked_request(labels: Sequence[str], batch_size: int) -> list[str]:
+    """The labels of a ``predict_batches`` call, checked with its batch size, as every tagger checks them."""
+    labels = check_labels(labels)
+    if not labels:
+        raise ClipDecoderError("no labels to score")
+    if batch_size < 1:
+        raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+    return labels
 
 
-def collect_scores(batches: Iterable[PredictedBatch], n_images: int, n_labels: int, batch_size: int,
-                   progress: bool = False) -> np.ndarray:
-    """The scores of ``predict_batches`` as one array (n_images, n_labels); the first image that could not be
-    read raises ClipDecoderError (``predict``'s contract)."""
+def predict_scores(tagger: Tagger, images, labels: Sequence[str], templates: Sequence[str] | None, batch_size: int,
+                   progress: bool = False, **options) -> np.ndarray:
+    """Every tagger's ``predict``: its ``predict_batches`` (with ``options``) as one array (n_images, n_labels); one path
+    or PIL image is a list of one; the first image that could not be read raises ClipDecoderError."""
+    images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+    batches = tagger.predict_batches(images, labels, templates, batch_size, **options)
     rows = []
-    total = -(-n_images // batch_size)
+    total = -(-len(images) // batch_size)
     for batch in tqdm(batches, desc="predict", unit="batch", total=total, disable=not progress):
         if batch.failed:
             raise ClipDecoderError(next(iter(batch.failed.values())))
         rows.append(batch.scores)
-    return np.concatenate(rows) if rows else np.zeros((0, n_labels), dtype=np.float32)
+    return np.concatenate(rows) if rows else np.zeros((0, len(labels)), dtype=np.float32)

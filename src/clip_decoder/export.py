@@ -32,7 +32,8 @@ from .encoders.base import ExportableTextTower
 from .errors import ClipDecoderError
 from .model import CLIPDecoder
 from .model_folder import THRESHOLDS_FILE, ModelFolder
-from .onnx_model import EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, MANIFEST_FILE, TOKENIZER_FILE, ExportFolder, file_sha256
+from .caches import file_key
+from .onnx_model import EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, MANIFEST_FILE, TOKENIZER_FILE, ExportFolder
 from .prior import prior_logits
 from .thresholds import NEW_LABEL_THRESHOLD
 
@@ -261,7 +262,7 @@ def export_model(model: CLIPDecoder, out: str | os.PathLike, source: str = "", l
         thresholds = ModelFolder.find(source) / THRESHOLDS_FILE
         if thresholds.is_file():  # for `predict --runtime onnx --calibrated`
             shutil.copyfile(thresholds, out / THRESHOLDS_FILE)
-    files = {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
+    files = {name: {"bytes": (out / name).stat().st_size, "sha256": file_key(out / name)}
              for name in [*GRAPHS.values(), *(f"{graph}.data" for graph in GRAPHS.values()), TOKENIZER_FILE]}
     config = model.config
     manifest = {

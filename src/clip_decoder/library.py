@@ -13,7 +13,6 @@ in input order; ``read_results`` reads either.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .atomic import write_file
+from .caches import file_key
 from .decisions import Decider
 from .errors import ClipDecoderError
 from .writers import result_record
@@ -30,10 +30,10 @@ FORMATS = ("jsonl", "parquet")
 DEFAULT_PART_SIZE = 256  # images per part file: what a killed process may have to score again
 
 
-def file_key(path: Path) -> str | None:
-    """sha256 of the file's content (None when it cannot be read)."""
+def content_key(path: Path) -> str | None:
+    """The file's content key (caches.file_key); None when it can no longer be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_key(path)
     except OSError:
         return None
 
@@ -99,7 +99,7 @@ class Library:
             return False
         tables = [self._read_part(part, count) for part in parts]
         if self.format == "jsonl":
-            data = b"".join(self.part_path(part).read_bytes() for part in parts)
+            data = b"".join(tables)
         else:
             import pyarrow as pa
 
@@ -108,12 +108,13 @@ class Library:
         return True
 
     def _read_part(self, part: int, count: int):
+        """One part, checked to hold its images: the file's bytes (JSON Lines) or its table (Parquet)."""
         path, first = self.part_path(part), part * self.part_size
         expected = list(range(first, min(first + self.part_size, count)))
         try:
             if self.format == "jsonl":
-                table = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-                indices = [row["index"] for row in table]
+                table = path.read_bytes()
+                indices = [json.loads(line)["index"] for line in table.decode("utf-8").splitlines()]
             else:
                 import pyarrow.parquet as pq
 
@@ -199,7 +200,7 @@ def tag_library(tagger, paths: Sequence[Path], labels: list[str], decider: Decid
                 report(message)
             for index, scores in zip(batch.indices, batch.scores):
                 record = result_record(str(chunk[index]), labels, scores, decider(labels, scores))
-                rows[index] = {"index": start + index, **record, "content_key": file_key(chunk[index])}
+                rows[index] = {"index": start + index, **record, "content_key": content_key(chunk[index])}
                 scored += 1
         library.write_part(part, rows, labels)
     library.merge_if_complete(len(paths), labels)

@@ -17,13 +17,13 @@ from torch import nn
 
 from .alignment import Alignment
 from .configs import HeadConfig, PriorConfig
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, collect_scores, decoded_batches, image_list
+from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead
 from .model_folder import CONFIG_FILE, ModelConfig, ModelFolder
 from .prior import ZeroShotPrior
-from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
+from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_templates
 from .scoring import Scorer
 
 
@@ -181,9 +181,7 @@ class CLIPDecoder(nn.Module):
         ``Scorer.score``). ``templates`` default to the ones the model was trained with.
         An image that cannot be read raises ClipDecoderError; ``predict_batches`` carries on instead.
         """
-        images = image_list(images)
-        batches = self.predict_batches(images, labels, templates, batch_size, shortlist)
-        return collect_scores(batches, len(images), len(labels), batch_size, progress)
+        return predict_scores(self, images, labels, templates, batch_size, progress, shortlist=shortlist)
 
     def predict_batches(
         self,
@@ -198,11 +196,7 @@ class CLIPDecoder(nn.Module):
         each batch's ``failed`` and the others are scored. Images are decoded in a background
         thread while the towers run. ``attention=True`` adds each label's attention map over the
         image tokens (``DecoderHead.attention_maps``)."""
-        labels = check_labels(labels)
-        if not labels:
-            raise ClipDecoderError("no labels to score")
-        if batch_size < 1:
-            raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+        labels = checked_request(labels, batch_size)
         if shortlist is not None and shortlist < 1:
             raise ClipDecoderError(f"shortlist must be at least 1, got {shortlist}")
         return self._predict_batches(list(images), labels, templates, batch_size, shortlist, attention)

@@ -8,7 +8,6 @@ Only the towers and the head run in ONNX Runtime, the tokenizer in the tokenizer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, collect_scores, decoded_batches, image_list
+from .caches import file_key
+from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
 from .errors import ClipDecoderError
 from .images import Preprocess
 from .prompts import LabelEmbedder, check_labels, check_templates
@@ -31,14 +31,6 @@ GRAPHS = {"image": "image.onnx", "text": "text.onnx", "scoring": "scoring.onnx",
 # (image, label) pairs scored per run of the scoring graph, as the torch scorer chunks them (scoring.PAIRS_PER_CHUNK)
 PAIRS_PER_CHUNK = 16_384
 TEXTS_PER_BATCH = 128  # prompts per run of the text graph
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ExportFolder:
@@ -104,7 +96,7 @@ class ExportFolder:
         path, entry = self / name, self.manifest["files"].get(name)
         if entry is None:
             raise ClipDecoderError(f"{self / MANIFEST_FILE} does not list {name}: not an export of this version")
-        if file_sha256(path) != entry.get("sha256"):
+        if file_key(path) != entry.get("sha256"):
             raise ClipDecoderError(f"{path} does not match its sha256 in the manifest: the export is damaged;"
                                    " export the model again")
         return path
@@ -214,19 +206,13 @@ class OnnxModel:
     def predict(self, images: Sequence, labels: Sequence[str], templates: Sequence[str] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> np.ndarray:
         """Independent probabilities (n_images, n_labels), as ``CLIPDecoder.predict``."""
-        images = image_list(images)
-        return collect_scores(self.predict_batches(images, labels, templates, batch_size), len(images), len(labels),
-                              batch_size, progress)
+        return predict_scores(self, images, labels, templates, batch_size, progress)
 
     def predict_batches(self, images: Sequence, labels: Sequence[str], templates: Sequence[str] | None = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, shortlist: int | None = None,
                         attention: bool = False) -> Iterator[PredictedBatch]:
         """``predict`` batch by batch, unreadable images reported in each batch's ``failed`` (as CLIPDecoder's)."""
-        labels = check_labels(labels)
-        if not labels:
-            raise ClipDecoderError("no labels to score")
-        if batch_size < 1:
-            raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+        labels = checked_request(labels, batch_size)
         if shortlist is not None:
             raise ClipDecoderError("--shortlist is not available with --runtime onnx: the export scores every label")
         return self._predict_batches(list(images), labels, templates, batch_size, attention)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, collect_scores, decoded_batches, image_list
+from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
-from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_labels, check_templates
+from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_templates
 from .thresholds import Thresholds
 
 NEUTRAL_LABEL = "thing"  # CLIP's second text: "a photo of a thing." (through the templates)
@@ -73,20 +73,14 @@ class ZeroShotTagger:
     def predict(self, images: Sequence, labels: Sequence[str], templates: Sequence[str] | None = None,
                 batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> np.ndarray:
         """Independent probabilities (n_images, n_labels), as ``CLIPDecoder.predict``."""
-        images = image_list(images)
-        return collect_scores(self.predict_batches(images, labels, templates, batch_size), len(images), len(labels),
-                              batch_size, progress)
+        return predict_scores(self, images, labels, templates, batch_size, progress)
 
     def predict_batches(self, images: Sequence, labels: Sequence[str], templates: Sequence[str] | None = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, shortlist: int | None = None,
                         attention: bool = False) -> Iterator[PredictedBatch]:
         """``predict`` batch by batch, unreadable images reported in each batch's ``failed``; no attention maps
         (``attention`` gives None: there is no head whose attention to show)."""
-        labels = check_labels(labels)
-        if not labels:
-            raise ClipDecoderError("no labels to score")
-        if batch_size < 1:
-            raise ClipDecoderError(f"batch_size must be at least 1, got {batch_size}")
+        labels = checked_request(labels, batch_size)
         if shortlist is not None:
             raise ClipDecoderError("--shortlist needs a trained model (--model): a tower alone scores every label")
         return self._predict_batches(list(images), labels, templates, batch_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..caches import default_cache_dir, keyed_folder
+from ..caches import default_cache_dir, file_key, keyed_folder
 from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
 from ..encoders import ImageTower
 from ..errors import ClipDecoderError
@@ -43,11 +43,6 @@ def tower_folder(tower: ImageTower, root: str | Path | None, kind: str) -> Path:
     """``<root>/<kind>/<key>``, the key hashing the tower's name, preprocessing and weights."""
     spec = {"tower": tower.name, "preprocess": tower.preprocess.to_dict(), "weights": weights_fingerprint(tower)}
     return keyed_folder(root, kind, spec)
-
-
-def file_key(path: str | Path) -> str:
-    """sha256 of the file's content: what cache entries and store rows are keyed by."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def file_keys(paths: list[Path]) -> tuple[dict[int, str], dict[int, str]]:
