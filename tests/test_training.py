@@ -168,6 +168,31 @@ def test_bench_runs_every_method_over_seeds_and_writes_results(tiny_dataset, tin
     assert "- **ml-decoder**: head d 32, FFN 64, dropout 0.05, without cosine skip; ASL; 2 epochs" in page
 
 
+def test_bench_jobs_run_the_split_seed_pairs_in_processes_with_the_same_results(tiny_dataset, tiny_clip_dir, tmp_path):
+    from clip_decoder.benchmark import run_benchmark
+
+    config = TrainConfig(epochs=2, batch_size=8, val_fraction=0.25, head={"dim": 32, "heads": 4, "ffn_dim": 64})
+    splits = [tiny_dataset / "split.json", tmp_path / "other.json"]
+    splits[1].write_text(json.dumps({"seen": TINY_SPLIT["unseen"] + TINY_SPLIT["seen"][:1], "unseen": TINY_SPLIT["seen"][1:]}))
+
+    def bench(jobs: int) -> dict:
+        return run_benchmark(tiny_dataset, splits, (0, 1), ("clip-decoder", "zero-shot-prior", "linear"),
+                             f"hf:{tiny_clip_dir}", config, FeatureLocation(cache=tmp_path / "cache"), progress=False,
+                             save_models=tmp_path / f"models-{jobs}", jobs=jobs)
+
+    alone, parallel = bench(1), bench(2)
+    assert list(parallel) == ["split", "other"] and list(parallel["other"]) == ["clip-decoder", "zero-shot-prior", "linear"]
+    for split in alone:  # each seed's run in its place (one thread per worker: the last bits of training may differ)
+        for method, runs in alone[split].items():
+            assert len(parallel[split][method]) == len(runs) == (1 if method == "zero-shot-prior" else 2)
+            for one, other in zip(runs, parallel[split][method]):
+                for part in ("zsl", "gzsl"):
+                    assert other[part]["mAP"] == pytest.approx(one[part]["mAP"], abs=0.5)
+    assert sorted(p.name for p in (tmp_path / "models-2").iterdir()) == sorted(p.name for p in (tmp_path / "models-1").iterdir())
+    with pytest.raises(ClipDecoderError, match="jobs must be at least 1"):
+        run_benchmark(tiny_dataset, splits, jobs=0)
+
+
 def test_methods_that_differ_only_in_how_the_prior_scores_share_one_training(tiny_dataset, tiny_clip_dir, tmp_path,
                                                                             monkeypatch):
     from clip_decoder.benchmark import run_benchmark

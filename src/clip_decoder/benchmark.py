@@ -7,10 +7,12 @@ and split; each method sees only the seen labels of a split until the test set i
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -101,42 +103,99 @@ def decisions(scores: np.ndarray, targets: np.ndarray, labels: Sequence[str], ru
             "top 3": micro_prf(top3.astype(np.float32), targets, np.full(len(labels), 0.5))}
 
 
+@dataclass(frozen=True)
+class BenchmarkSetup:
+    """What every run of one benchmark reads: the dataset, towers, feature location, photo check and options."""
+
+    data_dir: str | Path
+    backbone: str
+    config: TrainConfig
+    features: FeatureLocation
+    photos: str | Path | None
+    save_models: str | Path | None
+    zsl_images: str
+
+
+class BenchmarkRuns:
+    """One process's share of a benchmark: the towers, the features of every part (extracted into the feature
+    location when missing) and, shared by its runs, the heads trained so far (clip-decoder and its prior
+    ablations train alike) and the towers' class-name embeddings."""
+
+    def __init__(self, setup: BenchmarkSetup, progress: bool, lines: bool | None = None) -> None:
+        """``progress``: bars while features are extracted or read; ``lines`` (default: progress): a line per run."""
+        self.setup, self.lines = setup, progress if lines is None else lines
+        self.towers = create_backbone(setup.backbone)
+        source = setup.features.open(self.towers.image)
+        self.photo_check = PhotoCheck.load(setup.photos, source, progress) if setup.photos else None
+        train_samples, val_samples = training_parts(setup.data_dir, setup.config.val_fraction)
+        samples = {"train": train_samples, "val": val_samples, "test": read_part(setup.data_dir, "test")}
+        self.parts = {name: FeatureSet.build(items, source, progress) for name, items in samples.items()}
+        self.trained, self.class_embeddings = {}, {}
+
+    def run(self, split_path: Path, seed: int, methods: Sequence[str]) -> dict[str, dict]:
+        """{method: metrics} of ``methods`` trained with ``seed`` on the split at ``split_path``."""
+        split, name, setup, results = read_split(split_path), Path(split_path).stem, self.setup, {}
+        for method in map(get_method, methods):
+            save_to = (Path(setup.save_models) / f"{name}-{method.name}-seed{seed}"
+                       if setup.save_models and isinstance(method, DecoderMethod) else None)
+            run = MethodRun(self.towers, self.parts, split, replace(setup.config, seed=seed), trained=self.trained,
+                            class_embeddings=self.class_embeddings, save_to=save_to)
+            results[method.name] = metrics = run_method(method.name, run, self.photo_check, setup.zsl_images)
+            if self.lines:
+                on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"
+                             f" AP {metrics['photos']['per_image_AP']:.1f}" if self.photo_check else "")
+                print(f"{name} {method.name} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
+                      f" GZSL mAP {metrics['gzsl']['mAP']:.1f}{on_photos} ({metrics['seconds']} s)", flush=True)
+        return results
+
+
+_WORKER_RUNS: BenchmarkRuns | None = None  # a worker process's BenchmarkRuns, made once by _start_worker
+
+
+def _start_worker(setup: BenchmarkSetup, threads: int, lines: bool) -> None:
+    global _WORKER_RUNS
+    torch.set_num_threads(threads)
+    _WORKER_RUNS = BenchmarkRuns(setup, progress=False, lines=lines)  # no bars from several processes at once
+
+
+def _worker_run(split_path: Path, seed: int, methods: Sequence[str]) -> dict[str, dict]:
+    return _WORKER_RUNS.run(split_path, seed, methods)
+
+
 def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2), methods=None,
                   backbone: str = "offline", config: TrainConfig = TrainConfig(),
                   features: FeatureLocation = FeatureLocation(), progress: bool = True, photos: str | Path | None = None,
-                  save_models: str | Path | None = None, zsl_images: str = "with-unseen") -> dict:
+                  save_models: str | Path | None = None, zsl_images: str = "with-unseen", jobs: int = 1) -> dict:
     """results[split name][method] = list of metrics JSON, one per seed (one in all for unseeded
     methods); ``photos``: a photo-check folder (``PhotoCheck``) every trained method also ranks;
     ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``;
-    ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES)."""
+    ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES).
+
+    ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes, this process's torch threads shared
+    among them (features are extracted here first; each worker reads them): the same results, up to float rounding.
+    """
     zsl_images = check_zsl_images(zsl_images, "run_benchmark")
-    methods = [get_method(name) for name in (methods or method_names(ablations=False))]
-    towers = create_backbone(backbone)
-    source = features.open(towers.image)
-    photo_check = PhotoCheck.load(photos, source, progress) if photos else None
-    train_samples, val_samples = training_parts(data_dir, config.val_fraction)
-    samples = {"train": train_samples, "val": val_samples, "test": read_part(data_dir, "test")}
-    parts = {name: FeatureSet.build(items, source, progress) for name, items in samples.items()}
+    if jobs < 1:
+        raise ClipDecoderError(f"jobs must be at least 1, got {jobs}")
+    names = [get_method(name).name for name in (methods or method_names(ablations=False))]
+    setup = BenchmarkSetup(data_dir, backbone, config, features, photos, save_models, zsl_images)
+    runs = BenchmarkRuns(setup, progress)  # extracts what is missing, once, before any worker starts
+    # One task per (split, seed): its seeded methods, and on the first seed the unseeded ones.
+    tasks = [(Path(path), seed, [name for name in names if get_method(name).seeded or seed == seeds[0]])
+             for path in split_paths for seed in seeds]
+    if jobs == 1:
+        done = [runs.run(*task) for task in tasks]
+    else:
+        del runs
+        threads = max(1, torch.get_num_threads() // jobs)
+        context = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pool mid-state
+        with ProcessPoolExecutor(jobs, context, initializer=_start_worker, initargs=(setup, threads, progress)) as pool:
+            done = list(pool.map(_worker_run, *zip(*tasks)))
     results: dict[str, dict[str, list[dict]]] = {}
-    # Shared by every run: heads trained so far (clip-decoder and its prior ablations train alike) and the
-    # towers' class-name embeddings.
-    trained, class_embeddings = {}, {}
-    for split_path in split_paths:
-        split = read_split(split_path)
-        results[Path(split_path).stem] = per_method = {}
-        for method in methods:
-            for seed in seeds if method.seeded else seeds[:1]:
-                save_to = (Path(save_models) / f"{Path(split_path).stem}-{method.name}-seed{seed}"
-                           if save_models and isinstance(method, DecoderMethod) else None)
-                run = MethodRun(towers, parts, split, replace(config, seed=seed), trained=trained,
-                                class_embeddings=class_embeddings, save_to=save_to)
-                metrics = run_method(method.name, run, photo_check, zsl_images)
-                per_method.setdefault(method.name, []).append(metrics)
-                if progress:
-                    on_photos = (f", photos top-1 {metrics['photos']['top1_correct']}/{metrics['photos']['images']}"
-                                 f" AP {metrics['photos']['per_image_AP']:.1f}" if photo_check else "")
-                    print(f"{Path(split_path).stem} {method.name} seed {seed}: ZSL mAP {metrics['zsl']['mAP']:.1f},"
-                          f" GZSL mAP {metrics['gzsl']['mAP']:.1f}{on_photos} ({metrics['seconds']} s)", flush=True)
+    for (path, _, _), metrics in zip(tasks, done):
+        per_method = results.setdefault(path.stem, {name: [] for name in names})
+        for name, run in metrics.items():
+            per_method[name].append(run)
     return results
 
 

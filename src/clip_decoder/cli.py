@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = training_config(args, seed=args.seeds[0])
     results = run_benchmark(args.data, [Path(p) for p in args.splits], tuple(args.seeds), tuple(args.methods),
                             args.backbone, config, feature_location(args), photos=args.photos,
-                            save_models=args.save_models, zsl_images=args.zsl_images)
+                            save_models=args.save_models, zsl_images=args.zsl_images, jobs=args.jobs)
     sections = [f"### Label split `{name}`\n\n{summary_table(per_method)}\n\n{zsl_section(per_method, args.zsl_images)}"
                 + (f"\n\nPhotos:\n\n{photos_table(per_method)}" if args.photos else "")
                 for name, per_method in results.items()]
