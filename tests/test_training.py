@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import fields
 
 import numpy as np
@@ -174,14 +177,21 @@ def test_bench_jobs_run_the_split_seed_pairs_in_processes_with_the_same_results(
     config = TrainConfig(epochs=2, batch_size=8, val_fraction=0.25, head={"dim": 32, "heads": 4, "ffn_dim": 64})
     splits = [tiny_dataset / "split.json", tmp_path / "other.json"]
     splits[1].write_text(json.dumps({"seen": TINY_SPLIT["unseen"] + TINY_SPLIT["seen"][:1], "unseen": TINY_SPLIT["seen"][1:]}))
-
-    def bench(jobs: int) -> dict:
-        return run_benchmark(tiny_dataset, splits, (0, 1), ("clip-decoder", "zero-shot-prior", "linear"),
-                             f"hf:{tiny_clip_dir}", config, FeatureLocation(cache=tmp_path / "cache"), progress=False,
-                             save_models=tmp_path / f"models-{jobs}", jobs=jobs)
-
-    alone, parallel = bench(1), bench(2)
-    assert list(parallel) == ["split", "other"] and list(parallel["other"]) == ["clip-decoder", "zero-shot-prior", "linear"]
+    methods_run = ["clip-decoder", "zero-shot-prior", "linear"]
+    cache = tmp_path / "cache"
+    alone = run_benchmark(tiny_dataset, splits, (0, 1), methods_run, f"hf:{tiny_clip_dir}", config,
+                          FeatureLocation(cache=cache), progress=False, save_models=tmp_path / "models-1")
+    # The command line, as `python -m clip_decoder` (a worker imports that module again: it must not rerun the CLI)
+    command = subprocess.run(
+        [sys.executable, "-m", "clip_decoder", "bench", "--data", str(tiny_dataset), "--splits", *map(str, splits),
+         "--seeds", "0", "1", "--methods", *methods_run, "--backbone", f"hf:{tiny_clip_dir}", "--epochs", "2",
+         "--batch-size", "8", "--val-fraction", "0.25", *HEAD, "--cache", str(cache), "--jobs", "2",
+         "--json", str(tmp_path / "results.json"), "--save-models", str(tmp_path / "models-2")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert command.stdout.count("Label split") == 2 and command.stdout.count(": ZSL mAP") == 10  # a line per run
+    parallel = json.loads((tmp_path / "results.json").read_text())
+    assert list(parallel) == ["split", "other"] and list(parallel["other"]) == methods_run
     for split in alone:  # each seed's run in its place (one thread per worker: the last bits of training may differ)
         for method, runs in alone[split].items():
             assert len(parallel[split][method]) == len(runs) == (1 if method == "zero-shot-prior" else 2)

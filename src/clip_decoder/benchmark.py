@@ -171,8 +171,9 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     ``save_models``: a folder for every decoder model, ``<split>-<method>-seed<seed>``;
     ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES).
 
-    ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes, this process's torch threads shared
-    among them (features are extracted here first; each worker reads them): the same results, up to float rounding.
+    ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes (at most one per pair), sharing this
+    process's torch threads; features are extracted here first and each worker reads them. The results are the
+    same up to float rounding (other thread counts).
     """
     zsl_images = check_zsl_images(zsl_images, "run_benchmark")
     if jobs < 1:
@@ -183,6 +184,7 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     # One task per (split, seed): its seeded methods, and on the first seed the unseeded ones.
     tasks = [(Path(path), seed, [name for name in names if get_method(name).seeded or seed == seeds[0]])
              for path in split_paths for seed in seeds]
+    jobs = min(jobs, len(tasks))
     if jobs == 1:
         done = [runs.run(*task) for task in tasks]
     else:
