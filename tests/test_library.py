@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,3 +121,30 @@ def test_torchrun_splits_the_library_and_a_killed_worker_costs_only_time(library
     rows = list(read_results(killed))
     assert [row["index"] for row in rows] == list(range(13))  # each image once
     assert rows == list(read_results(tmp_path / "one"))  # the same scores and labels as one uninterrupted process
+
+
+def test_two_torchrun_nodes_share_one_library(library, tmp_path):
+    """--nnodes 2 (two launchers on this machine, as on two nodes sharing a filesystem): the global ranks split the
+    parts, and the results are one process's."""
+    args = ["predict", "--labels", LABELS, "--part-size", "2", str(library)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    assert subprocess.run([sys.executable, "-m", "clip_decoder", *args, "--out", str(tmp_path / "one")], env=env,
+                          capture_output=True, timeout=300).returncode == 1  # (the broken file)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "clip_decoder", *args, "--out", str(tmp_path / "nodes")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for rank in (0, 1)]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert "6 images scored by this process" in logs[1]  # node 1 (global rank 1): parts 1, 3 and 5, 2 images each
+    rows = list(read_results(tmp_path / "nodes"))
+    assert [row["index"] for row in rows] == list(range(13)) and rows == list(read_results(tmp_path / "one"))

@@ -364,7 +364,7 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--save-models", metavar="DIR", help="write each trained decoder model to"
                        " DIR/<split>-<method>-seed<N> (a model folder, for predict and evaluate)")
     bench.add_argument("--jobs", type=int, default=1, help="run the (split, seed) pairs in N processes, sharing the"
-                       " torch threads (default 1; 2 on 2 cores finish the default bench about 1.3x sooner)")
+                       " torch threads (default 1; results equal up to float rounding; README, Quick start)")
     add_backbone_option(bench)
     add_feature_options(bench, "read the images' rows from it")
     # The harness trains heads on cached features: no fine-tuning of the tower here.
