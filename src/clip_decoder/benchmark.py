@@ -184,7 +184,7 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     # One task per (split, seed): its seeded methods, and on the first seed the unseeded ones.
     tasks = [(Path(path), seed, [name for name in names if get_method(name).seeded or seed == seeds[0]])
              for path in split_paths for seed in seeds]
-    jobs = min(jobs, len(tasks))
+    jobs = max(1, min(jobs, len(tasks)))
     if jobs == 1:
         done = [runs.run(*task) for task in tasks]
     else:
