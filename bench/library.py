@@ -6,11 +6,11 @@ On the first N clip-art images of the benchmark (train part), the packaged model
 (b) `clip-decoder predict --out DIR` over them, one whole process, torch's default threads: decoding, the
     head, the part files and the process's start-up included;
 (c) the same under `torchrun --nproc_per_node 2` with OMP_NUM_THREADS=1 (two processes, one thread each);
-Each round times (a), (b) and (c) in turn (--rounds, default 2; medians, and each round's (b) / (a) beside, since
-the machine's speed drifts between minutes);
 (d) memory: a `predict --out` process given 1,000 and 100,000 input paths (hard links to the same
     1,000 files, so every path is a distinct file to the command), each stopped after --memory-seconds;
     its peak private memory (Private_Clean + Private_Dirty, sampled from /proc every 0.5 s).
+Each round times (a), (b) and (c) in turn (--rounds, default 2): medians, and each round's (b) / (a) beside, since
+the machine's speed drifts between minutes.
 Run: python -m bench.library [--images 2000] [--rounds 2] [--memory-seconds 60] [--no-write]
 """
 
@@ -132,7 +132,7 @@ def main() -> None:
         "",
         "| case | seconds | images/s | against (a) |",
         "|---|---|---|---|",
-        f"| (a) bare image tower forward, batch 8, images decoded beforehand | {forward:.1f} | {n / forward:.1f} | 1.00x |",
+        f"| (a) bare image tower forward, batch 8, images decoded beforehand, a fresh process | {forward:.1f} | {n / forward:.1f} | 1.00x |",
         f"| (b) `predict --out`, one process (start-up, decoding, head, part files) | {one:.1f} | {n / one:.1f} |"
         f" {forward / one:.2f}x |",
         f"| (c) the same, `torchrun --nproc_per_node 2`, one thread each | {two:.1f} | {n / two:.1f} | {forward / two:.2f}x |",
