@@ -172,8 +172,8 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES).
 
     ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes (at most one per pair), sharing this
-    process's torch threads; features are extracted here first and each worker reads them. The results are the
-    same up to float rounding (other thread counts).
+    process's torch threads; features are extracted here first and each worker reads them. Fewer threads round
+    otherwise, and training carries that on: the results move within the seeds' spread, not more.
     """
     zsl_images = check_zsl_images(zsl_images, "run_benchmark")
     if jobs < 1:

@@ -363,8 +363,8 @@ def add_bench(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--markdown", metavar="PATH", help="write the tables as a markdown page (e.g. docs/RESULTS.md)")
     bench.add_argument("--save-models", metavar="DIR", help="write each trained decoder model to"
                        " DIR/<split>-<method>-seed<N> (a model folder, for predict and evaluate)")
-    bench.add_argument("--jobs", type=int, default=1, help="run the (split, seed) pairs in N processes, sharing the"
-                       " torch threads (default 1; results equal up to float rounding; README, Quick start)")
+    bench.add_argument("--jobs", type=int, default=1, metavar="N", help="run the (split, seed) pairs in N processes, sharing the"
+                       " torch threads (default 1; fewer threads round otherwise, so results move within the seeds' spread)")
     add_backbone_option(bench)
     add_feature_options(bench, "read the images' rows from it")
     # The harness trains heads on cached features: no fine-tuning of the tower here.
