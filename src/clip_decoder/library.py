@@ -79,9 +79,13 @@ class Library:
         (self.folder / "parts").mkdir(parents=True, exist_ok=True)
         write_file(path, json.dumps(run, indent=2) + "\n")
 
+    def part_count(self, count: int) -> int:
+        """How many parts ``count`` inputs make."""
+        return -(-count // self.part_size)
+
     def parts(self, count: int, rank: int, world: int) -> list[int]:
         """This process's parts not written yet."""
-        return [part for part in range(rank, -(-count // self.part_size), world) if not self.part_path(part).is_file()]
+        return [part for part in range(rank, self.part_count(count), world) if not self.part_path(part).is_file()]
 
     def write_part(self, part: int, rows: list[dict], labels: Sequence[str]) -> None:
         """One part's rows, atomically."""
@@ -94,7 +98,7 @@ class Library:
     def merge_if_complete(self, count: int, labels: Sequence[str]) -> bool:
         """Write the merged results once every part exists (any process may; the writes are atomic); each part is
         read back first, and one that does not hold its images is refused, naming it."""
-        parts = range(-(-count // self.part_size))
+        parts = range(self.part_count(count))
         if not all(self.part_path(part).is_file() for part in parts):
             return False
         tables = [self._read_part(part, count) for part in parts]
