@@ -46,13 +46,13 @@ BENCH_MODELS := models/bench
 # Every method but the alignment ablation: the two prior ablations score clip-decoder's own heads, so
 # they cost no training. `make ablation` runs the alignment ablation (docs/ABLATION.md).
 DEMO_METHODS := clip-decoder clip-decoder-no-prior clip-decoder-one-prior-weight ml-decoder linear conse zero-shot-prior
-# `make demo BENCH_JOBS=2`: the (split, seed) pairs in 2 worker processes sharing the cores (`bench --jobs`): 21.0
-# instead of 26.3 min on 2 cores, with results within the seeds' spread of docs/RESULTS.md's (README, Quick start).
-BENCH_JOBS ?=
+# The (split, seed) pairs run in BENCH_JOBS worker processes sharing the cores (`bench --jobs`): with 2, the whole
+# of `make demo` took 21.8 min from an empty cache on 2 cores (26.3 in one process). BENCH_JOBS=1: one process.
+BENCH_JOBS ?= 2
 demo: install system-packages $(DATA)/stats.json photos
 	$(BIN)/clip-decoder bench --data $(DATA) --splits $(DATA)/splits/default.json $(DATA)/splits/second.json \
 		--seeds 0 1 2 --methods $(DEMO_METHODS) --photos $(PHOTO_CHECK) --markdown docs/RESULTS.md \
-		--json docs/results.json --save-models $(BENCH_MODELS) $(if $(BENCH_JOBS),--jobs $(BENCH_JOBS))
+		--json docs/results.json --save-models $(BENCH_MODELS) --jobs $(BENCH_JOBS)
 	rm -rf $(MODEL) && cp -r $(BENCH_MODELS)/default-clip-decoder-seed0 $(MODEL)
 	$(BIN)/clip-decoder predict --model $(MODEL) --format table --top-k 3 \
 		--labels-file $(PHOTO_CHECK)/vocabulary.txt $(PHOTO_CHECK)/images
@@ -61,7 +61,7 @@ demo: install system-packages $(DATA)/stats.json photos
 ablation: install system-packages $(DATA)/stats.json photos
 	$(BIN)/clip-decoder bench --data $(DATA) --splits $(DATA)/splits/default.json $(DATA)/splits/second.json \
 		--seeds 0 1 2 --methods clip-decoder clip-decoder-no-alignment --photos $(PHOTO_CHECK) \
-		--markdown docs/ABLATION.md --json docs/ablation.json $(if $(BENCH_JOBS),--jobs $(BENCH_JOBS))
+		--markdown docs/ABLATION.md --json docs/ablation.json --jobs $(BENCH_JOBS)
 
 photos: install system-packages
 	$(BIN)/python -m bench.photos --out $(PHOTO_CHECK)
