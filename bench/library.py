@@ -2,15 +2,18 @@
 
 On the first N clip-art images of the benchmark (train part), the packaged model, 29 labels (the photo vocabulary):
 (a) baseline: the bare image tower's forward at batch 8 over the same images, decoded beforehand (a
-    hundred at a time, outside the timing), in a fresh process, torch's default threads;
+    hundred at a time, outside the timing), in a fresh process, torch's default threads, with the allocator
+    setting the command line makes (clip_decoder.allocator);
 (b) `clip-decoder predict --out DIR` over them, one whole process, torch's default threads: decoding, the
     head, the part files and the process's start-up included;
-(c) the same under `torchrun --nproc_per_node 2` with OMP_NUM_THREADS=1 (two processes, one thread each);
+(b') the same with glibc's own malloc settings (CLIP_DECODER_MALLOC=default);
+(c) the same as (b) under `torchrun --nproc_per_node 2` with OMP_NUM_THREADS=1 (two processes, one thread each);
 (d) memory: a `predict --out` process given 1,000 and 100,000 input paths (hard links to the same
     1,000 files, so every path is a distinct file to the command), each stopped after --memory-seconds;
-    its peak private memory (Private_Clean + Private_Dirty, sampled from /proc every 0.5 s).
-Each round times (a), (b) and (c) in turn (--rounds, default 2): medians, and each round's (b) / (a) beside, since
-the machine's speed drifts between minutes.
+    its peak private memory (Private_Clean + Private_Dirty, sampled from /proc every 0.5 s); and the
+    1,000 paths again with glibc's own settings.
+Each round times (a), (b), (b') and (c) in turn (--rounds, default 2): medians, and each round's (b) / (a) beside,
+since the machine's speed drifts between minutes.
 Run: python -m bench.library [--images 2000] [--rounds 2] [--memory-seconds 60] [--no-write]
 """
 
@@ -30,6 +33,7 @@ import torch
 
 from bench.report import ROOT, bench_parser, check_inputs, check_positive, command, isolated, machine, publish, shown
 from clip_decoder import CLIPDecoder
+from clip_decoder.allocator import ENV as MALLOC_ENV, keep_freed_memory
 from clip_decoder.data.folder import read_part
 from clip_decoder.images import load_image
 
@@ -64,6 +68,7 @@ def run_process(argv: list[str], env: dict, stop_after: float | None = None) -> 
 def bare_forward(paths: list) -> float:
     """(a), in a fresh process as (b) is: seconds of the packaged model's tower forward alone, batch 8, over the
     images decoded beforehand a hundred at a time."""
+    keep_freed_memory()
     tower, seconds = CLIPDecoder.from_pretrained("openclipart").image_tower, 0.0
     for start in range(0, len(paths), 96):
         pixels = tower.preprocess.batch([load_image(path) for path in paths[start : start + 96]])
@@ -94,11 +99,12 @@ def main() -> None:
         predict = [sys.executable, "-m", "clip_decoder", "predict", *labels_arg, "--images-from", str(listing)]
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                     "clip_decoder", "predict", *labels_arg, "--images-from", str(listing)]
-        forward, one, two = [], [], []
+        forward, one, glibc, two = [], [], [], []
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds} ...", file=sys.stderr)
             forward.append(isolated(bare_forward, paths)[0])
             one.append(run_process([*predict, "--out", str(scratch / f"one-{round_}")], env)[0])
+            glibc.append(run_process([*predict, "--out", str(scratch / f"glibc-{round_}")], {**env, MALLOC_ENV: "default"})[0])
             two.append(run_process([*torchrun, "--out", str(scratch / f"two-{round_}")], {**env, "OMP_NUM_THREADS": "1"})[0])
         rows = [[json.loads(line) for line in (scratch / name / "results.jsonl").read_text().splitlines()]
                 for name in ("one-0", "two-0")]
@@ -108,7 +114,7 @@ def main() -> None:
         memory = {}
         links = scratch / "links"
         links.mkdir()
-        for count in (1_000, 100_000):
+        for count, malloc in ((1_000, "tuned"), (100_000, "tuned"), (1_000, "default")):
             listing = scratch / f"inputs-{count}.txt"
             with listing.open("w") as f:
                 for i in range(count):
@@ -116,13 +122,14 @@ def main() -> None:
                     if not link.exists():
                         os.link(paths[i % min(len(paths), 1000)], link)
                     f.write(f"{link}\n")
-            _, memory[count] = run_process([sys.executable, "-m", "clip_decoder", "predict", *labels_arg, "--images-from",
-                                            str(listing), "--out", str(scratch / f"memory-{count}")], env,
-                                           stop_after=args.memory_seconds)
+            _, memory[count, malloc] = run_process(
+                [sys.executable, "-m", "clip_decoder", "predict", *labels_arg, "--images-from", str(listing),
+                 "--out", str(scratch / f"memory-{count}-{malloc}")], {**env, MALLOC_ENV: malloc},
+                stop_after=args.memory_seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     n, ratios = len(paths), ", ".join(f"{a / b:.2f}x" for a, b in zip(forward, one))
-    forward, one, two = (statistics.median(times) for times in (forward, one, two))
+    forward, one, glibc, two = (statistics.median(times) for times in (forward, one, glibc, two))
     table = "\n".join([
         "## Tagging a library: `predict --out` against the bare tower, one process against two, memory",
         "",
@@ -135,13 +142,17 @@ def main() -> None:
         f"| (a) bare image tower forward, batch 8, images decoded beforehand, a fresh process | {forward:.1f} | {n / forward:.1f} | 1.00x |",
         f"| (b) `predict --out`, one process (start-up, decoding, head, part files) | {one:.1f} | {n / one:.1f} |"
         f" {forward / one:.2f}x |",
+        f"| (b') the same with glibc's own malloc settings (`CLIP_DECODER_MALLOC=default`) | {glibc:.1f} | {n / glibc:.1f} |"
+        f" {forward / glibc:.2f}x |",
         f"| (c) the same, `torchrun --nproc_per_node 2`, one thread each | {two:.1f} | {n / two:.1f} | {forward / two:.2f}x |",
         "",
         f"(b) against (a) in each round: {ratios}. (c) against (b): {one / two:.2f}x the speed; (c) holds each image once, its scores within {difference:.0e} of"
         " (b)'s (other thread counts, other rounding)."
-        f" Peak private memory of a `predict --out` process stopped after {args.memory_seconds:g} s: {memory[1_000]:.0f}"
-        f" MiB with 1,000 input paths, {memory[100_000]:.0f} MiB with 100,000 (hard links to the same 1,000 files),"
-        f" {memory[100_000] / memory[1_000]:.2f}x.",
+        f" (b) against (b'): {glibc / one:.2f}x the speed."
+        f" Peak private memory of a `predict --out` process stopped after {args.memory_seconds:g} s: {memory[1_000, 'tuned']:.0f}"
+        f" MiB with 1,000 input paths, {memory[100_000, 'tuned']:.0f} MiB with 100,000 (hard links to the same 1,000 files),"
+        f" {memory[100_000, 'tuned'] / memory[1_000, 'tuned']:.2f}x; {memory[1_000, 'default']:.0f} MiB with 1,000 paths and"
+        " glibc's own malloc settings.",
     ])
     publish(table, section="library", no_write=args.no_write)
 

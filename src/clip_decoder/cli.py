@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .atomic import write_file
 from .cli_parser import COMMANDS, build_parser, feature_location, prior_changes, training_config
 from .errors import ClipDecoderError
@@ -335,6 +336,7 @@ RUN = {"predict": cmd_predict, "export": cmd_export, "train": cmd_train, "calibr
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     command = next((word for word in argv if not word.startswith("-")), None)
     name = command if command in COMMANDS else ""  # no known command (--help, --version): no command's options
     try:

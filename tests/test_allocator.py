@@ -1,0 +1,51 @@
+"""allocator.keep_freed_memory: a freed large block stays with the process, unless CLIP_DECODER_MALLOC=default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc options (Linux)")
+
+# Allocates, touches and frees a 16 MiB block (a tower activation's size) and reports what the process kept.
+PROBE = """
+import json
+from clip_decoder.allocator import keep_freed_memory
+
+def resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+changed = keep_freed_memory()
+before = resident()
+block = bytearray(16 << 20)
+for offset in range(0, len(block), 4096):
+    block[offset] = 1
+touched = resident()
+del block
+print(json.dumps({"changed": changed, "touched": touched - before, "kept": resident() - before}))
+"""
+
+
+def probe(**env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env})
+    return json.loads(done.stdout)
+
+
+def test_a_freed_block_stays_with_the_process() -> None:
+    result = probe()
+    assert result["changed"] is True
+    assert result["touched"] >= 15 << 20
+    assert result["kept"] >= 15 << 20  # from the heap, and kept there for the next batch
+
+
+def test_glibc_defaults_give_it_back() -> None:
+    result = probe(CLIP_DECODER_MALLOC="default")
+    assert result["changed"] is False
+    assert result["touched"] >= 15 << 20
+    assert result["kept"] < 4 << 20  # mapped for the block alone and unmapped when freed
