@@ -5,8 +5,13 @@ the heap's top back to the system past its trim threshold. A tower's forward pas
 activations of megabytes for every batch, so each batch paid for new pages again (`python -m
 bench.library` times `predict` both ways; docs/BENCHMARKS.md, "library").
 PyTorch's CPU tuning guide answers the same cost by preloading jemalloc or TCMalloc; neither comes with
-pip, so the command line sets glibc's own options (mallopt) when it starts. Set CLIP_DECODER_MALLOC=default
-to leave glibc's defaults (freed memory then goes back to the system sooner).
+pip, so `predict` and `extract` set glibc's own options (mallopt) when they start. Set
+CLIP_DECODER_MALLOC=default to leave glibc's defaults (freed memory then goes back to the system sooner).
+
+Training keeps glibc's defaults: the tower's features come out bit for bit the same either way, but a
+training run's float rounding moved with the setting (in make demo, single runs' mAP by up to 1.5 points,
+within the seeds' spread), and docs/RESULTS.md is written without it. `serve` keeps them as well: its memory
+over many requests (README, "HTTP service") was measured without the setting.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allocator import keep_freed_memory
 from .data.folder import read_part, read_split, training_parts
 from .encoders import create_backbone
 from .errors import ClipDecoderError
@@ -155,7 +154,6 @@ _WORKER_RUNS: BenchmarkRuns | None = None  # a worker process's BenchmarkRuns, m
 
 def _start_worker(setup: BenchmarkSetup, threads: int, lines: bool) -> None:
     global _WORKER_RUNS
-    keep_freed_memory()  # as the command line that started this worker
     torch.set_num_threads(threads)
     _WORKER_RUNS = BenchmarkRuns(setup, progress=False, lines=lines)  # no bars from several processes at once
 

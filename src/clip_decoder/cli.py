@@ -330,17 +330,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands that run a tower batch after batch and train nothing: glibc's malloc is set for them
+# (allocator.keep_freed_memory). Training keeps glibc's defaults: the setting moves a training's float rounding.
+# `serve` keeps them too until its memory over many requests is measured with it (bench.service_memory).
+TOWER_COMMANDS = ("predict", "extract")
 RUN = {"predict": cmd_predict, "export": cmd_export, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
        "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    keep_freed_memory()
     command = next((word for word in argv if not word.startswith("-")), None)
     name = command if command in COMMANDS else ""  # no known command (--help, --version): no command's options
     try:
         args = build_parser(name).parse_args(argv)  # (a command's options may import what it needs)
+        if args.command in TOWER_COMMANDS:
+            keep_freed_memory()
         return RUN[args.command](args)
     except ModuleNotFoundError as error:  # an install without some requirement (e.g. the torch-free one)
         if not error.name or error.name.startswith("clip_decoder"):
