@@ -8,10 +8,10 @@ PyTorch's CPU tuning guide answers the same cost by preloading jemalloc or TCMal
 pip, so `predict` and `extract` set glibc's own options (mallopt) when they start. Set
 CLIP_DECODER_MALLOC=default to leave glibc's defaults (freed memory then goes back to the system sooner).
 
-Training keeps glibc's defaults: the tower's features come out bit for bit the same either way, but a
-training run's float rounding moved with the setting (in make demo, single runs' mAP by up to 1.5 points,
-within the seeds' spread), and docs/RESULTS.md is written without it. `serve` keeps them as well: its memory
-over many requests (README, "HTTP service") was measured without the setting.
+`train` and `bench` keep glibc's defaults: with the setting, `make demo`'s tables moved (single runs' mAP by
+up to 1.5 points, within the seeds' spread) though the features and label embeddings checked came out bit for
+bit the same; the cause was not found (docs/EXPERIMENTS.md), and docs/RESULTS.md was written without it.
+`serve` keeps them as well: its memory over many requests (README, "HTTP service") was measured without it.
 """
 
 from __future__ import annotations
