@@ -91,6 +91,7 @@ def main() -> None:
     samples = read_part(args.data, "train")[: args.images]
     paths = [sample.image for sample in samples]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    glibc_env = {**env, MALLOC_ENV: "default"}  # (b') and the last memory case: glibc's own malloc settings
     labels_arg = ["--labels-file", str(VOCABULARY)]
     scratch = Path(tempfile.mkdtemp(prefix="clip-decoder-library-"))
     try:
@@ -104,7 +105,7 @@ def main() -> None:
             print(f"round {round_ + 1} of {args.rounds} ...", file=sys.stderr)
             forward.append(isolated(bare_forward, paths)[0])
             one.append(run_process([*predict, "--out", str(scratch / f"one-{round_}")], env)[0])
-            glibc.append(run_process([*predict, "--out", str(scratch / f"glibc-{round_}")], {**env, MALLOC_ENV: "default"})[0])
+            glibc.append(run_process([*predict, "--out", str(scratch / f"glibc-{round_}")], glibc_env)[0])
             two.append(run_process([*torchrun, "--out", str(scratch / f"two-{round_}")], {**env, "OMP_NUM_THREADS": "1"})[0])
         rows = [[json.loads(line) for line in (scratch / name / "results.jsonl").read_text().splitlines()]
                 for name in ("one-0", "two-0")]
@@ -124,7 +125,7 @@ def main() -> None:
                     f.write(f"{link}\n")
             _, memory[count, malloc] = run_process(
                 [sys.executable, "-m", "clip_decoder", "predict", *labels_arg, "--images-from", str(listing),
-                 "--out", str(scratch / f"memory-{count}-{malloc}")], {**env, MALLOC_ENV: "default"} if malloc == "default" else env,
+                 "--out", str(scratch / f"memory-{count}-{malloc}")], glibc_env if malloc == "default" else env,
                 stop_after=args.memory_seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -9,16 +9,18 @@ import sys
 
 import pytest
 
+from clip_decoder.allocator import ENV
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc options (Linux)")
 
 # Allocates, touches and frees a 16 MiB block (a tower activation's size) and reports what the process kept.
 PROBE = """
-import json
+import json, resource
 from clip_decoder.allocator import keep_freed_memory
 
 def resident() -> int:
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 changed = keep_freed_memory()
 before = resident()
@@ -32,8 +34,10 @@ print(json.dumps({"changed": changed, "touched": touched - before, "kept": resid
 
 
 def probe(**env: str) -> dict:
+    """The probe's report, in a process whose environment has ``env`` and no setting of ENV otherwise."""
+    inherited = {name: value for name, value in os.environ.items() if name != ENV}
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                          env={**os.environ, **env})
+                          env={**inherited, **env})
     return json.loads(done.stdout)
 
 
@@ -45,7 +49,7 @@ def test_a_freed_block_stays_with_the_process() -> None:
 
 
 def test_glibc_defaults_give_it_back() -> None:
-    result = probe(CLIP_DECODER_MALLOC="default")
+    result = probe(**{ENV: "default"})
     assert result["changed"] is False
     assert result["touched"] >= 15 << 20
     assert result["kept"] < 4 << 20  # mapped for the block alone and unmapped when freed
