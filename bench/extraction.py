@@ -7,6 +7,7 @@ Same images, same batch size, default `offline` image tower (EfficientNet-Lite2 
 (b) the same with ``decode_workers=0``: each batch decoded in turn in the calling thread, as
     before ``decoding`` existed;
 (c) baseline: the bare tower forward on the same images, decoded and preprocessed beforehand.
+Every case runs with glibc's malloc set as `clip-decoder extract` sets it (allocator.keep_freed_memory).
 Times are medians of ``--repeats`` interleaved runs (after one warm-up each). Peak RSS is
 measured per case in a fresh process (tower creation + one run). Target: (a) reaches at least 80%
 of (c)'s images/s.
@@ -26,6 +27,7 @@ import torch
 
 from bench.report import (bench_parser, check_inputs, check_positive, command, interleaved_medians, isolated, machine,
                           publish, shown)
+from clip_decoder.allocator import keep_freed_memory
 from clip_decoder.data.folder import read_part
 from clip_decoder.decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
 from clip_decoder.encoders.offline import EfficientNetLite2Tower
@@ -65,6 +67,7 @@ def forward(tower, batches: list[torch.Tensor]) -> None:
 
 def one_case(case: str, paths: list[Path], batch_size: int, workers: int) -> None:
     """A peak-memory probe, run in a fresh process: build the tower, then run ``case`` once."""
+    keep_freed_memory()
     tower = new_tower()
     if case == "forward":
         forward(tower, preprocessed(tower, paths, batch_size))
@@ -97,6 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     check_positive(args, "images", "batch_size", "repeats", "workers")
     check_inputs(args.data, part="train")
+    keep_freed_memory()
 
     paths = usable_images(args.data, args.images)
     if len(paths) < args.images:
@@ -135,7 +139,8 @@ def main() -> None:
         f" tower `{tower.name}`. (a) and (b) hash, decode, preprocess, run the tower and write one entry per image"
         f" into a new, empty cache folder; (a) decodes the next batch in {args.workers} background thread(s) while"
         " the tower runs. (c) runs the tower alone on batches decoded and preprocessed beforehand. Peak RSS: each"
-        " case in its own process (tower creation + one run; (c) holds all preprocessed batches).",
+        " case in its own process (tower creation + one run; (c) holds all preprocessed batches). glibc's malloc is set as"
+        " `clip-decoder extract` sets it.",
         "",
         "| case | images/s | / (c) | peak RSS, own process |",
         "|---|---|---|---|",

@@ -5,13 +5,14 @@ the heap's top back to the system past its trim threshold. A tower's forward pas
 activations of megabytes for every batch, so each batch paid for new pages again (`python -m
 bench.library` times `predict` both ways; docs/BENCHMARKS.md, "library").
 PyTorch's CPU tuning guide answers the same cost by preloading jemalloc or TCMalloc; neither comes with
-pip, so `predict` and `extract` set glibc's own options (mallopt) when they start. Set
+pip, so `predict` and `extract` set glibc's own options (mallopt) when they start, and so does `bench
+--jobs N` (N > 1) in its own process, which extracts the features while its workers train. Set
 CLIP_DECODER_MALLOC=default to leave glibc's defaults (freed memory then goes back to the system sooner).
 
-`train` and `bench` keep glibc's defaults: with the setting, `make demo`'s tables moved (single runs' mAP by
-up to 1.5 points, within the seeds' spread) though the features and label embeddings checked came out bit for
-bit the same; the cause was not found (docs/EXPERIMENTS.md), and docs/RESULTS.md was written without it.
-`serve` keeps them as well: its memory over many requests (README, "HTTP service") was measured without it.
+Processes that train keep glibc's defaults (`train`, `bench`'s workers, `bench --jobs 1`): it did not make a
+training step faster, and with the setting everywhere `make demo`'s tables moved (single runs' mAP by up to 1.5
+points, within the seeds' spread; docs/EXPERIMENTS.md). `serve` keeps them as well: its memory over many
+requests (README, "HTTP service") was measured without it.
 """
 
 from __future__ import annotations

@@ -19,17 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .data.folder import read_part, read_split, training_parts
 from .encoders import create_backbone
 from .errors import ClipDecoderError
 from .features import FeatureLocation, FeatureSource
 from .metrics import (ZSL_IMAGES, check_zsl_images, micro_prf, per_image_metrics, top_k_mask, zsl_by_images,
                       zsl_gzsl_metrics)
-from .prompts import check_labels
+from .prompts import TEMPLATE_SETS, check_labels
 from .thresholds import Thresholds
 from .training.config import TrainConfig
 from .training.data import FeatureSet
-from .training.methods import DecoderMethod, MethodRun, get_method, method_names
+from .training.methods import DecoderMethod, MethodRun, embed_class_names, get_method, method_names
 
 PHOTOS_PART, VOCABULARY_FILE = "photos", "vocabulary.txt"
 
@@ -132,6 +133,14 @@ class BenchmarkRuns:
         self.parts = {name: FeatureSet.build(items, source, progress) for name, items in samples.items()}
         self.trained, self.class_embeddings = {}, {}
 
+    def embed_class_names(self) -> dict[tuple[str, ...], np.ndarray]:
+        """The towers' ImageNet class-name embeddings through the setup's templates (empty for a tower without an
+        ImageNet classifier), made now, as the runs that need them share them; for worker processes to start with."""
+        if self.towers.image.zero_shot == "imagenet":
+            templates = TEMPLATE_SETS[self.setup.config.templates]
+            self.class_embeddings[templates] = embed_class_names(self.towers, templates)
+        return {templates: embeddings.numpy() for templates, embeddings in self.class_embeddings.items()}
+
     def run(self, split_path: Path, seed: int, methods: Sequence[str]) -> dict[str, dict]:
         """{method: metrics} of ``methods`` trained with ``seed`` on the split at ``split_path``."""
         split, name, setup, results = read_split(split_path), Path(split_path).stem, self.setup, {}
@@ -152,10 +161,11 @@ class BenchmarkRuns:
 _WORKER_RUNS: BenchmarkRuns | None = None  # a worker process's BenchmarkRuns, made once by _start_worker
 
 
-def _start_worker(setup: BenchmarkSetup, threads: int, lines: bool) -> None:
+def _start_worker(setup: BenchmarkSetup, threads: int, lines: bool, class_embeddings: dict) -> None:
     global _WORKER_RUNS
     torch.set_num_threads(threads)
     _WORKER_RUNS = BenchmarkRuns(setup, progress=False, lines=lines)  # no bars from several processes at once
+    _WORKER_RUNS.class_embeddings.update({templates: torch.from_numpy(array) for templates, array in class_embeddings.items()})
 
 
 def _worker_run(split_path: Path, seed: int, methods: Sequence[str]) -> dict[str, dict]:
@@ -172,26 +182,32 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES).
 
     ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes (at most one per pair), sharing this
-    process's torch threads; features are extracted here first and each worker reads them. Fewer threads round
-    otherwise, and training carries that on: the results move within the seeds' spread, not more.
+    process's torch threads; features are extracted and the ImageNet class names embedded here first, and each
+    worker reads them. Fewer threads round otherwise, and training carries that on: the results move within the
+    seeds' spread, not more. This process then trains nothing, so it sets glibc's malloc as `extract` does
+    (allocator.keep_freed_memory); the workers keep glibc's defaults.
     """
     zsl_images = check_zsl_images(zsl_images, "run_benchmark")
     if jobs < 1:
         raise ClipDecoderError(f"jobs must be at least 1, got {jobs}")
     names = [get_method(name).name for name in (methods or method_names(ablations=False))]
     setup = BenchmarkSetup(data_dir, backbone, config, features, photos, save_models, zsl_images)
-    runs = BenchmarkRuns(setup, progress)  # extracts what is missing, once, before any worker starts
     # One task per (split, seed): its seeded methods, and on the first seed the unseeded ones.
     tasks = [(Path(path), seed, [name for name in names if get_method(name).seeded or seed == seeds[0]])
              for path in split_paths for seed in seeds]
     jobs = max(1, min(jobs, len(tasks)))
+    if jobs > 1:
+        keep_freed_memory()
+    runs = BenchmarkRuns(setup, progress)  # extracts what is missing, once, before any worker starts
     if jobs == 1:
         done = [runs.run(*task) for task in tasks]
     else:
+        class_embeddings = runs.embed_class_names()
         del runs
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pool mid-state
-        with ProcessPoolExecutor(jobs, context, initializer=_start_worker, initargs=(setup, threads, progress)) as pool:
+        with ProcessPoolExecutor(jobs, context, initializer=_start_worker,
+                                 initargs=(setup, threads, progress, class_embeddings)) as pool:
             done = list(pool.map(_worker_run, *zip(*tasks)))
     results: dict[str, dict[str, list[dict]]] = {}
     for (path, _, _), metrics in zip(tasks, done):

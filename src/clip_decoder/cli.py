@@ -331,8 +331,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # The commands that run a tower batch after batch and train nothing: glibc's malloc is set for them
-# (allocator.keep_freed_memory). `train` and `bench` keep glibc's defaults (make demo's tables moved with the
-# setting); `serve` too, until its memory over many requests is measured with it (bench.service_memory).
+# (allocator.keep_freed_memory; `bench --jobs N` sets it in its extracting process). `train` keeps glibc's
+# defaults; `serve` too, until its memory over many requests is measured with it (bench.service_memory).
 TOWER_COMMANDS = ("predict", "extract")
 RUN = {"predict": cmd_predict, "export": cmd_export, "train": cmd_train, "calibrate": cmd_calibrate, "serve": cmd_serve,
        "evaluate": cmd_evaluate, "extract": cmd_extract, "data": cmd_data, "bench": cmd_bench}

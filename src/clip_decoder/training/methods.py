@@ -74,11 +74,10 @@ class MethodRun:
 
     def share_class_embeddings(self, zero_shot: ZeroShotPrior, templates: tuple[str, ...]) -> ZeroShotPrior:
         """``zero_shot`` with the towers' class-name embeddings through ``templates``: computed by the first run
-        that needs them, copied for the others."""
+        that needs them (unless the harness computed them beforehand), copied for the others."""
         if zero_shot.conse:
             if templates not in self.class_embeddings:
-                embed = self.embedder()
-                self.class_embeddings[templates] = embed(imagenet_class_names(), templates).float()
+                self.class_embeddings[templates] = embed_class_names(self.backbone, templates)
             zero_shot.load_state_dict({"class_embeddings": self.class_embeddings[templates]})  # (copied in)
         return zero_shot
 
@@ -87,6 +86,12 @@ class MethodRun:
         embed = self.embedder()
         prior = ZeroShotPrior(self.backbone.image, self.backbone.text.dim, lambda names: embed(names, self.templates))
         return self.share_class_embeddings(prior, self.templates)
+
+
+def embed_class_names(backbone: Backbone, templates: tuple[str, ...]) -> torch.Tensor:
+    """The ImageNet class names through ``templates`` (the class vectors of the prior and of CONSE), by a label
+    embedder of their own, as a fresh model embeds them."""
+    return LabelEmbedder(backbone.text)(imagenet_class_names(), templates).float()
 
 
 @dataclass(frozen=True)
