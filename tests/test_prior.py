@@ -213,6 +213,32 @@ def test_benchmark_models_share_the_towers_class_embeddings():
     assert torch.equal(models[0].zero_shot.class_embeddings, alone.zero_shot.class_embeddings)
 
 
+def test_benchmark_workers_start_with_the_class_embeddings_its_main_process_made(tiny_dataset, tmp_path):
+    """bench --jobs N: the main process embeds the class names once; a worker's runs use those, embedding none."""
+    from clip_decoder import benchmark
+    from clip_decoder.features import FeatureLocation
+    from clip_decoder.training.config import TrainConfig
+    from clip_decoder.training.methods import MethodRun, decoder_method, untrained_model
+
+    setup = benchmark.BenchmarkSetup(tiny_dataset, "offline", TrainConfig(), FeatureLocation(cache=tmp_path / "cache"),
+                                     None, None, "with-unseen")
+    handed = benchmark.BenchmarkRuns(setup, progress=False).embed_class_names()
+    (templates, made), = handed.items()
+    assert made.shape == (len(imagenet_class_names()), 384) and isinstance(made, np.ndarray)  # plain arrays to pickle
+    threads = torch.get_num_threads()
+    try:
+        benchmark._start_worker(setup, threads, False, handed)  # as in a worker process
+        worker = benchmark._WORKER_RUNS
+    finally:
+        benchmark._WORKER_RUNS = None
+        torch.set_num_threads(threads)
+    prior = untrained_model(decoder_method("clip-decoder").recipe(TrainConfig()), worker.towers).zero_shot
+    worker.towers.text.encode = lambda texts: pytest.fail(f"a worker embedded {len(texts)} texts")
+    MethodRun(worker.towers, worker.parts, None, TrainConfig(), class_embeddings=worker.class_embeddings
+              ).share_class_embeddings(prior, templates)
+    assert prior.ready and torch.equal(prior.class_embeddings, torch.from_numpy(made))
+
+
 def test_predict_with_prior_weights_0_gives_the_no_prior_ablations_scores(trained, tiny_dataset, capsys):
     """--prior-weight 0 --prior-seen-weight 0 scores as the same head with the prior off (the no-prior ablation)."""
     from clip_decoder.cli import main
