@@ -213,6 +213,21 @@ def test_benchmark_models_share_the_towers_class_embeddings():
     assert torch.equal(models[0].zero_shot.class_embeddings, alone.zero_shot.class_embeddings)
 
 
+def test_methods_say_whether_they_use_the_zero_shot_view():
+    """What bench --jobs N embeds the class names for (not for ML-Decoder and the linear map alone)."""
+    from clip_decoder.configs import PriorConfig
+    from clip_decoder.training.config import TrainConfig
+    from clip_decoder.training.methods import get_method
+
+    config = TrainConfig()
+    uses = {name: get_method(name).uses_zero_shot(config) for name in
+            ("clip-decoder", "clip-decoder-no-prior", "clip-decoder-one-prior-weight", "ml-decoder", "linear", "conse",
+             "zero-shot-prior")}
+    assert uses == {"clip-decoder": True, "clip-decoder-no-prior": False, "clip-decoder-one-prior-weight": True,
+                    "ml-decoder": False, "linear": False, "conse": True, "zero-shot-prior": True}
+    assert not get_method("clip-decoder").uses_zero_shot(replace(config, prior=PriorConfig.off()))
+
+
 def test_benchmark_workers_start_with_the_class_embeddings_its_main_process_made(tiny_dataset, tmp_path):
     """bench --jobs N: the main process embeds the class names once; a worker's runs use those, embedding none."""
     from clip_decoder import benchmark

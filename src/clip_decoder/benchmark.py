@@ -182,8 +182,8 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     ``zsl_images``: the image set of each run's ``zsl`` (metrics.ZSL_IMAGES).
 
     ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes (at most one per pair), sharing this
-    process's torch threads; features are extracted and the ImageNet class names embedded here first, and each
-    worker reads them. Fewer threads round otherwise, and training carries that on: the results move within the
+    process's torch threads; features are extracted here first (and the ImageNet class names embedded, when a
+    method uses the towers' zero-shot view), and each worker reads them. Fewer threads round otherwise, and training carries that on: the results move within the
     seeds' spread, not more. This process then trains nothing, so it sets glibc's malloc as `extract` does
     (allocator.keep_freed_memory); the workers keep glibc's defaults.
     """
@@ -202,7 +202,8 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
     if jobs == 1:
         done = [runs.run(*task) for task in tasks]
     else:
-        class_embeddings = runs.embed_class_names()
+        uses_zero_shot = any(get_method(name).uses_zero_shot(config) for name in names)
+        class_embeddings = runs.embed_class_names() if uses_zero_shot else {}
         del runs
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pool mid-state

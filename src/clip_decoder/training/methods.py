@@ -122,6 +122,10 @@ class DecoderMethod:
     def describe(self, config: TrainConfig) -> str:
         return self.recipe(config).describe()
 
+    def uses_zero_shot(self, config: TrainConfig) -> bool:
+        """Whether its model scores with the towers' zero-shot prior (and so needs the class-name embeddings)."""
+        return self.recipe(config).prior.on
+
     def train(self, run: MethodRun) -> TrainedMethod:
         """Train (or take the head a method with the same training already trained), then score through the
         trained model's own scorer and decide by its default rule."""
@@ -169,9 +173,13 @@ class ScoreMethod:
     description: Callable[[TrainConfig], str]
     seeded: bool = True  # False: the result does not depend on the seed, so the benchmark runs it once
     ablation: bool = False
+    zero_shot: bool = False  # True: it uses the towers' zero-shot view (MethodRun.zero_shot)
 
     def describe(self, config: TrainConfig) -> str:
         return self.description(config)
+
+    def uses_zero_shot(self, config: TrainConfig) -> bool:
+        return self.zero_shot
 
     def train(self, run: MethodRun) -> TrainedMethod:
         return TrainedMethod(self.build(run))
@@ -258,8 +266,9 @@ register_method(ScoreMethod(
 register_method(ScoreMethod(
     "conse", "CONSE: the image tower's ImageNet classes' name embeddings, no training", _train_conse,
     lambda config: (f"the image tower's ImageNet classifier, top-{CONSE_TOP} class names' text embeddings;"
-                    f" {config.templates} prompts"), seeded=False))
+                    f" {config.templates} prompts"), seeded=False, zero_shot=True))
 register_method(ScoreMethod(
     "zero-shot-prior", "CLIP-Decoder's zero-shot prior alone (CONSE at the prior's temperature), no training",
     _train_prior_alone, lambda config: (f"the prior alone: CONSE's top-{CONSE_TOP} classes at temperature"
-                                        f" {config.prior.temperature}; {config.templates} prompts"), seeded=False))
+                                        f" {config.prior.temperature}; {config.templates} prompts"),
+    seeded=False, zero_shot=True))
