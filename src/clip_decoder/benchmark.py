@@ -165,7 +165,8 @@ def _start_worker(setup: BenchmarkSetup, threads: int, lines: bool, class_embedd
     global _WORKER_RUNS
     torch.set_num_threads(threads)
     _WORKER_RUNS = BenchmarkRuns(setup, progress=False, lines=lines)  # no bars from several processes at once
-    _WORKER_RUNS.class_embeddings.update({templates: torch.from_numpy(array) for templates, array in class_embeddings.items()})
+    for templates, array in class_embeddings.items():  # the main process's (BenchmarkRuns.embed_class_names)
+        _WORKER_RUNS.class_embeddings[templates] = torch.from_numpy(array)
 
 
 def _worker_run(split_path: Path, seed: int, methods: Sequence[str]) -> dict[str, dict]:
@@ -183,9 +184,10 @@ def run_benchmark(data_dir: str | Path, split_paths: list[Path], seeds=(0, 1, 2)
 
     ``jobs`` > 1 runs the (split, seed) pairs in that many worker processes (at most one per pair), sharing this
     process's torch threads; features are extracted here first (and the ImageNet class names embedded, when a
-    method uses the towers' zero-shot view), and each worker reads them. Fewer threads round otherwise, and training carries that on: the results move within the
-    seeds' spread, not more. This process then trains nothing, so it sets glibc's malloc as `extract` does
-    (allocator.keep_freed_memory); the workers keep glibc's defaults.
+    method uses the towers' zero-shot view), and each worker reads them. Fewer threads round otherwise, and
+    training carries that on: the results move within the seeds' spread, not more. This process then trains
+    nothing, so it sets glibc's malloc as `extract` does (allocator.keep_freed_memory); the workers keep glibc's
+    defaults.
     """
     zsl_images = check_zsl_images(zsl_images, "run_benchmark")
     if jobs < 1:
