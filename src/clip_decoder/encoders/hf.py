@@ -108,7 +108,7 @@ class HFTextTower(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         device = next(self.text_model.parameters()).device
-        chunks = [torch.empty(0, self.dim)]
+        chunks = [torch.empty(0, self.dim, device=device)]
         for batch in tokenized_batches(self.tokenizer, texts, device, self.max_length, self.padding):
             # SigLIP's text tower was trained without an attention mask.
             mask = batch.get("attention_mask") if self.padding is True else None

@@ -100,7 +100,7 @@ class MiniLMTextTower(nn.Module):
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
         self._load()
-        chunks = [torch.empty(0, self.dim)]
+        chunks = [torch.empty(0, self.dim, device=self.device_marker.device)]
         for batch in tokenized_batches(self.tokenizer, texts, self.device_marker.device, self.max_length):
             chunks.append(self.embed_tokens(batch["input_ids"], batch["attention_mask"]))
         return torch.cat(chunks)
