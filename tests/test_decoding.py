@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_decoder.decoding import decoded_batches
+from clip_decoder import decoding
+from clip_decoder.decoding import decode_workers, decoded_batches
 from clip_decoder.errors import ClipDecoderError
 from clip_decoder.features import FeatureCache
 from clip_decoder.images import Preprocess, load_image
@@ -130,3 +131,33 @@ def test_feature_cache_gives_the_same_features_decoding_in_threads_as_in_turn(ti
         direct = tower(tower.preprocess.batch([load_image(p) for p in paths[:2]]))
     torch.testing.assert_close(after.pooled[:2], direct.pooled, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(after.tokens[:2], direct.tokens.half(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("cpus, on_gpu", [(1, 1), (2, 1), (3, 2), (5, 4), (16, 4)])
+def test_decoding_threads_follow_the_towers_device(monkeypatch, cpus, on_gpu):
+    """One thread beside a CPU tower (it needs the cores); beside a GPU the spare cores, at most 4
+    (past 4 they slowed an H200's extraction and tagging: decoding.py's comment)."""
+    monkeypatch.setattr(decoding, "usable_cpus", lambda: cpus)
+    assert decode_workers("cpu") == 1
+    assert decode_workers("cuda") == on_gpu
+
+
+def test_tower_features_decode_with_the_threads_of_the_towers_device(tiny_clip_dir, tiny_dataset, monkeypatch):
+    from clip_decoder.encoders import create_backbone
+    from clip_decoder.features import common
+
+    asked = []
+    monkeypatch.setattr(common, "decode_workers", lambda device_type: asked.append(device_type) or 3)
+    seen_workers = []
+    real = common.decoded_batches
+
+    def recording(*args, workers, **options):
+        seen_workers.append(workers)
+        return real(*args, workers=workers, **options)
+
+    monkeypatch.setattr(common, "decoded_batches", recording)
+    tower = create_backbone(f"hf:{tiny_clip_dir}").image
+    paths = sorted((tiny_dataset / "images").glob("train-*.png"))[:2]
+    list(common.encoded_batches(tower, paths))
+    list(common.encoded_batches(tower, paths, workers=0))  # an explicit count wins
+    assert asked == ["cpu"] and seen_workers == [3, 0]

@@ -39,6 +39,27 @@ if TYPE_CHECKING:
 # 0, 1 and 2 threads did not differ beyond that noise (median img/s 12.3, 12.3, 11.8; forward
 # alone 14.0; 32 images, batch 8). On more cores, pass more.
 DEFAULT_WORKERS = 1
+# Ahead of a tower on a GPU, one decoding thread is the bottleneck: on an H200 with 16 cores a
+# ViT-B/16 forward ran 1,059 images/s (fp32, batch 64), extraction with one decoding thread 199-234
+# and predict 259-349. With 2 / 3 / 4 / 6 / 8 threads (two runs each): extraction 275-288 / 275-334 /
+# 282-333 / 268-323 / 248-321, predict 498-568 / 669-707 / 671-691 / 652-655 / 514-585. Past 4 the
+# threads fight the tower's Python thread for the GIL. So: the spare cores, at most 4.
+MAX_ACCELERATOR_WORKERS = 4
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def decode_workers(device_type: str) -> int:
+    """Threads that decode ahead of an image tower on ``device_type`` ("cpu", "cuda", ...): one
+    beside a CPU tower (it needs the cores), the spare cores beside an accelerator, at most 4."""
+    if device_type == "cpu":
+        return DEFAULT_WORKERS
+    return max(1, min(MAX_ACCELERATOR_WORKERS, usable_cpus() - 1))
 
 # Images per image-tower forward. On CPU small batches are faster per image: the activations of
 # a batch of 8 stay in cache. EfficientNet-Lite2 at 224 px on 2 cores: 18.4 images/s at batch

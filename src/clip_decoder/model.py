@@ -17,7 +17,8 @@ from torch import nn
 
 from .alignment import Alignment
 from .configs import HeadConfig, PriorConfig
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
+from .decoding import (DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decode_workers, decoded_batches,
+                       predict_scores)
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
 from .head import DecoderHead
@@ -206,7 +207,8 @@ class CLIPDecoder(nn.Module):
         self.eval()
         try:
             vocabulary = self.scorer.vocabulary(labels, templates)
-            for batch in decoded_batches(images, self.image_tower.preprocess, batch_size):
+            for batch in decoded_batches(images, self.image_tower.preprocess, batch_size,
+                                         workers=decode_workers(self.device.type)):
                 if not batch.indices:  # every image of this batch failed
                     yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
                     continue

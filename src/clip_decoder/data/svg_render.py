@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from ..decoding import usable_cpus
 from ..errors import ClipDecoderError
 
 RENDER_TIMEOUT_S = 60  # the slowest real file takes ~12 s here
@@ -32,13 +33,6 @@ def require_cairo() -> None:
         import cairosvg  # noqa: F401 - imported to check it loads
     except (ImportError, OSError) as e:
         raise ClipDecoderError(f"rendering SVGs needs cairosvg and libcairo2 ({e})") from e
-
-
-def worker_count() -> int:
-    """The CPUs this process may run on (its affinity where the OS reports one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def render_svg(src: Path, dst: Path, size: int) -> str | None:
@@ -77,7 +71,7 @@ def render_all(jobs: Sequence[Job], workers: int | None = None, timeout: float =
     import cairosvg
 
     cairosvg.svg2png(bytestring=_WARM_UP)
-    workers = workers or worker_count()
+    workers = workers or usable_cpus()
     context = multiprocessing.get_context("fork")
     results: list[str | None] = [None] * len(jobs)
     running: dict[int, tuple[int, BaseProcess, float]] = {}  # sentinel -> (job index, worker, deadline)

@@ -15,7 +15,6 @@ from typing import Protocol
 
 import numpy as np
 
-from ..decoding import DEFAULT_WORKERS
 from ..distributed import World
 from ..encoders import ImageTower
 from .cache import FeatureCache
@@ -57,7 +56,7 @@ class FeatureLocation:
     cache: str | Path | None = None
     store: str | Path | None = None
 
-    def open(self, tower: ImageTower, decode_workers: int = DEFAULT_WORKERS) -> FeatureSource:
+    def open(self, tower: ImageTower, decode_workers: int | None = None) -> FeatureSource:
         if self.store is not None:
             return FeatureStore.for_tower(tower, self.store, decode_workers)
         return FeatureCache(tower, self.cache, decode_workers)

@@ -20,7 +20,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from ..atomic import remove_leftovers, write_file
-from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from ..decoding import DEFAULT_BATCH_SIZE
 from ..distributed import World
 from ..encoders import ImageTower
 from .common import Features, encoded_batches, file_keys, first_of_each_content, kept_indices, tower_folder
@@ -30,10 +30,10 @@ class FeatureCache:
     """Image-tower features on disk, keyed by tower, preprocessing and file content."""
 
     def __init__(
-        self, tower: ImageTower, root: str | Path | None = None, decode_workers: int = DEFAULT_WORKERS
+        self, tower: ImageTower, root: str | Path | None = None, decode_workers: int | None = None
     ) -> None:
         self.tower = tower
-        self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn, no threads
+        self.decode_workers = decode_workers  # threads decoding ahead of the tower; 0: in turn; None: by device
         self.folder = tower_folder(tower, root, "features")
         self.encoded = 0  # images run through the tower by this cache object
         self.rebuilt = 0  # entries found corrupt or stale and recomputed

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..caches import default_cache_dir, file_key, keyed_folder
-from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS, decoded_batches
+from ..decoding import DEFAULT_BATCH_SIZE, decode_workers, decoded_batches
 from ..encoders import ImageTower
 from ..errors import ClipDecoderError
 
@@ -76,11 +76,13 @@ def kept_indices(count: int, failed: dict[int, str], report: bool) -> list[int]:
     return kept
 
 
-def encoded_batches(tower: ImageTower, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE,
-                    workers: int = DEFAULT_WORKERS) -> Iterator[tuple[list[int], dict[int, str], torch.Tensor, torch.Tensor]]:
+def encoded_batches(tower: ImageTower, paths: list[Path], batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None
+                    ) -> Iterator[tuple[list[int], dict[int, str], torch.Tensor, torch.Tensor]]:
     """(indices into ``paths``, failed {index: message}, tokens float16, pooled float32) per batch of images
-    decoded (ahead, in threads) and run through the tower; the tensors are on the CPU, one row per index."""
+    decoded (ahead, in ``workers`` threads; None: ``decode_workers`` for the tower's device) and run through
+    the tower; the tensors are on the CPU, one row per index."""
     device = next(tower.parameters()).device
+    workers = decode_workers(device.type) if workers is None else workers
     for batch in decoded_batches(paths, tower.preprocess, batch_size, workers=workers):
         tokens = pooled = torch.empty(0)
         if batch.indices:

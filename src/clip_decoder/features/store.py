@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import remove_leftovers, write_file
 from ..caches import SPEC_FILE
-from ..decoding import DEFAULT_BATCH_SIZE, DEFAULT_WORKERS
+from ..decoding import DEFAULT_BATCH_SIZE
 from ..distributed import World
 from ..encoders import ImageTower
 from ..errors import ClipDecoderError
@@ -142,7 +142,7 @@ class FeatureStore:
     """Frozen-tower features of many images in memory-mapped shards, keyed by file content."""
 
     def __init__(self, folder: str | Path, tower: ImageTower | None = None,
-                 decode_workers: int = DEFAULT_WORKERS) -> None:
+                 decode_workers: int | None = None) -> None:
         """The store in ``folder`` (created if missing); ``tower`` (needed to extract) checks its width."""
         self.folder, self.tower, self.decode_workers = Path(folder), tower, decode_workers
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ class FeatureStore:
 
     @classmethod
     def for_tower(cls, tower: ImageTower, root: str | Path | None = None,
-                  decode_workers: int = DEFAULT_WORKERS) -> FeatureStore:
+                  decode_workers: int | None = None) -> FeatureStore:
         """The store of ``tower``'s features under ``root`` (the cache's default folder if None)."""
         return cls(tower_folder(tower, root, "store"), tower, decode_workers)
 
