@@ -161,3 +161,30 @@ def test_tower_features_decode_with_the_threads_of_the_towers_device(tiny_clip_d
     list(common.encoded_batches(tower, paths))
     list(common.encoded_batches(tower, paths, workers=0))  # an explicit count wins
     assert asked == ["cpu"] and seen_workers == [3, 0]
+
+
+def test_zero_shot_tagging_and_tower_training_decode_with_the_threads_asked_for(tiny_clip_dir, tiny_dataset,
+                                                                              monkeypatch):
+    from clip_decoder import zero_shot
+    from clip_decoder.data.folder import read_part
+    from clip_decoder.training import data
+
+    seen_workers = []
+
+    def recorder(module):
+        real = module.decoded_batches
+
+        def recording(*args, workers=decoding.DEFAULT_WORKERS, **options):
+            seen_workers.append(workers)
+            return real(*args, workers=workers, **options)
+        monkeypatch.setattr(module, "decoded_batches", recording)
+
+    recorder(zero_shot)
+    recorder(data)
+    monkeypatch.setattr(zero_shot, "decode_workers", lambda device_type: 3)
+    tagger = zero_shot.ZeroShotTagger.load(f"hf:{tiny_clip_dir}")
+    paths = sorted((tiny_dataset / "images").glob("train-*.png"))[:2]
+    tagger.predict(paths, ["red", "blue"])
+    images = data.ImageSet.build(read_part(tiny_dataset, "train")[:4], tagger.preprocess, progress=False, decode_workers=2)
+    list(images.batches([torch.tensor([0, 1]), torch.tensor([2, 3])]))
+    assert seen_workers == [3, 2, 2]

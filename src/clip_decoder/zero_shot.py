@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
+from .decoding import (DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decode_workers, decoded_batches,
+                       predict_scores)
 from .encoders import Backbone, create_backbone
 from .errors import ClipDecoderError
 from .prompts import DEFAULT_TEMPLATES, LabelEmbedder, check_templates
@@ -88,7 +89,7 @@ class ZeroShotTagger:
     def _predict_batches(self, images, labels, templates, batch_size) -> Iterator[PredictedBatch]:
         self.logits(torch.zeros(0, self.image_tower.dim), labels, templates)  # embeds the labels before any image
         device = next(iter(self.image_tower.parameters())).device
-        for batch in decoded_batches(images, self.preprocess, batch_size):
+        for batch in decoded_batches(images, self.preprocess, batch_size, workers=decode_workers(device.type)):
             if not batch.indices:
                 yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
                 continue

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.folder import Sample, target_matrix
-from ..decoding import decoded_batches
+from ..decoding import DEFAULT_WORKERS, decoded_batches
 from ..distributed import World
 from ..encoders import TextTower
 from ..errors import ClipDecoderError
@@ -72,15 +72,17 @@ class ImageSet(LabelledImages):
 
     samples: list[Sample]
     preprocess: Preprocess
+    decode_workers: int = DEFAULT_WORKERS  # threads decoding ahead (decoding.decode_workers: by the tower's device)
 
     @classmethod
-    def build(cls, samples: list[Sample], preprocess: Preprocess, progress: bool = True, world: World = World()) -> ImageSet:
+    def build(cls, samples: list[Sample], preprocess: Preprocess, progress: bool = True, world: World = World(),
+              decode_workers: int = DEFAULT_WORKERS) -> ImageSet:
         """Keep the samples whose image decodes (checked once, each rank its share), so that every
         step's batch has the size asked for on every rank."""
         failed = {}
         mine = world.shard(list(range(len(samples))))
         bar = tqdm(total=len(mine), desc="check images", unit="img", disable=not progress or not world.is_main)
-        for batch in decoded_batches([samples[i].image for i in mine], preprocess):
+        for batch in decoded_batches([samples[i].image for i in mine], preprocess, workers=decode_workers):
             failed.update({mine[k]: message for k, message in batch.failed.items()})
             bar.update(len(batch.indices) + len(batch.failed))
         bar.close()
@@ -91,14 +93,15 @@ class ImageSet(LabelledImages):
         kept = [sample for index, sample in enumerate(samples) if index not in failed]
         if not kept:
             raise ClipDecoderError(f"none of the {len(samples)} images could be read")
-        return cls(kept, preprocess)
+        return cls(kept, preprocess, decode_workers)
 
     def batches(self, index_lists: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(rows, pixels) for each list of row indices, decoded one batch ahead."""
         index_lists = list(index_lists)
         flat = torch.cat(index_lists) if index_lists else torch.zeros(0, dtype=torch.long)
         size = len(index_lists[0]) if index_lists else 1
-        for batch in decoded_batches([self.samples[i].image for i in flat.tolist()], self.preprocess, size):
+        for batch in decoded_batches([self.samples[i].image for i in flat.tolist()], self.preprocess, size,
+                                     workers=self.decode_workers):
             if batch.failed:  # read fine when the run started: the file changed since
                 raise ClipDecoderError(next(iter(batch.failed.values())))
             yield flat[batch.indices], torch.from_numpy(batch.pixels)

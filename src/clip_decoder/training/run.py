@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..atomic import remove_leftovers, write_file
 from ..data.folder import LabelSplit, training_parts, warn_label_coverage
+from ..decoding import decode_workers
 from ..distributed import World, close_world, init_world, local_device
 from ..errors import ClipDecoderError
 from ..features import FeatureLocation
@@ -130,8 +131,9 @@ def _training_data(model: CLIPDecoder, data_dir, split: LabelSplit, recipe: Reci
     if world.is_main:
         warn_label_coverage(train_samples + val_samples, split, split.seen, "training")
     if recipe.config.finetune_image_tower:
-        preprocess = model.image_tower.preprocess
-        train, val = (ImageSet.build(samples, preprocess, progress, world) for samples in (train_samples, val_samples))
+        preprocess, workers = model.image_tower.preprocess, decode_workers(local_device().type)
+        train, val = (ImageSet.build(samples, preprocess, progress, world, workers)
+                      for samples in (train_samples, val_samples))
         return train, val, []
     source = features.open(model.image_tower)
     world.main_first(source.remove_leftovers)  # before any rank writes to it
