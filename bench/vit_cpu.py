@@ -3,11 +3,12 @@
 The backbone is a randomly initialised CLIP with ViT-B/16's shapes (``bench.gpu_scale``'s: speed does not
 depend on the weights), written as an hf folder and loaded through the real ``hf:`` code; 196 tokens of
 512 per image. On the first N clip-art test images, in one process, medians of interleaved runs:
-(a) baseline: the bare vision tower's forward, batch --batch-size, on pixels decoded and preprocessed beforehand;
+(a) baseline: the bare vision tower's forward, on pixels decoded and preprocessed beforehand;
 (b) extraction: ``clip-decoder extract``'s ``extract_features`` of those images into a new feature store
-    (decode ahead in a thread, tower, fp16 shards and their index), the store removed after each run;
+    (decode ahead in threads, tower, fp16 shards and their index), the store removed after each run;
 (c) tagging: ``CLIPDecoder.predict`` of the image files with 100 labels (embedded before), decoding included;
 (d) one frozen-tower training step on cached tokens: batch 64, 196 tokens, 925 labels (NUS-WIDE's seen).
+(a), (b) and (c) run --batch-size images per forward.
 Also the store's bytes per image, the peak RSS of a fresh process that loads the model and tags (c), and this
 process's peak private memory (Private_Clean + Private_Dirty of /proc/self/smaps_rollup, sampled every 20 ms).
 On a GPU machine, `--device cuda` fills the same table (its own section) in a few minutes, e.g.
@@ -96,7 +97,7 @@ def main() -> None:
 
         def extraction() -> None:
             store = scratch / "store"
-            extract_features(dataset, store, tower, ("train",), progress=False)
+            extract_features(dataset, store, tower, ("train",), progress=False, batch_size=args.batch_size)
             store_bytes.append(sum(f.stat().st_size for f in store.rglob("*") if f.is_file()))
             shutil.rmtree(store)
 

@@ -196,3 +196,19 @@ def test_extract_fills_the_store_that_train_and_evaluate_then_read(tiny_dataset,
     assert json.loads((tmp_path / "m.json").read_text())["gzsl"]["n_images"] == 16
     assert (out / "thresholds.json").is_file()
     assert set(json.loads((tmp_path / "bench.json").read_text())["split"]) == {"linear", "zero-shot-prior"}
+
+
+def test_extract_batch_size_changes_no_stored_feature(tiny_dataset, tiny_clip_dir, tower, tmp_path, capsys):
+    backbone = ["--backbone", f"hf:{tiny_clip_dir}", "--parts", "train"]
+    assert main(["extract", "--data", str(tiny_dataset), "--store", str(tmp_path / "by8"), *backbone]) == 0
+    assert main(["extract", "--data", str(tiny_dataset), "--store", str(tmp_path / "by5"), *backbone,
+                 "--batch-size", "5"]) == 0
+    paths = [s.image for s in read_part(tiny_dataset, "train")]
+    by8, by5 = (FeatureStore.for_tower(tower, tmp_path / name).get(paths, progress=False) for name in ("by8", "by5"))
+    torch.testing.assert_close(torch.as_tensor(by5.tokens[:]), torch.as_tensor(by8.tokens[:]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.as_tensor(by5.pooled[:]), torch.as_tensor(by8.pooled[:]), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["extract", "--data", str(tiny_dataset), "--store", str(tmp_path / "none"), *backbone,
+                 "--batch-size", "0"]) != 0
+    assert "batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # refused before anything was made

@@ -235,7 +235,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .model import CLIPDecoder
 
     tower = CLIPDecoder.from_pretrained(args.model).image_tower if args.model else create_backbone(args.backbone).image
-    summary = extract_features(args.data, args.store, tower, tuple(args.parts))
+    summary = extract_features(args.data, args.store, tower, tuple(args.parts), batch_size=args.batch_size)
     if World.from_env().is_main:
         print(f"{summary['images']} images in the feature store {summary['folder']}; encoded now, per process:"
               f" {summary['encoded_per_process']}")

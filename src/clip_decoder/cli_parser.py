@@ -52,25 +52,19 @@ def add_config_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
     return groups
 
 
-def at_least_zero(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
+def checked_number(holds, words: str):
+    """An argparse type: a float for which ``holds`` is true, else an error saying it must be ``words``."""
+    def number(text: str) -> float:
+        value = float(text)
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
+        return value
+    return number
 
 
-def above_zero(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+at_least_zero = checked_number(lambda value: value >= 0, "at least 0")
+above_zero = checked_number(lambda value: value > 0, "above 0")
+share = checked_number(lambda value: 0 <= value <= 1, "between 0 and 1")
 
 
 PRIOR_OPTION_TYPES = {"temperature": (above_zero, "T"), "centring": (share, "SHARE")}  # the others: weights
@@ -202,7 +196,8 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
                         help="decide: the thresholds `clip-decoder calibrate` stored with the model (labels it was"
                         " not trained on: the table's new-label threshold)")
     add_prior_options(predict, defaults=False, names=("weight", "seen_weight"))
-    predict.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8: fastest on CPU)")
+    predict.add_argument("--batch-size", type=int, default=8,
+                         help="images per forward pass (default 8: fastest on CPU; a GPU wants more, e.g. 64)")
     predict.add_argument("--shortlist", type=int, metavar="K",
                          help="approximate, for large vocabularies: decode only each image's K most likely labels"
                          " (ranked by the alignment space); the others score below them (default: off, exact)")
@@ -292,6 +287,8 @@ def add_extract(extract: argparse.ArgumentParser) -> None:
     extract.add_argument("--store", required=True, metavar="DIR", help="feature store folder (created if missing)")
     extract.add_argument("--parts", nargs="+", choices=("train", "val", "test"), default=["train", "val", "test"],
                          help="which parts to extract (default: all; val only where the folder has val.csv)")
+    extract.add_argument("--batch-size", type=int, default=8,
+                         help="images per forward pass (default 8: fastest on CPU; a GPU wants more, e.g. 64)")
     tower = extract.add_mutually_exclusive_group()
     add_backbone_option(tower)
     tower.add_argument("--model", metavar="DIR", help="a model folder: its image tower (e.g. a fine-tuned one)")

@@ -39,11 +39,11 @@ if TYPE_CHECKING:
 # 0, 1 and 2 threads did not differ beyond that noise (median img/s 12.3, 12.3, 11.8; forward
 # alone 14.0; 32 images, batch 8). On more cores, pass more.
 DEFAULT_WORKERS = 1
-# Ahead of a tower on a GPU, one decoding thread is the bottleneck: on an H200 with 16 cores a
-# ViT-B/16 forward ran 1,059 images/s (fp32, batch 64), extraction with one decoding thread 199-234
-# and predict 259-349. With 2 / 3 / 4 / 6 / 8 threads (two runs each): extraction 275-288 / 275-334 /
-# 282-333 / 268-323 / 248-321, predict 498-568 / 669-707 / 671-691 / 652-655 / 514-585. Past 4 the
-# threads fight the tower's Python thread for the GIL. So: the spare cores, at most 4.
+# Ahead of a tower on a GPU, one decoding thread is the bottleneck. On an H200 with 16 cores a
+# ViT-B/16 forward ran 1,059 images/s (fp32, batch 64); with 1 / 2 / 3 / 4 / 6 / 8 decoding threads
+# (two runs each) predict (batch 64) ran 259-349 / 498-568 / 669-707 / 671-691 / 652-655 / 514-585
+# images/s and extraction (batch 8) 199-234 / 275-288 / 275-334 / 282-333 / 268-323 / 248-321. Past 4
+# the threads fight the tower's Python thread for the GIL. So: the spare cores, at most 4.
 MAX_ACCELERATOR_WORKERS = 4
 
 
