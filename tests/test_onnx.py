@@ -79,13 +79,17 @@ CALIBRATED = {"labels": {"red": 0.001}, "default": 0.999, "new_labels": 0.999, "
 
 @pytest.fixture(scope="module")
 def trained_export(trained, tmp_path_factory):
-    """The model trained in the tests (tiny hf CLIP towers), with a calibration table, exported on the command line."""
+    """The model trained in the tests (tiny hf CLIP towers), with a calibration table and the prior off on one
+    trained label (as `--prior-head-only-margin` can make it), exported on the command line."""
     import shutil
 
     root = tmp_path_factory.mktemp("trained-export")
     folder, out = root / "model", root / "export"
     shutil.copytree(trained[0], folder)
     (folder / "thresholds.json").write_text(json.dumps(CALIBRATED))
+    config = json.loads((folder / "config.json").read_text())
+    config["prior"]["head_only"] = config["labels"][:1]
+    (folder / "config.json").write_text(json.dumps(config))
     assert main(["export", "--model", str(folder), "--out", str(out)]) == 0
     return folder, out
 

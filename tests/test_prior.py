@@ -188,6 +188,38 @@ def test_training_centres_the_prior_on_the_training_images_each_label_by_the_cen
     assert not np.allclose((per_label - default).mean(dim=0).numpy(), 0, atol=1e-3)
 
 
+
+def test_a_head_only_margin_turns_the_prior_off_on_the_trained_labels_the_head_ranks_better_alone(trained, tiny_dataset):
+    from clip_decoder.data.folder import training_parts
+    from clip_decoder.features import FeatureCache
+    from clip_decoder.metrics import average_precision
+    from clip_decoder.training.data import FeatureSet
+    from clip_decoder.training.loop import finish_training
+
+    out, cache, _ = trained
+    model = CLIPDecoder.from_pretrained(out)
+    seen = list(model.config.labels)
+    assert model.config.prior.head_only_margin is None and model.config.prior.head_only == ()  # the default: never
+    source = FeatureCache(model.image_tower, cache)
+    train, val = (FeatureSet.build(samples, source, progress=False) for samples in training_parts(tiny_dataset, 0.25))
+    model.set_prior(replace(model.config.prior, head_only_margin=0.02))
+    finish_training(model, train, val, tuple(seen))  # what training does with `--prior-head-only-margin 0.02`
+    prior, targets = model.config.prior, val.targets(seen).numpy()
+
+    def scores(**changes):
+        scorer = model.scorer.with_prior(replace(prior, **changes))
+        return scorer.score_stored(val.tokens, val.pooled, scorer.vocabulary([*seen, "a new label"]))
+
+    with_prior, alone, as_trained = scores(head_only=()), scores(head_only=(), seen_weight=0.0), scores()
+    chosen = [label for j, label in enumerate(seen) if targets[:, j].any() and average_precision(alone[:, j], targets[:, j])
+              > average_precision(with_prior[:, j], targets[:, j]) + 0.02]
+    assert list(prior.head_only) == chosen and 0 < len(chosen) < len(seen)  # this tiny model: some, not all
+    for j, label in enumerate([*seen, "a new label"]):  # those labels as the head alone scores them, the others not
+        np.testing.assert_allclose(as_trained[:, j], (alone if label in chosen else with_prior)[:, j], atol=1e-6)
+    assert prior.label_weights(["a new label", chosen[0], next(x for x in seen if x not in chosen)], seen) == [
+        prior.weight, 0.0, prior.seen_weight]
+
+
 def test_benchmark_models_share_the_towers_class_embeddings():
     from clip_decoder.encoders import create_backbone
     from clip_decoder.training.config import TrainConfig

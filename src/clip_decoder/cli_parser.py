@@ -67,7 +67,8 @@ above_zero = checked_number(lambda value: value > 0, "above 0")
 share = checked_number(lambda value: 0 <= value <= 1, "between 0 and 1")
 
 
-PRIOR_OPTION_TYPES = {"temperature": (above_zero, "T"), "centring": (share, "SHARE")}  # the others: weights
+PRIOR_OPTION_TYPES = {"temperature": (above_zero, "T"), "centring": (share, "SHARE"),
+                      "head_only_margin": (at_least_zero, "AP")}  # the others: weights
 
 
 def add_prior_options(parser, defaults: bool, names: tuple[str, ...] | None = None) -> None:

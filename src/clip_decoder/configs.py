@@ -4,6 +4,7 @@ runtime reads them without torch; the modules that act on them are ``head`` and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 
@@ -56,7 +57,10 @@ class PriorConfig:
     (1 - centring) x the mean of t . m over the trained labels, is ``offset`` (set by training; models
     from before the reference mean, format 2, hold their one mean cosine there). The defaults were
     chosen on nested splits of the seen labels and the dev photos (docs/EXPERIMENTS.md); weights 0 and
-    0 turn the prior off.
+    0 turn the prior off. With ``head_only_margin`` set, training turns the prior off on each trained
+    label whose validation images the head alone ranks better, by more than that AP: ``head_only`` (set
+    by training). Off by default: on clip art it gives the trained labels back the head's AP, but the
+    labels it picks there (cat, car) are the ones photos need the prior for (docs/EXPERIMENTS.md).
     Frozen: a changed setting is a new config (``dataclasses.replace``). Fields with ``help``
     metadata are command-line options, ``--prior-<name>``.
     """
@@ -70,15 +74,23 @@ class PriorConfig:
     centring: float = field(default=0.5, metadata={"help": "share of each label's own mean prior over the training"
                                                            " images taken off its prior (1: per label, no hubs; 0: one"
                                                            " mean for every label)"})
+    head_only_margin: float | None = field(default=None, metadata={
+        "help": "turn the prior off on each trained label whose validation images the head alone ranks better, by"
+                " more than this AP (e.g. 0.02; default: never). For test images like the training images: it costs"
+                " photos"})
     reference_mean: tuple[float, ...] = ()
     offset: float = 0.0
+    head_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1:
-            raise ValueError(f"prior weights must be >= 0, its temperature > 0 and its centring in [0, 1], got weight"
-                             f" {self.weight}, seen_weight {self.seen_weight}, temperature {self.temperature},"
-                             f" centring {self.centring}")
+        if (self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1
+                or (self.head_only_margin is not None and self.head_only_margin < 0)):
+            raise ValueError(f"prior weights must be >= 0, its temperature > 0, its centring in [0, 1] and its"
+                             f" head-only margin >= 0, got weight {self.weight}, seen_weight {self.seen_weight},"
+                             f" temperature {self.temperature}, centring {self.centring}, head_only_margin"
+                             f" {self.head_only_margin}")
         object.__setattr__(self, "reference_mean", tuple(float(value) for value in self.reference_mean))
+        object.__setattr__(self, "head_only", tuple(str(label) for label in self.head_only))
 
     @property
     def on(self) -> bool:
@@ -88,7 +100,14 @@ class PriorConfig:
     def off(cls) -> PriorConfig:
         return cls(weight=0.0, seen_weight=0.0)
 
+    def label_weights(self, labels: Sequence[str], trained_labels: Sequence[str]) -> list[float]:
+        """Each label's prior weight: ``seen_weight`` for the trained labels (0 for those ``head_only``
+        names), ``weight`` for the others."""
+        trained, head_only = set(trained_labels), set(self.head_only)
+        return [0.0 if label in head_only else self.seen_weight if label in trained else self.weight for label in labels]
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["reference_mean"] = list(self.reference_mean)
+        data["head_only"] = list(self.head_only)
         return data

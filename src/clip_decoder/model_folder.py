@@ -21,9 +21,10 @@ if TYPE_CHECKING:  # torch only to read and write weights: the command line's pa
     import torch
     from torch import nn
 
+# 4: the trained labels the prior is off on (prior.head_only);
 # 3: the prior's reference mean and centring share, and the trained labels' decision threshold;
 # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .caches import file_key
+from .configs import PriorConfig
 from .decoding import DEFAULT_BATCH_SIZE, PredictedBatch, checked_request, decoded_batches, predict_scores
 from .errors import ClipDecoderError
 from .images import Preprocess
@@ -23,7 +24,7 @@ from .prompts import LabelEmbedder, check_labels, check_templates
 from .thresholds import Thresholds, model_rule
 
 EXPORT_FORMAT = "clip-decoder-onnx"
-EXPORT_VERSION = 1  # manifest.json's format_version; a newer one is refused
+EXPORT_VERSION = 2  # manifest.json's format_version; a newer one is refused (2: the prior's head_only)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 THRESHOLDS_FILE = "thresholds.json"  # copied from the model folder when calibrate wrote one
@@ -174,9 +175,10 @@ class OnnxModel:
             self.backbone = str(manifest["model"]["backbone"])
             prior = manifest["prior"]
             self.has_prior = prior is not None
-            self.prior_weight, self.prior_seen_weight = (0.0, 0.0)
+            self.prior_weight, self.prior_seen_weight, self.prior_head_only = (0.0, 0.0, ())
             if prior is not None:
                 self.set_prior_weights(prior["weight"], prior["seen_weight"])
+                self.prior_head_only = tuple(check_labels(prior.get("head_only", [])))  # exports before it: none
             self.text_tower = OnnxTextTower(folder, manifest)
         except (ClipDecoderError, KeyError, TypeError, ValueError) as error:
             raise ClipDecoderError(f"{folder / MANIFEST_FILE}: not a valid export manifest ({error})") from error
@@ -219,9 +221,8 @@ class OnnxModel:
 
     def _predict_batches(self, images, labels, templates, batch_size, attention) -> Iterator[PredictedBatch]:
         embeddings = self.embed_labels.arrays(labels, check_templates(templates or self.templates))
-        trained = set(self.trained_labels)
-        weights = np.array([self.prior_seen_weight if label in trained else self.prior_weight for label in labels],
-                           dtype=np.float32)
+        prior = PriorConfig(weight=self.prior_weight, seen_weight=self.prior_seen_weight, head_only=self.prior_head_only)
+        weights = np.array(prior.label_weights(labels, self.trained_labels), dtype=np.float32)
         for batch in decoded_batches(images, self.preprocess, batch_size):
             if not batch.indices:  # every image of this batch failed
                 yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)

@@ -21,6 +21,7 @@ from .configs import PriorConfig
 from .encoders import ImageFeatures
 from .errors import ClipDecoderError
 from .head import DecoderHead, LabelQueries
+from .metrics import average_precision
 from .prior import ZeroShotPrior, prior_logits
 from .prompts import LabelEmbedder, check_labels
 
@@ -133,8 +134,10 @@ class Scorer:
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
         """(B, L): weight x (cos(the image's prior vector, the label's text) - centring x the label's mean cosine
         over the training images - offset), as PriorConfig says; the weight is ``prior.seen_weight`` for labels
-        the head was trained on, ``prior.weight`` for the others."""
+        the head was trained on (0 for ``prior.head_only``), ``prior.weight`` for the others."""
         weights = torch.where(vocabulary.seen, self.prior.seen_weight, self.prior.weight)
+        if self.prior.head_only:
+            weights = torch.tensor(self.prior.label_weights(vocabulary.labels, self.trained_labels), device=self.device)
         reference_mean = self._reference_mean() if self.prior.reference_mean else None
         return prior_logits(self.zero_shot(pooled, self.prior.temperature), vocabulary.queries.directions, weights,
                             self.prior, reference_mean)
@@ -160,6 +163,21 @@ class Scorer:
         mean = total / len(pooled)
         shared = float((self.vocabulary(labels).queries.directions @ mean).mean())
         return replace(self.prior, reference_mean=tuple(mean.tolist()), offset=(1 - self.prior.centring) * shared)
+
+    @torch.inference_mode()
+    def head_only_labels(self, tokens: torch.Tensor, pooled: torch.Tensor, targets: np.ndarray,
+                         labels: Sequence[str]) -> tuple[str, ...]:
+        """The trained ``labels`` whose images (stored features and their targets (n, L); the validation part)
+        the head alone ranks better than with the prior, by more than ``prior.head_only_margin`` AP (None:
+        none): ``PriorConfig.head_only``. Labels without a positive image here keep the prior."""
+        margin = self.prior.head_only_margin
+        if margin is None or not self.prior.seen_weight:
+            return ()
+        with_prior = self.with_prior(replace(self.prior, head_only=()))
+        alone = self.with_prior(replace(self.prior, seen_weight=0.0, head_only=()))
+        scores = [scorer.score_stored(tokens, pooled, scorer.vocabulary(labels)) for scorer in (with_prior, alone)]
+        return tuple(label for j, label in enumerate(labels) if targets[:, j].any()
+                     and average_precision(scores[1][:, j], targets[:, j]) > average_precision(scores[0][:, j], targets[:, j]) + margin)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:

@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +204,8 @@ def fit(
 def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, val: FeatureSet | ImageSet,
                     seen: tuple[str, ...]) -> None:
     """What a trained model records of its training: the labels it was trained on, the prior centred on the
-    training images, and the trained labels' decision threshold, the best micro-F1 cut on the validation part.
+    training images, with ``prior.head_only_margin`` the trained labels the head ranks better alone on the
+    validation part (PriorConfig.head_only), and the trained labels' decision threshold, the best micro-F1 cut there.
     (With a fine-tuned tower the stored features are not at hand: the prior stays uncentred and the model
     decides at 0.5.)"""
     model.eval()
@@ -212,7 +213,9 @@ def finish_training(model: CLIPDecoder, train: FeatureSet | ImageSet, val: Featu
     if isinstance(train, FeatureSet):
         model.set_prior(model.scorer.centred_prior(train.pooled, seen))
     if isinstance(val, FeatureSet):
-        scores = model.scorer.score_stored(val.tokens, val.pooled, model.scorer.vocabulary(seen))
         targets = val.targets(seen).numpy()
+        head_only = model.scorer.head_only_labels(val.tokens, val.pooled, targets, seen)
+        model.set_prior(replace(model.scorer.prior, head_only=head_only))
+        scores = model.scorer.score_stored(val.tokens, val.pooled, model.scorer.vocabulary(seen))
         if targets.any():
             model.set_decision_threshold(best_threshold(scores, targets)[0])
