@@ -56,8 +56,10 @@ class Recipe:
         head, config, prior = self.head, self.config, self.prior
         skip = "with" if head["cosine_skip"] else "without"
         loss = " + ".join(name_of_loss(name, weight) for name, weight in self.losses.items() if weight)
+        head_only = (f", off on the trained labels the head alone ranks better on the validation part by more than"
+                     f" {prior.head_only_margin} AP" if prior.head_only_margin is not None else "")
         mixed = (f"; + zero-shot prior (weight {prior.weight}, {prior.seen_weight} on trained labels, temperature"
-                 f" {prior.temperature})" if prior.on else "")
+                 f" {prior.temperature}{head_only})" if prior.on else "")
         return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
                 f" {loss}; {self.epochs} epochs, batch {config.batch_size}, lr {config.lr},"
                 f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts{mixed}")
