@@ -175,9 +175,12 @@ class Scorer:
             return ()
         with_prior = self.with_prior(replace(self.prior, head_only=()))
         alone = self.with_prior(replace(self.prior, seen_weight=0.0, head_only=()))
-        scores = [scorer.score_stored(tokens, pooled, scorer.vocabulary(labels)) for scorer in (with_prior, alone)]
-        return tuple(label for j, label in enumerate(labels) if targets[:, j].any()
-                     and average_precision(scores[1][:, j], targets[:, j]) > average_precision(scores[0][:, j], targets[:, j]) + margin)
+        prior_on, prior_off = (scorer.score_stored(tokens, pooled, scorer.vocabulary(labels))
+                               for scorer in (with_prior, alone))
+
+        def gain_alone(j: int) -> float:
+            return average_precision(prior_off[:, j], targets[:, j]) - average_precision(prior_on[:, j], targets[:, j])
+        return tuple(label for j, label in enumerate(labels) if targets[:, j].any() and gain_alone(j) > margin)
 
     def _probabilities(self, memory: torch.Tensor, vocabulary: Vocabulary, shortlist: int | None,
                        prior: torch.Tensor | float) -> torch.Tensor:
