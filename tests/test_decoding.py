@@ -138,8 +138,11 @@ def test_decoding_threads_follow_the_towers_device(monkeypatch, cpus, on_gpu):
     """One thread beside a CPU tower (it needs the cores); beside a GPU the spare cores, at most 4
     (past 4 they slowed an H200's extraction and tagging: decoding.py's comment)."""
     monkeypatch.setattr(decoding, "usable_cpus", lambda: cpus)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert decode_workers("cpu") == 1
     assert decode_workers("cuda") == on_gpu
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, two processes on this node: half the cores each
+    assert decode_workers("cuda") == max(1, min(4, cpus // 2 - 1))
 
 
 def test_tower_features_decode_with_the_threads_of_the_towers_device(tiny_clip_dir, tiny_dataset, monkeypatch):

@@ -56,10 +56,12 @@ def usable_cpus() -> int:
 
 def decode_workers(device_type: str) -> int:
     """Threads that decode ahead of an image tower on ``device_type`` ("cpu", "cuda", ...): one
-    beside a CPU tower (it needs the cores), the spare cores beside an accelerator, at most 4."""
+    beside a CPU tower (it needs the cores), the spare cores beside an accelerator, at most 4 (under
+    torchrun, of this process's share of the node's cores: LOCAL_WORLD_SIZE processes share them)."""
     if device_type == "cpu":
         return DEFAULT_WORKERS
-    return max(1, min(MAX_ACCELERATOR_WORKERS, usable_cpus() - 1))
+    share = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_ACCELERATOR_WORKERS, share - 1))
 
 # Images per image-tower forward. On CPU small batches are faster per image: the activations of
 # a batch of 8 stay in cache. EfficientNet-Lite2 at 224 px on 2 cores: 18.4 images/s at batch
