@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +176,11 @@ class OnnxModel:
             self.backbone = str(manifest["model"]["backbone"])
             prior = manifest["prior"]
             self.has_prior = prior is not None
-            self.prior_weight, self.prior_seen_weight, self.prior_head_only = (0.0, 0.0, ())
+            self.prior = PriorConfig.off()  # what of it this runtime uses: the weights and head_only
             if prior is not None:
                 self.set_prior_weights(prior["weight"], prior["seen_weight"])
-                self.prior_head_only = tuple(check_labels(prior.get("head_only", [])))  # exports before it: none
+                head_only = check_labels(prior.get("head_only", []))  # exports from before it have none
+                self.prior = replace(self.prior, head_only=head_only)
             self.text_tower = OnnxTextTower(folder, manifest)
         except (ClipDecoderError, KeyError, TypeError, ValueError) as error:
             raise ClipDecoderError(f"{folder / MANIFEST_FILE}: not a valid export manifest ({error})") from error
@@ -193,13 +195,13 @@ class OnnxModel:
 
     def set_prior_weights(self, weight: float | None = None, seen_weight: float | None = None) -> None:
         """The prior's weights for new and for trained labels (None: keep the model's own)."""
-        weight = self.prior_weight if weight is None else float(weight)
-        seen_weight = self.prior_seen_weight if seen_weight is None else float(seen_weight)
+        weight = self.prior.weight if weight is None else float(weight)
+        seen_weight = self.prior.seen_weight if seen_weight is None else float(seen_weight)
         if not (weight >= 0 and seen_weight >= 0):
             raise ClipDecoderError(f"prior weights must be >= 0, got weight {weight}, seen_weight {seen_weight}")
         if (weight or seen_weight) and not self.has_prior:
             raise ClipDecoderError(f"{self.backbone}'s image tower gives no zero-shot prior; turn the prior off (weights 0)")
-        self.prior_weight, self.prior_seen_weight = weight, seen_weight
+        self.prior = replace(self.prior, weight=weight, seen_weight=seen_weight)
 
     def default_thresholds(self) -> Thresholds:
         """The model's default decision (``predict`` and ``serve`` with no decision option)."""
@@ -221,8 +223,7 @@ class OnnxModel:
 
     def _predict_batches(self, images, labels, templates, batch_size, attention) -> Iterator[PredictedBatch]:
         embeddings = self.embed_labels.arrays(labels, check_templates(templates or self.templates))
-        prior = PriorConfig(weight=self.prior_weight, seen_weight=self.prior_seen_weight, head_only=self.prior_head_only)
-        weights = np.array(prior.label_weights(labels, self.trained_labels), dtype=np.float32)
+        weights = np.array(self.prior.label_weights(labels, self.trained_labels), dtype=np.float32)
         for batch in decoded_batches(images, self.preprocess, batch_size):
             if not batch.indices:  # every image of this batch failed
                 yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)

@@ -39,7 +39,6 @@ class Vocabulary:
     labels: tuple[str, ...]
     queries: LabelQueries  # the head's per-label work
     aligned: torch.Tensor  # (L, align_dim) unit label texts in the alignment space: the shortlist's first stage
-    seen: torch.Tensor  # (L,) bool: the labels the head was trained on (their prior weight is PriorConfig.seen_weight)
 
 
 @dataclass
@@ -83,7 +82,7 @@ class Scorer:
         return self._with(trained_labels=tuple(labels))
 
     def _with(self, **changes) -> Scorer:
-        scorer = copy.copy(self)  # the vocabulary cache is shared: its keys hold the trained labels
+        scorer = copy.copy(self)  # the vocabulary cache is shared: a vocabulary depends on the weights alone
         vars(scorer).update(changes)
         return scorer
 
@@ -102,13 +101,10 @@ class Scorer:
         and projection), cached for the most recent vocabularies until the weights change."""
         labels = tuple(check_labels(labels))
         templates = tuple(templates or self.templates)
-        key = (labels, templates, self.trained_labels, self._weights_key())
+        key = (labels, templates, self._weights_key())
         if key not in self._vocabularies:
             embeddings = self.embed_labels(labels, templates).to(self.device)
-            trained = set(self.trained_labels)
-            seen = torch.tensor([label in trained for label in labels], device=self.device)
-            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings),
-                                                 seen)
+            self._vocabularies[key] = Vocabulary(labels, self.head.queries(embeddings), self.alignment.embed_texts(embeddings))
             while len(self._vocabularies) > VOCABULARY_CACHE_SIZE:
                 self._vocabularies.popitem(last=False)
         self._vocabularies.move_to_end(key)
@@ -135,9 +131,7 @@ class Scorer:
         """(B, L): weight x (cos(the image's prior vector, the label's text) - centring x the label's mean cosine
         over the training images - offset), as PriorConfig says; the weight is ``prior.seen_weight`` for labels
         the head was trained on (0 for ``prior.head_only``), ``prior.weight`` for the others."""
-        weights = torch.where(vocabulary.seen, self.prior.seen_weight, self.prior.weight)
-        if self.prior.head_only:
-            weights = torch.tensor(self.prior.label_weights(vocabulary.labels, self.trained_labels), device=self.device)
+        weights = torch.tensor(self.prior.label_weights(vocabulary.labels, self.trained_labels), device=self.device)
         reference_mean = self._reference_mean() if self.prior.reference_mean else None
         return prior_logits(self.zero_shot(pooled, self.prior.temperature), vocabulary.queries.directions, weights,
                             self.prior, reference_mean)
