@@ -4,7 +4,8 @@ The prior enters at scoring, so training does not depend on its settings: CLIP-D
 once per nested split and seed (bench/tune.py's nested splits: a quarter of the seen labels held
 out as pseudo-unseen; the real unseen labels and the test part are never read), then the same
 model scores, under each setting of the grid (centring, temperature, weight on trained labels, weight
-on the others), the validation part (ZSL and GZSL over pseudo-seen + pseudo-unseen labels) and the dev
+on the others, confidence weight: added to both, times the ImageNet classifier's top probability on the image),
+the validation part (ZSL and GZSL over pseudo-seen + pseudo-unseen labels) and the dev
 photos (bench/photos.py --set dev, never the photo check). Rule: the setting with the highest mean
 of ZSL mAP, GZSL mAP, the dev photos' per-image AP, ZSL F1@3 and GZSL F1@3 (what each image's top 3
 shows), averaged over the nested splits and seeds. Each model's prior is centred on its training images
@@ -12,7 +13,7 @@ at each temperature, with each share of per-label centring (PriorConfig.centring
 1 per label, 0 one offset for every label (as models before format 3), between a share of each.
 Decision F1 is reported beside (the default rule: thresholds.NEW_LABEL_THRESHOLD was chosen on it).
 Run: python -m bench.prior_grid [--data DIR] [--splits JSON ...] [--nested 0 1 2] [--seeds 0 1] [--centrings ...]
-     [--photos data/photos-dev] [--no-write]
+     [--temperatures ...] [--seen-weights ...] [--weights ...] [--confidence-weights ...] [--photos data/photos-dev] [--no-write]
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ CRITERION_COLUMNS = 5  # the criterion: the mean of the first five COLUMNS
 # prior vector (1: per label; 0: one mean cosine for every label, as models before format 3 were centred).
 CENTRINGS = (1.0, 0.5, 0.0)
 
-Setting = tuple[float, float, float, float]  # (centring, temperature, weight on trained labels, weight on the others)
+# (centring, temperature, weight on trained labels, weight on the others, confidence weight)
+Setting = tuple[float, float, float, float, float]
 
 
 def centred(model: CLIPDecoder, train: FeatureSet, temperature: float, centring: float) -> PriorConfig:
@@ -74,7 +76,8 @@ def grid_scores(model: CLIPDecoder, parts: dict[str, FeatureSet], photos: PhotoC
     for (centring, temperature), settings in itertools.groupby(grid, key=lambda setting: setting[:2]):
         prior = centred(model, parts["train"], temperature, centring)
         for setting in settings:
-            scorer = model.scorer.with_prior(replace(prior, seen_weight=setting[2], weight=setting[3]))
+            scorer = model.scorer.with_prior(replace(prior, seen_weight=setting[2], weight=setting[3],
+                                                     confidence_weight=setting[4]))
             threshold, _ = best_threshold(scorer.score_stored(val.tokens, val.pooled, scorer.vocabulary(seen)),
                                           val.targets(seen).numpy())
             scores = scorer.score_stored(evaluated.tokens, evaluated.pooled, scorer.vocabulary(labels))
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--seen-weights", type=float, nargs="+", default=[0, 2, 5, 10])
     parser.add_argument("--weights", type=float, nargs="+", default=[10, 20, 30, 40])
+    parser.add_argument("--confidence-weights", type=float, nargs="+", default=[0, 5, 10, 15])
     parser.add_argument("--new-label-thresholds", type=float, nargs="+", default=[0.62, 0.68, 0.73, 0.78, 0.82],
                         metavar="T", help="the default rule's threshold for labels the model was not trained on:"
                         " decision F1 at each, for the best and the default setting (a second table)")
@@ -121,7 +125,8 @@ def main() -> None:
     if not (args.photos / "photos.csv").is_file():
         sys.exit(f"error: no dev photos at {shown(args.photos)}; build them with `python -m bench.photos --set dev`")
 
-    grid = list(itertools.product(args.centrings, args.temperatures, args.seen_weights, args.weights))
+    grid = list(itertools.product(args.centrings, args.temperatures, args.seen_weights, args.weights,
+                                  args.confidence_weights))
     towers, class_embeddings = create_backbone("offline"), {}  # the class names embedded once for every model
     cache = FeatureCache(towers.image, args.cache)
     photos = PhotoCheck.load(args.photos, cache, progress=False)
@@ -144,14 +149,16 @@ def main() -> None:
     means = {setting: [statistics.mean(run[setting][0][i] for run in runs) for i in range(len(COLUMNS))] for setting in grid}
     criterion = {setting: statistics.mean(values[:CRITERION_COLUMNS]) for setting, values in means.items()}
     ranked = sorted(grid, key=lambda setting: -criterion[setting])
-    default = (PriorConfig.centring, PriorConfig.temperature, PriorConfig.seen_weight, PriorConfig.weight)
+    default = (PriorConfig.centring, PriorConfig.temperature, PriorConfig.seen_weight, PriorConfig.weight,
+               PriorConfig.confidence_weight)
     others = [(centring, *default[1:]) for centring in CENTRINGS]  # the same weights, each centring
     shown_rows = ranked[: args.show] + [s for s in dict.fromkeys((default, *others)) if s in means and s not in ranked[: args.show]]
 
     def row(setting: Setting) -> str:
         cells = " | ".join(f"{v:.1f}" for v in means[setting])
         mark = " (default)" if setting == default else ""
-        return f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g}{mark} | {criterion[setting]:.1f} | {cells} |"
+        return (f"| {setting[0]:g} | {setting[1]:g} | {setting[2]:g} | {setting[3]:g} | {setting[4]:g}{mark} |"
+                f" {criterion[setting]:.2f} | {cells} |")
 
     def threshold_row(setting: Setting, threshold: float) -> str:
         values = [statistics.mean(run[setting][1][threshold][i] for run in runs) for i in range(4)]
@@ -168,8 +175,9 @@ def main() -> None:
         " ZSL mAP, GZSL mAP, dev photos AP, ZSL F1@3 and GZSL F1@3. Decision F1 (micro, pseudo-unseen labels on the"
         f" validation part; every label on the dev photos): the default rule, trained labels at the threshold chosen on"
         f" the inner validation part, the others at {NEW_LABEL_THRESHOLD}.", "",
-        "| per-label centring | temperature | weight, trained labels | weight, other labels | criterion | " + " | ".join(COLUMNS) + " |",
-        "|---|---|---|---|---|" + "---|" * len(COLUMNS),
+        "| per-label centring | temperature | weight, trained labels | weight, other labels | confidence weight | criterion | "
+        + " | ".join(COLUMNS) + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(COLUMNS),
         *(row(setting) for setting in shown_rows), "",
         "The default rule's threshold for labels the model was not trained on (trained labels: the validation cut),"
         " mean over the runs: decision F1 (yes per true label) on the pseudo-unseen labels and on the dev photos.", "",

@@ -46,7 +46,7 @@ def test_save_and_load_round_trip_gives_identical_predictions(offline_model, sav
     assert sorted(p.name for p in saved_dir.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((saved_dir / "config.json").read_text())
     assert config["backbone"] == "offline" and config["templates"] == list(ENSEMBLE_TEMPLATES)
-    assert config["head"]["dim"] == 256 and config["format_version"] == 4
+    assert config["head"]["dim"] == 256 and config["format_version"] == 5
     keys = load_file(saved_dir / "model.safetensors").keys()
     assert keys and all(k.startswith(("head.", "alignment.", "prior.")) for k in keys)
     assert "alignment.logit_scale" in keys and "alignment.text_proj.weight" in keys

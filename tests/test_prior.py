@@ -23,7 +23,7 @@ LABELS = ["cat", "dog", "airplane", "pizza"]
 def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
     torch.manual_seed(0)
     plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior=PriorConfig.off())
-    with_prior = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=3.0, seen_weight=3.0)))
+    with_prior = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=3.0, seen_weight=3.0, confidence_weight=0.0)))
     with_prior.head.load_state_dict(plain.head.state_dict())
     with_prior.alignment.load_state_dict(plain.alignment.state_dict())
     tokens = torch.randn(2, 17, plain.config.head.image_dim)
@@ -38,7 +38,8 @@ def test_the_prior_adds_its_weighted_cosine_to_each_logit(tiny_clip_dir):
 def test_labels_the_head_was_trained_on_get_the_seen_weight_and_the_others_the_weight(tiny_clip_dir):
     torch.manual_seed(0)
     plain = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64, prior=PriorConfig.off())
-    mixed = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=4.0, seen_weight=1.5, offset=0.1)))
+    mixed = CLIPDecoder(replace(plain.config, prior=PriorConfig(weight=4.0, seen_weight=1.5, confidence_weight=0.0,
+                                                                offset=0.1)))
     for model in (plain, mixed):
         model.head.load_state_dict(plain.head.state_dict())
         model.set_trained_labels(["dog", "pizza"])
@@ -50,6 +51,34 @@ def test_labels_the_head_was_trained_on_get_the_seen_weight_and_the_others_the_w
     torch.testing.assert_close(logit["mixed"] - logit["plain"], (weights * (cosine - 0.1)).double(), atol=1e-4, rtol=0)
     # the trained labels are saved with the model and keep their weight after loading
     assert mixed.config.labels == ("dog", "pizza")
+
+
+def test_each_images_weight_grows_by_the_confidence_weight_times_the_classifiers_top_probability(offline_model,
+                                                                                                 cat_photo, tiny_dataset):
+    """weight on (image, label) = the label's weight + confidence_weight x the ImageNet classifier's top probability;
+    a label whose weight is 0 (head_only) gets none of it."""
+    pooled = image_features(offline_model, [cat_photo, tiny_dataset / "images" / "test-0.png"]).pooled
+    features = ImageFeatures(torch.randn(2, 49, offline_model.config.head.image_dim), pooled)
+    prior = PriorConfig(weight=4.0, seen_weight=1.5, confidence_weight=0.0, offset=0.05, head_only=("pizza",))
+    logits = {}
+    for gain in (0.0, 6.0):
+        model = CLIPDecoder(replace(offline_model.config, prior=replace(prior, confidence_weight=gain)))
+        model.head.load_state_dict(offline_model.head.state_dict())
+        model.zero_shot.load_state_dict(offline_model.zero_shot.state_dict())
+        model.set_trained_labels(["dog", "pizza"])
+        logits[gain] = torch.logit(model.scorer.score(features, model.scorer.vocabulary(LABELS)).probabilities.double())
+    top = offline_model.image_tower.imagenet_logits(pooled).softmax(-1).max(-1).values
+    assert 0 < top.min() and top.max() < 1 and abs(float(top[0] - top[1])) > 0.05  # the two images differ
+    torch.testing.assert_close(model.zero_shot.confidence(pooled), top)
+    cosine = model.zero_shot(pooled, prior.temperature) @ model.embed_labels(LABELS, model.config.templates).T
+    gains = torch.tensor([6.0, 6.0, 6.0, 0.0])  # cat, dog (trained), airplane; pizza: trained and head_only
+    expected = gains * top[:, None] * (cosine - 0.05)
+    torch.testing.assert_close(logits[6.0] - logits[0.0], expected.double(), atol=1e-4, rtol=0)
+
+
+def test_a_tower_in_the_text_space_is_sure_of_every_image(tiny_clip_dir):
+    model = CLIPDecoder.create(backbone=f"hf:{tiny_clip_dir}", dim=32, heads=4, ffn_dim=64)
+    torch.testing.assert_close(model.zero_shot.confidence(torch.randn(3, model.config.head.image_dim)), torch.ones(3))
 
 
 def test_the_temperature_softens_the_imagenet_distribution_before_conse_averages_its_top_classes(offline_model, cat_photo):
@@ -132,7 +161,7 @@ def test_a_folder_from_before_the_prior_loads_with_the_prior_off(tmp_path, cat_p
 
 def test_a_folder_with_one_prior_weight_keeps_its_scores(tmp_path, cat_photo):
     # format 1: one weight for every label and the classifier's own probabilities (temperature 1)
-    legacy = PriorConfig(weight=10.0, seen_weight=10.0, temperature=1.0, offset=0.25)
+    legacy = PriorConfig(weight=10.0, seen_weight=10.0, confidence_weight=0.0, temperature=1.0, offset=0.25)
     before = CLIPDecoder.create(backbone="offline", prior=legacy)
     before.set_trained_labels(["cat"])
     before.save_pretrained(tmp_path / "old")
@@ -145,6 +174,21 @@ def test_a_folder_with_one_prior_weight_keeps_its_scores(tmp_path, cat_photo):
     np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
 
 
+def test_a_folder_from_before_the_confidence_weight_keeps_its_scores(tmp_path, cat_photo):
+    # format 4: each label's weight the same on every image
+    fixed = PriorConfig(weight=20.0, seen_weight=10.0, confidence_weight=0.0, offset=0.1)
+    before = CLIPDecoder.create(backbone="offline", prior=fixed)
+    before.set_trained_labels(["cat"])
+    before.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["prior"]["confidence_weight"]
+    config["format_version"] = 4
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = CLIPDecoder.from_pretrained(tmp_path / "old")
+    assert loaded.config.prior == fixed and PriorConfig().confidence_weight > 0
+    np.testing.assert_allclose(loaded.predict([cat_photo], LABELS), before.predict([cat_photo], LABELS), atol=1e-6)
+
+
 def test_bad_prior_settings_in_a_config_name_the_field(tmp_path):
     from clip_decoder.errors import ClipDecoderError
 
@@ -153,6 +197,7 @@ def test_bad_prior_settings_in_a_config_name_the_field(tmp_path):
     config = json.loads(path.read_text())
     for bad, message in (({"weight": "lots"}, "'prior.weight' must be a number"),
                          ({"temperature": 0.0}, "temperature > 0"),
+                         ({"confidence_weight": -1.0}, "confidence_weight -1.0"),
                          ({"colour": 1.0}, "not a valid clip-decoder config")):
         path.write_text(json.dumps({**config, "prior": {**config["prior"], **bad}}))
         with pytest.raises(ClipDecoderError, match=message):

@@ -196,7 +196,7 @@ def add_predict(predict: argparse.ArgumentParser) -> None:
     decide.add_argument("--calibrated", action="store_true",
                         help="decide: the thresholds `clip-decoder calibrate` stored with the model (labels it was"
                         " not trained on: the table's new-label threshold)")
-    add_prior_options(predict, defaults=False, names=("weight", "seen_weight"))
+    add_prior_options(predict, defaults=False, names=("weight", "seen_weight", "confidence_weight"))
     predict.add_argument("--batch-size", type=int, default=8,
                          help="images per forward pass (default 8: fastest on CPU; a GPU wants more, e.g. 64)")
     predict.add_argument("--shortlist", type=int, metavar="K",
@@ -258,7 +258,7 @@ def add_serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
 
-    add_prior_options(serve, defaults=False, names=("weight", "seen_weight"))
+    add_prior_options(serve, defaults=False, names=("weight", "seen_weight", "confidence_weight"))
     from .serve.limits import add_limit_options
 
     add_limit_options(serve.add_argument_group("limits", "answered with a 4xx naming the limit; the service reports them"

@@ -42,8 +42,12 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """How the prior enters each logit: + weight x (cos(p, t) - centring x t . m - offset), where p is the
-    image's prior vector, t the label's text embedding (both unit) and m ``reference_mean``.
+    """How the prior enters each logit: + w x (cos(p, t) - centring x t . m - offset), where p is the
+    image's prior vector, t the label's text embedding (both unit) and m ``reference_mean``; the label's
+    weight w is its base weight (below) plus ``confidence_weight`` x c, where c is how sure the towers are of
+    the image (for an ImageNet tower the classifier's top probability; 1 for a tower whose pooled vector
+    already lives in the text space). So the prior counts most where the classifier is sure, and a label
+    with base weight 0 (trained labels ``head_only``, or the prior off) gets none.
 
     Labels the head was trained on get ``seen_weight``: the head learned them from examples and
     knows them better than the prior does. Every other label gets ``weight``: there the head only
@@ -65,10 +69,13 @@ class PriorConfig:
     metadata are command-line options, ``--prior-<name>``.
     """
 
-    weight: float = field(default=20.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
+    weight: float = field(default=25.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
                                                           " head was not trained on: more trusts the towers' own view"})
-    seen_weight: float = field(default=10.0, metadata={"help": "the same for the labels the head was trained on;"
+    seen_weight: float = field(default=5.0, metadata={"help": "the same for the labels the head was trained on;"
                                                                " both 0: the prior is off"})
+    confidence_weight: float = field(default=10.0, metadata={
+        "help": "added to each label's prior weight (both of the above, when not 0), times how sure the towers are"
+                " of the image (the ImageNet classifier's top probability): the prior counts most where it is sure"})
     temperature: float = field(default=3.0, metadata={"help": "softens the ImageNet classifier's distribution before"
                                                               " CONSE's top classes make the prior (ImageNet towers)"})
     centring: float = field(default=0.5, metadata={"help": "share of each label's own mean prior over the training"
@@ -83,10 +90,11 @@ class PriorConfig:
     head_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if (self.weight < 0 or self.seen_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1
+        if (self.weight < 0 or self.seen_weight < 0 or self.confidence_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1
                 or (self.head_only_margin is not None and self.head_only_margin < 0)):
             raise ValueError(f"prior weights must be >= 0, its temperature > 0, its centring in [0, 1] and its"
                              f" head-only margin >= 0, got weight {self.weight}, seen_weight {self.seen_weight},"
+                             f" confidence_weight {self.confidence_weight},"
                              f" temperature {self.temperature}, centring {self.centring}, head_only_margin"
                              f" {self.head_only_margin}")
         object.__setattr__(self, "reference_mean", tuple(float(value) for value in self.reference_mean))
@@ -105,6 +113,11 @@ class PriorConfig:
         names), ``weight`` for the others."""
         trained, head_only = set(trained_labels), set(self.head_only)
         return [0.0 if label in head_only else self.seen_weight if label in trained else self.weight for label in labels]
+
+    def confidence_gains(self, labels: Sequence[str], trained_labels: Sequence[str]) -> list[float]:
+        """Each label's weight per unit of the image's confidence: ``confidence_weight`` where its base weight
+        (``label_weights``) is not 0. A label's weight on an image is base + gain x the image's confidence."""
+        return [self.confidence_weight if weight else 0.0 for weight in self.label_weights(labels, trained_labels)]
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -1,7 +1,7 @@
 """``clip-decoder export``: a model as ONNX graphs and a manifest, to run without torch (``onnx_model``).
 
-The model splits where its work does: per image (``image.onnx``: pixels -> tokens and the prior's
-vector), per label (``text.onnx``: token ids -> the label text's embedding, with ``tokenizer.json`` for
+The model splits where its work does: per image (``image.onnx``: pixels -> tokens, the prior's
+vector and its confidence), per label (``text.onnx``: token ids -> the label text's embedding, with ``tokenizer.json`` for
 the tokenizers library) and per pair (``scoring.onnx``: tokens x label embeddings -> probabilities,
 the decoder, the cosine skip and the prior term; ``attention.onnx``: where each label looked). Both the
 number of images and the number of labels are dynamic, so a new label needs no new export. What a
@@ -42,7 +42,7 @@ OPSET = 18
 
 class ImageGraph(nn.Module):
     """Pixels (B, 3, H, W) -> the tower's tokens (B, N, D) and, when the tower has a zero-shot view, the
-    images' prior vectors (B, text_dim) at the model's temperature."""
+    images' prior vectors (B, text_dim) at the model's temperature and their confidence (B,)."""
 
     def __init__(self, model: CLIPDecoder) -> None:
         super().__init__()
@@ -53,7 +53,8 @@ class ImageGraph(nn.Module):
         features = self.tower(pixels)
         if self.zero_shot is None:
             return features.tokens.float()
-        return features.tokens.float(), self.zero_shot(features.pooled, self.temperature)
+        return (features.tokens.float(), self.zero_shot(features.pooled, self.temperature),
+                self.zero_shot.confidence(features.pooled))
 
 
 class TextGraph(nn.Module):
@@ -69,7 +70,8 @@ class TextGraph(nn.Module):
 
 class ScoringGraph(nn.Module):
     """Tokens (B, N, D), label embeddings (L, text_dim) and, with a prior, the images' prior vectors (B, text_dim)
-    and each label's prior weight (L,) -> probabilities (B, L), as ``Scorer.score`` gives them (no shortlist)."""
+    and each image-label pair's prior weight (B, L) -> probabilities (B, L), as ``Scorer.score`` gives them (no
+    shortlist)."""
 
     def __init__(self, model: CLIPDecoder, with_prior: bool) -> None:
         super().__init__()
@@ -189,10 +191,11 @@ def _export_image_side(model: CLIPDecoder, out: Path, with_prior: bool) -> tuple
     pixels, graph = torch.randn(2, 3, size, size), ImageGraph(model)
     with torch.no_grad():
         expected = graph(pixels)
-    tokens, prior = expected if with_prior else (expected, None)
+    tokens, prior = expected[:2] if with_prior else (expected, None)
     dynamic = {"pixels": {0: "images"}}
-    _export(graph, {"pixels": pixels}, dynamic, ["tokens", "prior"][: 1 + with_prior], out / GRAPHS["image"])
-    outputs = {"tokens": ["images", *tokens.shape[1:]], **({"prior": ["images", prior.shape[1]]} if with_prior else {})}
+    _export(graph, {"pixels": pixels}, dynamic, ["tokens", "prior", "confidence"][: 1 + 2 * with_prior], out / GRAPHS["image"])
+    outputs = {"tokens": ["images", *tokens.shape[1:]],
+               **({"prior": ["images", prior.shape[1]], "confidence": ["images"]} if with_prior else {})}
     return (_max_difference(out / GRAPHS["image"], {"pixels": pixels}, expected), ({"pixels": pixels}, dynamic, outputs),
             tokens, prior)
 
@@ -220,8 +223,9 @@ def _export_pair_side(model: CLIPDecoder, out: Path, tokens: torch.Tensor, prior
     labels = torch.nn.functional.normalize(torch.randn(3, model.text_tower.dim), dim=-1)
     pair = {"tokens": tokens, "label_embeddings": labels}
     pair_dynamic = {"tokens": {0: "images"}, "label_embeddings": {0: "labels"}}
-    with_prior = {"prior": prior, "prior_weights": torch.tensor([20.0, 10.0, 0.0])} if prior is not None else {}
-    prior_dynamic = {"prior": {0: "images"}, "prior_weights": {0: "labels"}} if prior is not None else {}
+    weights = torch.tensor([20.0, 10.0, 0.0]) + torch.tensor([5.0, 5.0, 0.0]) * torch.rand(len(tokens), 1)
+    with_prior = {"prior": prior, "prior_weights": weights} if prior is not None else {}
+    prior_dynamic = {"prior": {0: "images"}, "prior_weights": {0: "images", 1: "labels"}} if prior is not None else {}
     graphs = {"scoring": (ScoringGraph(model, prior is not None), pair | with_prior, pair_dynamic | prior_dynamic,
                           {"probabilities": ["images", "labels"]}),
               "attention": (AttentionGraph(model), pair, pair_dynamic, {"attention": ["images", "labels", tokens.shape[1]]})}

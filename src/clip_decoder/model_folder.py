@@ -21,10 +21,11 @@ if TYPE_CHECKING:  # torch only to read and write weights: the command line's pa
     import torch
     from torch import nn
 
+# 5: the prior's confidence weight (prior.confidence_weight; folders before it score without it);
 # 4: the trained labels the prior is off on (prior.head_only);
 # 3: the prior's reference mean and centring share, and the trained labels' decision threshold;
 # 2: the prior's settings are one object, "prior" (1 had prior_weight, prior_offset)
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # Model folders that ship inside the package, by name (`make model` rebuilds them).
 PACKAGED_MODELS = ("openclipart",)
 CONFIG_FILE = "config.json"
@@ -120,11 +121,13 @@ class ModelConfig:
 
 def _prior_config(data: dict) -> PriorConfig:
     """The prior's settings; a folder from before them (format 1: one weight for every label, the
-    classifier's own probabilities) keeps its scores, and one from before the prior has it off."""
+    classifier's own probabilities) keeps its scores, and one from before the prior has it off, as one from
+    before the confidence weight (format 4) keeps its weights fixed."""
     if "prior" in data:
-        return PriorConfig(**data["prior"])
+        return PriorConfig(**{"confidence_weight": 0.0, **data["prior"]})
     weight = float(data.get("prior_weight", 0.0))
-    return PriorConfig(weight=weight, seen_weight=weight, temperature=1.0, offset=float(data.get("prior_offset", 0.0)))
+    return PriorConfig(weight=weight, seen_weight=weight, confidence_weight=0.0, temperature=1.0,
+                       offset=float(data.get("prior_offset", 0.0)))
 
 
 def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:

@@ -25,7 +25,9 @@ from .prompts import LabelEmbedder, check_labels, check_templates
 from .thresholds import Thresholds, model_rule
 
 EXPORT_FORMAT = "clip-decoder-onnx"
-EXPORT_VERSION = 2  # manifest.json's format_version; a newer one is refused (2: the prior's head_only)
+# manifest.json's format_version; a newer one is refused (3: the prior's confidence weight, image.onnx's confidence
+# output and prior weights per image-label pair; 2: the prior's head_only)
+EXPORT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 THRESHOLDS_FILE = "thresholds.json"  # copied from the model folder when calibrate wrote one
@@ -177,8 +179,8 @@ class OnnxModel:
             prior = manifest["prior"]
             self.has_prior = prior is not None
             self.prior = PriorConfig.off()  # what of it this runtime uses: the weights and head_only
-            if prior is not None:
-                self.set_prior_weights(prior["weight"], prior["seen_weight"])
+            if prior is not None:  # exports from before the confidence weight (version 2) score without it
+                self.set_prior_weights(prior["weight"], prior["seen_weight"], prior.get("confidence_weight", 0.0))
                 head_only = check_labels(prior.get("head_only", []))  # exports from before it have none
                 self.prior = replace(self.prior, head_only=head_only)
             self.text_tower = OnnxTextTower(folder, manifest)
@@ -193,15 +195,18 @@ class OnnxModel:
         """The export in folder ``path``."""
         return cls(ExportFolder.find(path), label_cache)
 
-    def set_prior_weights(self, weight: float | None = None, seen_weight: float | None = None) -> None:
-        """The prior's weights for new and for trained labels (None: keep the model's own)."""
+    def set_prior_weights(self, weight: float | None = None, seen_weight: float | None = None,
+                          confidence_weight: float | None = None) -> None:
+        """The prior's weights for new and for trained labels and its confidence weight (None: keep the model's own)."""
         weight = self.prior.weight if weight is None else float(weight)
         seen_weight = self.prior.seen_weight if seen_weight is None else float(seen_weight)
-        if not (weight >= 0 and seen_weight >= 0):
-            raise ClipDecoderError(f"prior weights must be >= 0, got weight {weight}, seen_weight {seen_weight}")
+        confidence = self.prior.confidence_weight if confidence_weight is None else float(confidence_weight)
+        if not (weight >= 0 and seen_weight >= 0 and confidence >= 0):
+            raise ClipDecoderError(f"prior weights must be >= 0, got weight {weight}, seen_weight {seen_weight},"
+                                   f" confidence_weight {confidence}")
         if (weight or seen_weight) and not self.has_prior:
             raise ClipDecoderError(f"{self.backbone}'s image tower gives no zero-shot prior; turn the prior off (weights 0)")
-        self.prior = replace(self.prior, weight=weight, seen_weight=seen_weight)
+        self.prior = replace(self.prior, weight=weight, seen_weight=seen_weight, confidence_weight=confidence)
 
     def default_thresholds(self) -> Thresholds:
         """The model's default decision (``predict`` and ``serve`` with no decision option)."""
@@ -224,23 +229,29 @@ class OnnxModel:
     def _predict_batches(self, images, labels, templates, batch_size, attention) -> Iterator[PredictedBatch]:
         embeddings = self.embed_labels.arrays(labels, check_templates(templates or self.templates))
         weights = np.array(self.prior.label_weights(labels, self.trained_labels), dtype=np.float32)
+        gains = np.array(self.prior.confidence_gains(labels, self.trained_labels), dtype=np.float32)
         for batch in decoded_batches(images, self.preprocess, batch_size):
             if not batch.indices:  # every image of this batch failed
                 yield PredictedBatch([], np.zeros((0, len(labels)), dtype=np.float32), batch.failed)
                 continue
             outputs = self._image.run(None, {"pixels": batch.pixels})
-            scores = self._scores(outputs, embeddings, weights)
+            scores = self._scores(outputs, embeddings, weights, gains)
             maps = self._attention_maps(outputs[0], embeddings) if attention else None
             yield PredictedBatch(batch.indices, scores, batch.failed, maps)
 
-    def _scores(self, image_outputs: list[np.ndarray], embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    def _scores(self, image_outputs: list[np.ndarray], embeddings: np.ndarray, weights: np.ndarray,
+                gains: np.ndarray) -> np.ndarray:
+        """Probabilities (B, L); each pair's prior weight is its label's weight + gain x the image's confidence
+        (PriorConfig), or the label's weight alone for an export from before the confidence output."""
         tokens = image_outputs[0]
+        if self.has_prior and len(image_outputs) > 2:
+            weights = weights[None, :] + gains[None, :] * image_outputs[2][:, None]
         step = max(1, PAIRS_PER_CHUNK // len(tokens))
         chunks = []
         for start in range(0, len(embeddings), step):
             feed = {"tokens": tokens, "label_embeddings": embeddings[start : start + step]}
             if self.has_prior:
-                feed |= {"prior": image_outputs[1], "prior_weights": weights[start : start + step]}
+                feed |= {"prior": image_outputs[1], "prior_weights": weights[..., start : start + step]}
             chunks.append(self._scoring.run(None, feed)[0])
         return np.concatenate(chunks, axis=1)
 

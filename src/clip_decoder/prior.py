@@ -29,9 +29,9 @@ CONSE_TEMPERATURE = 1.0  # Norouzi et al.'s CONSE: the classifier's own probabil
 
 def prior_logits(vectors: torch.Tensor, directions: torch.Tensor, weights: torch.Tensor, config: PriorConfig,
                  reference_mean: torch.Tensor | None) -> torch.Tensor:
-    """The prior's share of each logit (B, L): weights (L,) x (cos(p, t) - centring x t . m - offset), for the
-    images' prior vectors p (B, text_dim) and the labels' unit texts t (L, text_dim); m is the reference mean
-    (None: no centring on it, as in models from before it). The torch scorer and the ONNX export both use it."""
+    """The prior's share of each logit (B, L): weights (B, L) or (L,) x (cos(p, t) - centring x t . m - offset),
+    for the images' prior vectors p (B, text_dim) and the labels' unit texts t (L, text_dim); m is the reference
+    mean (None: no centring on it, as in models from before it). The torch scorer and the ONNX export both use it."""
     reference = config.centring * (directions @ reference_mean) if reference_mean is not None else 0.0
     return weights * (vectors @ directions.T - reference - config.offset)
 
@@ -83,6 +83,13 @@ class ZeroShotPrior(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.ready = True
+
+    def confidence(self, pooled: torch.Tensor) -> torch.Tensor:
+        """How sure the towers are of each image (B,), in [0, 1]: an ImageNet tower's top class probability (at
+        the classifier's own temperature); 1 for a tower whose pooled vector already lives in the text space."""
+        if not self.conse:
+            return torch.ones_like(pooled[:, 0], dtype=torch.float32)  # (B,), with B dynamic in an export
+        return self.classify(pooled.float()).softmax(dim=-1).amax(dim=-1)
 
     def forward(self, pooled: torch.Tensor, temperature: float = CONSE_TEMPERATURE) -> torch.Tensor:
         """The prior vectors; ``temperature`` divides an ImageNet tower's logits (PriorConfig.temperature)."""

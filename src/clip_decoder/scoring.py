@@ -130,8 +130,13 @@ class Scorer:
     def prior_logits(self, pooled: torch.Tensor, vocabulary: Vocabulary) -> torch.Tensor:
         """(B, L): weight x (cos(the image's prior vector, the label's text) - centring x the label's mean cosine
         over the training images - offset), as PriorConfig says; the weight is ``prior.seen_weight`` for labels
-        the head was trained on (0 for ``prior.head_only``), ``prior.weight`` for the others."""
-        weights = torch.tensor(self.prior.label_weights(vocabulary.labels, self.trained_labels), device=self.device)
+        the head was trained on (0 for ``prior.head_only``), ``prior.weight`` for the others, each plus
+        ``prior.confidence_weight`` x the image's confidence (``ZeroShotPrior.confidence``)."""
+        labels, trained = vocabulary.labels, self.trained_labels
+        weights = torch.tensor(self.prior.label_weights(labels, trained), device=self.device)
+        if self.prior.confidence_weight:
+            gains = torch.tensor(self.prior.confidence_gains(labels, trained), device=self.device)
+            weights = weights + gains * self.zero_shot.confidence(pooled)[:, None]
         reference_mean = self._reference_mean() if self.prior.reference_mean else None
         return prior_logits(self.zero_shot(pooled, self.prior.temperature), vocabulary.queries.directions, weights,
                             self.prior, reference_mean)

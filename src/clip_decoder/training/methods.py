@@ -251,8 +251,9 @@ register_method(DecoderMethod(
     ablation=True))
 register_method(DecoderMethod(
     "clip-decoder-one-prior-weight", "ablation: CLIP-Decoder with the prior as it was: one weight (10) for every"
-    " label, the ImageNet classifier's own probabilities (temperature 1)", epochs=10,
-    prior=PriorConfig(weight=10.0, seen_weight=10.0, temperature=CONSE_TEMPERATURE), ablation=True))
+    " label and image, the ImageNet classifier's own probabilities (temperature 1)", epochs=10,
+    prior=PriorConfig(weight=10.0, seen_weight=10.0, confidence_weight=0.0, temperature=CONSE_TEMPERATURE),
+    ablation=True))
 register_method(DecoderMethod(
     "clip-decoder-head-only", "ablation: CLIP-Decoder with the prior off on the trained labels whose validation"
     " images the head alone ranks better by more than 0.02 AP (--prior-head-only-margin 0.02)", epochs=10,

@@ -58,8 +58,10 @@ class Recipe:
         loss = " + ".join(name_of_loss(name, weight) for name, weight in self.losses.items() if weight)
         head_only = (f", off on the trained labels the head alone ranks better on the validation part by more than"
                      f" {prior.head_only_margin} AP" if prior.head_only_margin is not None else "")
-        mixed = (f"; + zero-shot prior (weight {prior.weight}, {prior.seen_weight} on trained labels, temperature"
-                 f" {prior.temperature}{head_only})" if prior.on else "")
+        confidence = (f", each + {prior.confidence_weight} x the classifier's top probability"
+                      if prior.confidence_weight else "")
+        mixed = (f"; + zero-shot prior (weight {prior.weight}, {prior.seen_weight} on trained labels{confidence},"
+                 f" temperature {prior.temperature}{head_only})" if prior.on else "")
         return (f"head d {head['dim']}, FFN {head['ffn_dim']}, dropout {head['dropout']}, {skip} cosine skip;"
                 f" {loss}; {self.epochs} epochs, batch {config.batch_size}, lr {config.lr},"
                 f" weight decay {config.weight_decay}, EMA {config.ema_decay}; {config.templates} prompts{mixed}")
