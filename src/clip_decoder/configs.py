@@ -69,7 +69,7 @@ class PriorConfig:
     metadata are command-line options, ``--prior-<name>``.
     """
 
-    weight: float = field(default=25.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
+    weight: float = field(default=20.0, metadata={"help": "weight of the zero-shot prior in the logit of a label the"
                                                           " head was not trained on: more trusts the towers' own view"})
     seen_weight: float = field(default=5.0, metadata={"help": "the same for the labels the head was trained on;"
                                                                " both 0: the prior is off"})
@@ -90,8 +90,8 @@ class PriorConfig:
     head_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if (self.weight < 0 or self.seen_weight < 0 or self.confidence_weight < 0 or self.temperature <= 0 or not 0 <= self.centring <= 1
-                or (self.head_only_margin is not None and self.head_only_margin < 0)):
+        if (min(self.weight, self.seen_weight, self.confidence_weight) < 0 or self.temperature <= 0
+                or not 0 <= self.centring <= 1 or (self.head_only_margin is not None and self.head_only_margin < 0)):
             raise ValueError(f"prior weights must be >= 0, its temperature > 0, its centring in [0, 1] and its"
                              f" head-only margin >= 0, got weight {self.weight}, seen_weight {self.seen_weight},"
                              f" confidence_weight {self.confidence_weight},"
