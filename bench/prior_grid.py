@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1, 2, 3, 4, 6])
     parser.add_argument("--seen-weights", type=float, nargs="+", default=[0, 2, 5, 10])
     parser.add_argument("--weights", type=float, nargs="+", default=[10, 20, 30, 40])
-    parser.add_argument("--confidence-weights", type=float, nargs="+", default=[0, 5, 10, 15])
+    parser.add_argument("--confidence-weights", type=float, nargs="+", default=[0, 10])
     parser.add_argument("--new-label-thresholds", type=float, nargs="+", default=[0.62, 0.68, 0.73, 0.78, 0.82],
                         metavar="T", help="the default rule's threshold for labels the model was not trained on:"
                         " decision F1 at each, for the best and the default setting (a second table)")

@@ -77,6 +77,25 @@ def test_clip_art_test_images_score_the_same(packaged_export):
 CALIBRATED = {"labels": {"red": 0.001}, "default": 0.999, "new_labels": 0.999, "trained_labels": ["red", "green"]}
 
 
+def test_each_pair_gets_its_labels_weight_plus_the_confidence_weight_times_the_images_confidence(packaged_export):
+    """What the runtime feeds scoring.onnx; an export from before image.onnx gave the confidence (format 2) gets each
+    label's weight alone, (labels,), as its graph takes it."""
+    exported, fed = OnnxModel.load(packaged_export[1]), []
+
+    class Recorder:  # stands in for scoring.onnx: what it was fed is the point
+        def run(self, outputs, feed):
+            fed.append(feed)
+            return [np.zeros((len(feed["tokens"]), len(feed["label_embeddings"])), dtype=np.float32)]
+
+    exported._scoring = Recorder()
+    tokens, prior, embeddings = np.zeros((2, 49, 8), np.float32), np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32)
+    weights, gains = np.float32([20.0, 5.0, 0.0]), np.float32([10.0, 10.0, 0.0])  # new, trained, head_only
+    exported._scores([tokens, prior, np.float32([0.5, 1.0])], embeddings, weights, gains)
+    np.testing.assert_allclose(fed[-1]["prior_weights"], [[25.0, 10.0, 0.0], [30.0, 15.0, 0.0]])
+    exported._scores([tokens, prior], embeddings, weights, gains)
+    np.testing.assert_allclose(fed[-1]["prior_weights"], [20.0, 5.0, 0.0])
+
+
 @pytest.fixture(scope="module")
 def trained_export(trained, tmp_path_factory):
     """The model trained in the tests (tiny hf CLIP towers), with a calibration table and the prior off on one
