@@ -153,8 +153,8 @@ class Scorer:
         """This scorer's prior centred on these images (pooled features, any device; the training images) and
         ``labels`` (the trained labels): their mean prior vector m becomes its reference mean, and the offset
         (1 - centring) x the labels' mean t . m, so that on an average image of theirs the prior moves no
-        probability on average (at centring 1: no label's, hub or not). Each label's ranking of images does
-        not change."""
+        probability on average (at centring 1: no label's, hub or not). Each label's ranking of images changes
+        only through the confidence weight (a per-image factor on the centre)."""
         if not self.prior.on:
             return self.prior
         total = sum(self.zero_shot(pooled[start : start + rows_per_batch].to(self.device), self.prior.temperature).sum(0)
