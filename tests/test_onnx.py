@@ -218,9 +218,25 @@ def broken_export(source: Path, target: Path, how: str) -> Path:
     elif how == "newer manifest":
         manifest["format_version"] = 99
         (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    elif how == "format 2 manifest":  # as written before the prior's confidence weight
+        manifest["format_version"] = 2
+        del manifest["prior"]["confidence_weight"]
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     elif how == "not a manifest":
         (target / MANIFEST_FILE).write_text("{oops")
     return target
+
+
+def test_an_export_from_before_the_confidence_weight_scores_and_refuses_one_in_one_line(trained_export, tmp_path,
+                                                                                        capsys, cat_photo):
+    older = broken_export(trained_export[1], tmp_path / "older", "format 2 manifest")
+    assert OnnxModel.load(older).prior.confidence_weight == 0
+    command = ["predict", "--runtime", "onnx", "--model", str(older), "--labels", "red", str(cat_photo)]
+    assert main(command) == 0 and "red" in capsys.readouterr().out
+    assert main([*command, "--prior-confidence-weight", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exported before the prior's confidence weight: export the model again" in err and len(err.splitlines()) == 1
+    assert main([*command, "--prior-confidence-weight", "0", "--prior-weight", "3"]) == 0
 
 
 @pytest.mark.parametrize("how, message", [

@@ -178,6 +178,7 @@ class OnnxModel:
             self.backbone = str(manifest["model"]["backbone"])
             prior = manifest["prior"]
             self.has_prior = prior is not None
+            self.gives_confidence = manifest["format_version"] >= 3  # image.onnx's confidence output came in format 3
             self.prior = PriorConfig.off()  # what of it this runtime uses: the weights and head_only
             if prior is not None:  # exports from before the confidence weight (version 2) score without it
                 self.set_prior_weights(prior["weight"], prior["seen_weight"], prior.get("confidence_weight", 0.0))
@@ -206,6 +207,9 @@ class OnnxModel:
                                    f" confidence_weight {confidence}")
         if (weight or seen_weight) and not self.has_prior:
             raise ClipDecoderError(f"{self.backbone}'s image tower gives no zero-shot prior; turn the prior off (weights 0)")
+        if confidence and self.has_prior and not self.gives_confidence:
+            raise ClipDecoderError(f"{self.folder} was exported before the prior's confidence weight: export the model"
+                                   f" again to use one (got confidence_weight {confidence})")
         self.prior = replace(self.prior, weight=weight, seen_weight=seen_weight, confidence_weight=confidence)
 
     def default_thresholds(self) -> Thresholds:
