@@ -12,7 +12,7 @@ pytest.importorskip("cairosvg", reason="cairosvg (and the system library libcair
 
 from PIL import Image
 
-from clip_decoder.data.openclipart import build_openclipart, clean_tags
+from clip_decoder.data.openclipart import MIN_TEST_POSITIVES, build_openclipart, clean_tags, label_splits
 from clip_decoder.decoding import usable_cpus
 from clip_decoder.errors import ClipDecoderError
 
@@ -136,6 +136,20 @@ def test_splits_valid(built: tuple[Path, dict]) -> None:
         assert sorted(split["seen"] + split["unseen"]) == sorted(stats["label_counts"])
         unseen.append(set(split["unseen"]))
     assert unseen[0] and unseen[1] and unseen[0] != unseen[1]
+
+
+def test_label_splits_take_a_quarter_of_the_well_tested_labels_and_avoid_earlier_draws_unless_asked() -> None:
+    labels = [f"l{i:02d}" for i in range(20)]
+    test_labels = [set(labels[:16])] * MIN_TEST_POSITIVES + [set(labels)]  # l16-l19: 1 test positive each
+    seeds = {"a": 0, "b": 1, "c": 2, "d": 3}
+    apart = label_splits(test_labels, labels, seeds)
+    drawn = [set(split.unseen) for split in apart.values()]
+    assert all(len(unseen) == 4 and unseen <= set(labels[:16]) for unseen in drawn)
+    assert set().union(*drawn) == set(labels[:16])  # 4 draws of 4 of the 16 well-tested labels: no overlap
+    alone = label_splits(test_labels, labels, seeds, overlap=True)
+    assert alone["a"] == apart["a"] and alone != apart
+    assert [label_splits(test_labels, labels, {"x": n})["x"] for n in range(4)] == list(alone.values())
+    assert all(sorted(split.seen + split.unseen) == labels for split in alone.values())
 
 
 def test_deterministic_and_replaces_earlier_build(source: Path, built: tuple[Path, dict],

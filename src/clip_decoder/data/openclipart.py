@@ -18,7 +18,7 @@ from .folder import LabelSplit, write_part, write_split
 from .openclipart_tags import clean_tags, folder_labels, normalise_tag, with_parents
 from .svg_render import render_all, require_cairo
 
-__all__ = ["build_openclipart", "clean_tags"]
+__all__ = ["build_openclipart", "clean_tags", "label_splits"]
 
 DEFAULT_SOURCE = Path("/usr/share/openclipart/svg")
 MAX_SVG_BYTES = 5_000_000
@@ -113,20 +113,23 @@ def _filter(labels: dict[str, set[str]], min_images: int) -> dict[str, set[str]]
         labels = kept
 
 
-def _splits(test_labels: list[set[str]], labels: list[str]) -> dict[str, LabelSplit]:
-    """Pick about a quarter of the well-tested labels as unseen, per seed, overlapping little."""
+def label_splits(test_labels: list[set[str]], labels: list[str], seeds: dict[str, int],
+                 overlap: bool = False) -> dict[str, LabelSplit]:
+    """Pick about a quarter of the well-tested labels as unseen, one split per named seed; unless ``overlap``,
+    each split takes labels not unseen in the ones before first (docs/DATASET.md, step 10)."""
     counts = Counter(lab for labs in test_labels for lab in labs)
     eligible = [lab for lab in labels if counts[lab] >= MIN_TEST_POSITIVES]
     if len(eligible) < 4:  # tiny datasets: any label with a test positive will do
         eligible = [lab for lab in labels if counts[lab]]
     n_unseen = min(max(1, round(UNSEEN_FRACTION * len(eligible))), len(labels) - 1)
     splits, taken = {}, set()
-    for name, seed in SPLIT_SEEDS.items():
+    for name, seed in seeds.items():
         order = sorted(eligible)
         random.Random(seed).shuffle(order)
         order.sort(key=lambda lab: lab in taken)  # stable: labels not yet unseen first
         unseen = set(order[:n_unseen])
-        taken |= unseen
+        if not overlap:
+            taken |= unseen
         splits[name] = LabelSplit(seen=tuple(sorted(set(labels) - unseen)), unseen=tuple(sorted(unseen)))
     return splits
 
@@ -142,7 +145,7 @@ def _finish(tmp: Path, labels: dict[str, set[str]], images: dict[str, dict], ski
         write_part(tmp, part, ((image, sorted(labs)) for image, labs in part_rows))
     label_counts = Counter(lab for labs in labels.values() for lab in labs)
     (tmp / "splits").mkdir()
-    for name, split in _splits([labs for _, labs in rows["test"]], sorted(label_counts)).items():
+    for name, split in label_splits([labs for _, labs in rows["test"]], sorted(label_counts), SPLIT_SEEDS).items():
         write_split(tmp / "splits" / f"{name}.json", split)
     per_image = [len(labs) for labs in labels.values()] or [0]
     per_label = sorted(label_counts.values()) or [0]
