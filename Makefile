@@ -47,7 +47,7 @@ BENCH_MODELS := models/bench
 # they cost no training. `make ablation` runs the alignment ablation (docs/ABLATION.md).
 DEMO_METHODS := clip-decoder clip-decoder-no-prior clip-decoder-one-prior-weight ml-decoder linear conse zero-shot-prior
 # The (split, seed) pairs run in BENCH_JOBS worker processes sharing the cores (`bench --jobs`): with 2, the whole
-# of `make demo` took 18.3 min from an empty cache on 2 cores (README). BENCH_JOBS=1: one process of two threads.
+# of `make demo` took 19.4 min from an empty cache on 2 cores (README). BENCH_JOBS=1: one process of two threads.
 BENCH_JOBS ?= 2
 demo: install system-packages $(DATA)/stats.json photos
 	$(BIN)/clip-decoder bench --data $(DATA) --splits $(DATA)/splits/default.json $(DATA)/splits/second.json \
