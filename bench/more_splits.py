@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for seed<N>.json")
     args = parser.parse_args()
     check_inputs(args.data)
-    test_labels = [set(sample.labels) for sample in read_part(args.data, "test")]
-    labels = sorted({label for part in ("train", "test") for sample in read_part(args.data, part)
-                     for label in sample.labels})
+    parts = {part: read_part(args.data, part) for part in ("train", "test")}
+    test_labels = [set(sample.labels) for sample in parts["test"]]
+    labels = sorted({label for samples in parts.values() for sample in samples for label in sample.labels})
     splits = label_splits(test_labels, labels, {f"seed{seed}": seed for seed in args.seeds}, overlap=True)
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
