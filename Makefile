@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Hubs are unreachable here and in CI; the default backbone needs none.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test demo ablation photos model system-packages bench clean
+.PHONY: install test demo ablation photos photos-dev model system-packages photo-packages bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,14 +27,19 @@ APT_PACKAGES := libcairo2 openclipart-svg darknet plasma-workspace-wallpapers
 DATA := data/openclipart
 MODEL := models/openclipart-default
 # The photo check (bench/photos.py): darknet's and scikit-image's sample photos, labelled by eye;
-# and the other photos that choices are made on (never the check's).
+# and the other photos that choices are made on (never the check's), some from two more packages.
 PHOTO_CHECK := data/photos
 PHOTO_DEV := data/photos-dev
 # The model that ships in the package (`clip-decoder predict` with no --model): every label seen.
 PACKAGED := src/clip_decoder/models/openclipart
 
+DEV_PHOTO_PACKAGES := opencv-doc mate-backgrounds
+
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES); }
+
+photo-packages:
+	@dpkg -s $(DEV_PHOTO_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEV_PHOTO_PACKAGES); }
 
 $(DATA)/stats.json: | install system-packages
 	$(BIN)/clip-decoder data openclipart --out $(DATA)
@@ -65,6 +70,9 @@ ablation: install system-packages $(DATA)/stats.json photos
 
 photos: install system-packages
 	$(BIN)/python -m bench.photos --out $(PHOTO_CHECK)
+
+# The dev photos (40) that prior and decision choices are made on: bench.prior_grid, bench.tune --photos.
+photos-dev: install system-packages photo-packages
 	$(BIN)/python -m bench.photos --set dev --out $(PHOTO_DEV)
 
 # Rebuilds the packaged model: the default recipe on every label of the benchmark (about 3 min).

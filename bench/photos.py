@@ -3,9 +3,10 @@
 Two sets, never mixed:
 - ``check`` (``data/photos``): the photo check the results report (11 photos from darknet and
   scikit-image).
-- ``dev`` (``data/photos-dev``): other photos (scikit-learn, matplotlib, scikit-image, Debian's
-  plasma-workspace-wallpapers), used with nested label splits to choose how the zero-shot prior
-  enters (bench/tune.py --photos); the check set is never used to choose.
+- ``dev`` (``data/photos-dev``): 40 other photos (scikit-learn, matplotlib, scikit-image, and Debian's
+  plasma-workspace-wallpapers, opencv-doc and mate-backgrounds: `make photos-dev` installs them),
+  used with nested label splits to choose how the zero-shot prior enters and how models decide
+  (bench/prior_grid.py, bench/tune.py --photos); the check set is never used to choose.
 
 Each set becomes a folder with ``photos.csv`` and ``vocabulary.txt`` and the images copied in.
 Nothing of the photos is committed: they are read from the installed packages (licences below).
@@ -37,13 +38,15 @@ from clip_decoder.training.methods import method_names
 # with darknet (Debian's copyright file); scikit-image's are CC0, public domain or "no known
 # copyright restrictions" (each in skimage.data's docstrings); scikit-learn's are CC-BY 2.0 (the
 # README beside them); matplotlib's Grace Hopper portrait is a US Navy photo (public domain); the
-# Plasma wallpapers are GPL-2+ (Debian's copyright file).
+# Plasma and MATE wallpapers are GPL-2+, OpenCV's sample data Apache-2.0 or BSD-3 (Debian's copyright files).
 SOURCES: dict[str, tuple[str, str]] = {
     "darknet": ("/usr/share/darknet/data", "apt-get install darknet (or `make system-packages`)"),
     "scikit-image": ("skimage:data", "pip install scikit-image (the [dev] extra has it)"),
     "scikit-learn": ("sklearn:datasets/images", "pip install scikit-learn (the [dev] extra has it)"),
     "matplotlib": ("matplotlib:mpl-data/sample_data", "pip install matplotlib"),
     "plasma": ("/usr/share/wallpapers", "apt-get install plasma-workspace-wallpapers (or `make system-packages`)"),
+    "opencv": ("/usr/share/doc/opencv-doc/examples/data", "apt-get install opencv-doc (or `make photo-packages`)"),
+    "mate": ("/usr/share/backgrounds/mate/nature", "apt-get install mate-backgrounds (or `make photo-packages`)"),
 }
 
 
@@ -92,8 +95,35 @@ DEV = PhotoSet(
         ("plasma", "Kite/contents/images/2560x1600.jpg"): ("kite", "sky", "cloud"),
         ("plasma", "Path/contents/images/2560x1600.jpg"): ("forest", "tree", "path", "grass"),
         ("plasma", "ColdRipple/contents/images/2560x1600.jpg"): ("pier", "water", "fog"),
+        ("opencv", "apple.jpg"): ("apple", "fruit", "food"),
+        ("opencv", "baboon.jpg"): ("monkey", "animal"),
+        ("opencv", "basketball1.png"): ("person", "man", "ball"),
+        ("opencv", "building.jpg"): ("building", "tree", "sky", "grass"),
+        ("opencv", "butterfly.jpg"): ("butterfly", "insect", "animal", "leaf", "plant"),
+        ("opencv", "fruits.jpg"): ("fruit", "orange", "lemon", "kiwi", "food"),
+        ("opencv", "home.jpg"): ("building", "palace", "bird", "animal", "sky", "cloud"),
+        ("opencv", "messi5.jpg"): ("person", "man", "ball", "football", "sport", "grass"),
+        ("opencv", "orange.jpg"): ("orange", "fruit", "food"),
+        ("opencv", "aero1.jpg"): ("city", "building", "road", "tree", "water"),
+        ("opencv", "squirrel_cls.jpg"): ("squirrel", "animal", "tree", "leaf"),
+        ("opencv", "smarties.png"): ("candy", "food"),
+        ("opencv", "leuvenA.jpg"): ("building", "house", "street", "sky"),
+        ("opencv", "chicky_512.png"): ("dog", "animal"),
+        ("opencv", "licenseplate_motion.jpg"): ("car",),
+        ("mate", "Aqua.jpg"): ("water",),
+        ("mate", "Blinds.jpg"): ("leaf", "plant"),
+        ("mate", "Dune.jpg"): ("grass", "sea", "water", "sky"),
+        ("mate", "FreshFlower.jpg"): ("flower", "plant"),
+        ("mate", "Garden.jpg"): ("flower", "plant"),
+        ("mate", "GreenMeadow.jpg"): ("grass", "plant"),
+        ("mate", "LadyBird.jpg"): ("ladybird", "insect", "animal", "flower", "plant"),
+        ("mate", "RainDrops.jpg"): ("leaf", "plant", "water"),
+        ("mate", "Storm.jpg"): ("sky", "cloud", "road"),
+        ("mate", "TwoWings.jpg"): ("dandelion", "plant"),
+        ("mate", "YellowFlower.jpg"): ("flower", "plant"),
+        ("mate", "Wood.jpg"): ("wood",),
     },
-    distractors=("dog", "cat", "car", "bicycle", "bird", "food", "book", "clock", "guitar", "pizza"),
+    distractors=("cat", "bicycle", "book", "clock", "guitar", "pizza", "horse", "train", "computer", "chair"),
 )
 PHOTO_SETS = {"check": CHECK, "dev": DEV}
 DEFAULT_OUT = {"check": Path("data/photos"), "dev": Path("data/photos-dev")}
