@@ -23,7 +23,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # System packages for the benchmark (cairo renders the SVGs) and the demo photos (darknet's).
-APT_PACKAGES := libcairo2 openclipart-svg darknet plasma-workspace-wallpapers
+APT_PACKAGES := libcairo2 openclipart-svg darknet
 DATA := data/openclipart
 MODEL := models/openclipart-default
 # The photo check (bench/photos.py): darknet's and scikit-image's sample photos, labelled by eye;
@@ -33,7 +33,7 @@ PHOTO_DEV := data/photos-dev
 # The model that ships in the package (`clip-decoder predict` with no --model): every label seen.
 PACKAGED := src/clip_decoder/models/openclipart
 
-DEV_PHOTO_PACKAGES := opencv-doc mate-backgrounds
+DEV_PHOTO_PACKAGES := plasma-workspace-wallpapers opencv-doc mate-backgrounds
 
 system-packages:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES); }

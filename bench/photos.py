@@ -44,7 +44,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "scikit-image": ("skimage:data", "pip install scikit-image (the [dev] extra has it)"),
     "scikit-learn": ("sklearn:datasets/images", "pip install scikit-learn (the [dev] extra has it)"),
     "matplotlib": ("matplotlib:mpl-data/sample_data", "pip install matplotlib"),
-    "plasma": ("/usr/share/wallpapers", "apt-get install plasma-workspace-wallpapers (or `make system-packages`)"),
+    "plasma": ("/usr/share/wallpapers", "apt-get install plasma-workspace-wallpapers (or `make photo-packages`)"),
     "opencv": ("/usr/share/doc/opencv-doc/examples/data", "apt-get install opencv-doc (or `make photo-packages`)"),
     "mate": ("/usr/share/backgrounds/mate/nature", "apt-get install mate-backgrounds (or `make photo-packages`)"),
 }

@@ -123,7 +123,7 @@ def main() -> None:
     for split_path in splits:
         check_inputs(args.data, part="train", split=split_path)
     if not (args.photos / "photos.csv").is_file():
-        sys.exit(f"error: no dev photos at {shown(args.photos)}; build them with `python -m bench.photos --set dev`")
+        sys.exit(f"error: no dev photos at {shown(args.photos)}; build them with `make photos-dev` (or `python -m bench.photos --set dev`)")
 
     grid = list(itertools.product(args.centrings, args.temperatures, args.seen_weights, args.weights,
                                   args.confidence_weights))
