@@ -142,4 +142,4 @@ def test_csv_has_a_column_per_label():
 
 def test_table_shows_the_best_labels_or_the_decision():
     assert written("table", Decider()).splitlines()[0] == "a.jpg\tcat 0.90, car 0.60, dog 0.20, tree 0.05"
-    assert written("table", Decider(threshold=0.95)).splitlines()[0] == "a.jpg\t(no label)"
+    assert written("table", Decider(threshold=0.95)).splitlines()[0] == "a.jpg\t(no label; best: cat 0.90)"

@@ -47,7 +47,10 @@ class Writer:
         else:
             shown = chosen if chosen is not None else Decider(top_k=TABLE_TOP)(self.labels, scores)
             score = dict(zip(self.labels, scores))
-            cells = ", ".join(f"{label} {float(score[label]):.2f}" for label in shown) or "(no label)"
+            cells = ", ".join(f"{label} {float(score[label]):.2f}" for label in shown)
+            if not cells:  # nothing decided yes: name the best candidate, so the reader sees how near it came
+                best = int(np.argmax(scores))
+                cells = f"(no label; best: {self.labels[best]} {float(scores[best]):.2f})"
             self.out.write(f"{image}\t{cells}\n")
         self.out.flush()
         return chosen
