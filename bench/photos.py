@@ -1,12 +1,15 @@
 """Real photos that installed packages ship, labelled by eye, each ranked against one free vocabulary.
 
-Two sets, never mixed:
+Two sets, never mixed (and each again against a fixed vocabulary):
 - ``check`` (``data/photos``): the photo check the results report (11 photos from darknet and
   scikit-image).
 - ``dev`` (``data/photos-dev``): 40 other photos (scikit-learn, matplotlib, scikit-image, and Debian's
   plasma-workspace-wallpapers, opencv-doc and mate-backgrounds: `make photos-dev` installs them),
   used with nested label splits to choose how the zero-shot prior enters and how models decide
   (bench/prior_grid.py, bench/tune.py --photos); the check set is never used to choose.
+- ``check-nus81`` and ``dev-nus81``: the same two sets, each photo labelled with NUS-WIDE's 81
+  concepts and ranking exactly those 81 (a fixed vocabulary, as a user of that benchmark's labels
+  would; some photos have none of them). The same rule holds: dev to choose, check to report.
 
 Each set becomes a folder with ``photos.csv`` and ``vocabulary.txt`` and the images copied in.
 Nothing of the photos is committed: they are read from the installed packages (licences below).
@@ -15,12 +18,13 @@ each ranks the photos: how many photos have a correct best label, and the mean p
 ``--model``, it prints the same for one trained model (the packaged one by name), and its decisions:
 the model's default rule, 0.5 everywhere and each photo's 3 best labels (benchmark.decisions).
 `clip-decoder bench --photos DIR` puts the same table into docs/RESULTS.md.
-Run: python -m bench.photos [--set check|dev] [--out DIR] [--splits JSON ...] [--seeds 0 1 2] [--methods ...]
+Run: python -m bench.photos [--set check|dev|check-nus81|dev-nus81] [--out DIR] [--splits JSON ...] [--seeds 0 1 2] [--methods ...]
      [--model NAME_OR_DIR]
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -52,14 +56,23 @@ SOURCES: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class PhotoSet:
-    """Photos ((source, file) -> their labels, by eye) and the vocabulary each photo ranks
-    (their labels plus labels no photo has)."""
+    """Photos ((source, file) -> their labels, by eye) and the vocabulary each photo ranks: their
+    labels plus labels no photo has, or, with ``closed``, exactly ``distractors`` (a fixed vocabulary
+    such as NUS-WIDE's 81 concepts, which every photo label must be in; a photo may have none)."""
 
     photos: dict[tuple[str, str], tuple[str, ...]]
     distractors: tuple[str, ...]
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        outside = {label for labels in self.photos.values() for label in labels} - set(self.distractors)
+        if self.closed and outside:
+            raise ValueError(f"labels outside the closed vocabulary: {', '.join(sorted(outside))}")
 
     @property
     def vocabulary(self) -> tuple[str, ...]:
+        if self.closed:
+            return self.distractors
         labels = dict.fromkeys(label for labels in self.photos.values() for label in labels)
         return tuple(labels) + tuple(label for label in self.distractors if label not in labels)
 
@@ -125,8 +138,76 @@ DEV = PhotoSet(
     },
     distractors=("cat", "bicycle", "book", "clock", "guitar", "pizza", "horse", "train", "computer", "chair"),
 )
-PHOTO_SETS = {"check": CHECK, "dev": DEV}
-DEFAULT_OUT = {"check": Path("data/photos"), "dev": Path("data/photos-dev")}
+# The same photos against NUS-WIDE's 81 concepts (the labels of its ZSL protocol), as a user with that
+# vocabulary would tag them: plurals as NUS-WIDE spells them, the hypernyms "animal" on every animal
+# and "vehicle" on land vehicles, "sports" with a sport; photos with none of the 81 keep no label.
+NUSWIDE_81 = tuple(json.loads(resources.files("clip_decoder.data").joinpath("nuswide-81-unseen.json")
+                              .read_text(encoding="utf-8"))["unseen"])
+CHECK_NUS81 = PhotoSet(
+    photos={
+        ("darknet", "dog.jpg"): ("dog", "animal", "tree", "cars", "vehicle", "street"),
+        ("darknet", "giraffe.jpg"): ("zebra", "animal", "tree", "grass"),
+        ("darknet", "person.jpg"): ("person", "dog", "horses", "animal", "grass", "sky", "clouds"),
+        ("darknet", "kite.jpg"): ("beach", "sand", "water", "person", "sky", "clouds"),
+        ("darknet", "horses.jpg"): ("horses", "animal", "mountain", "snow", "grass", "sky", "clouds"),
+        ("darknet", "eagle.jpg"): ("birds", "animal", "water"),
+        ("scikit-image", "chelsea.png"): ("cat", "animal"),
+        ("scikit-image", "coffee.png"): (),
+        ("scikit-image", "astronaut.png"): ("person", "flags"),
+        ("scikit-image", "rocket.jpg"): ("sky",),
+        ("scikit-image", "motorcycle_left.png"): ("vehicle",),
+    },
+    distractors=NUSWIDE_81, closed=True,
+)
+DEV_NUS81 = PhotoSet(
+    photos={
+        ("scikit-learn", "china.jpg"): ("temple", "buildings", "tree", "water", "sky"),
+        ("scikit-learn", "flower.jpg"): ("flowers", "plants"),
+        ("matplotlib", "grace_hopper.jpg"): ("person", "flags", "military"),
+        ("scikit-image", "camera.png"): ("person", "grass", "sky", "buildings", "tower"),
+        ("scikit-image", "hubble_deep_field.jpg"): (),
+        ("scikit-image", "coins.png"): (),
+        ("plasma", "BytheWater/contents/images/2560x1600.jpg"): ("water", "lake", "sky", "clouds"),
+        ("plasma", "ColorfulCups/contents/images/2560x1600.jpg"): (),
+        ("plasma", "EveningGlow/contents/images/2560x1600.jpg"): ("boats", "lake", "water", "reflection", "mountain",
+                                                                 "sky", "clouds", "sunset"),
+        ("plasma", "FallenLeaf/contents/images/2560x1600.jpg"): ("leaf", "grass"),
+        ("plasma", "Kite/contents/images/2560x1600.jpg"): ("sky", "clouds"),
+        ("plasma", "Path/contents/images/2560x1600.jpg"): ("tree", "grass", "plants"),
+        ("plasma", "ColdRipple/contents/images/2560x1600.jpg"): ("water", "lake"),
+        ("opencv", "apple.jpg"): ("food",),
+        ("opencv", "baboon.jpg"): ("animal",),
+        ("opencv", "basketball1.png"): ("person", "sports"),
+        ("opencv", "building.jpg"): ("buildings", "window", "tree", "sky", "grass"),
+        ("opencv", "butterfly.jpg"): ("animal", "leaf", "plants"),
+        ("opencv", "fruits.jpg"): ("food",),
+        ("opencv", "home.jpg"): ("buildings", "tower", "birds", "animal", "sky", "clouds"),
+        ("opencv", "messi5.jpg"): ("person", "soccer", "sports", "grass"),
+        ("opencv", "orange.jpg"): ("food",),
+        ("opencv", "aero1.jpg"): ("cityscape", "buildings", "road", "tree", "water"),
+        ("opencv", "squirrel_cls.jpg"): ("animal", "tree", "leaf"),
+        ("opencv", "smarties.png"): ("food",),
+        ("opencv", "leuvenA.jpg"): ("buildings", "house", "street", "window", "sky", "clouds"),
+        ("opencv", "chicky_512.png"): ("dog", "animal"),
+        ("opencv", "licenseplate_motion.jpg"): ("cars", "vehicle"),
+        ("mate", "Aqua.jpg"): ("water",),
+        ("mate", "Blinds.jpg"): ("leaf", "plants"),
+        ("mate", "Dune.jpg"): ("grass", "ocean", "water", "sky"),
+        ("mate", "FreshFlower.jpg"): ("flowers", "plants"),
+        ("mate", "Garden.jpg"): ("flowers", "plants"),
+        ("mate", "GreenMeadow.jpg"): ("grass", "plants"),
+        ("mate", "LadyBird.jpg"): ("animal", "flowers", "plants"),
+        ("mate", "RainDrops.jpg"): ("leaf", "plants", "water", "grass"),
+        ("mate", "Storm.jpg"): ("sky", "clouds", "road"),
+        ("mate", "TwoWings.jpg"): ("plants", "flowers"),
+        ("mate", "YellowFlower.jpg"): ("flowers", "plants"),
+        ("mate", "Wood.jpg"): (),
+    },
+    distractors=NUSWIDE_81, closed=True,
+)
+PHOTO_SETS = {"check": CHECK, "dev": DEV, "check-nus81": CHECK_NUS81, "dev-nus81": DEV_NUS81}
+DEFAULT_OUT = {"check": Path("data/photos"), "dev": Path("data/photos-dev"),
+               "check-nus81": Path("data/photos-nus81"), "dev-nus81": Path("data/photos-dev-nus81")}
 
 
 def source(package: str, name: str) -> Path:
@@ -176,9 +257,10 @@ def model_report(model: CLIPDecoder, folder: Path) -> str:
 def main() -> None:
     parser = bench_parser(__doc__, target="nothing (it prints)")  # --data, --no-write
     parser.add_argument("--set", choices=tuple(PHOTO_SETS), default="check",
-                        help="check: the photos the results report; dev: the photos choices are made on")
+                        help="check: the photos the results report; dev: the photos choices are made on;"
+                        " check-nus81 / dev-nus81: the same photos against NUS-WIDE's 81 concepts")
     parser.add_argument("--out", type=Path, default=None, help="the folder to write (default: data/photos,"
-                        " or data/photos-dev for --set dev)")
+                        " data/photos-dev, data/photos-nus81 or data/photos-dev-nus81, by --set)")
     parser.add_argument("--splits", type=Path, nargs="*", default=[], metavar="JSON",
                         help="also train each method on these label splits and rank the photos")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
