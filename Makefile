@@ -27,12 +27,13 @@ APT_PACKAGES := libcairo2 openclipart-svg darknet
 DATA := data/openclipart
 MODEL := models/openclipart-default
 # The photo check (bench/photos.py): darknet's and scikit-image's sample photos, labelled by eye;
-# and the other photos that choices are made on (never the check's), some from two more packages.
+# and the other photos that choices are made on (never the check's), from the packages below.
 PHOTO_CHECK := data/photos
 PHOTO_DEV := data/photos-dev
 # The model that ships in the package (`clip-decoder predict` with no --model): every label seen.
 PACKAGED := src/clip_decoder/models/openclipart
 
+# The dev photos' wallpapers and sample photos (`make photos-dev`; `make demo` needs none of them).
 DEV_PHOTO_PACKAGES := plasma-workspace-wallpapers opencv-doc mate-backgrounds
 
 system-packages:
